@@ -1,0 +1,83 @@
+"""The forward process, its closed form and posterior, and the reverse-process Gaussian.
+
+Article 3.1 (q(x_t | x_{t-1})), 4.1 (q(x_t | x_0)), 3.2 (p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta));
+DDPM (Ho et al. 2020) eq. 2, 4, 6, 7, 11, 14, 15. Timestep indices t = 0..T-1 stand for the paper's
+t = 1..T (see schedule.py). Every function works on NumPy or CuPy arrays (xp from the array), with t an
+integer array of shape (B,) or a Python int, and noise passed in explicitly so randomness stays visible.
+"""
+import numpy as np
+
+from .backend import array_module
+from .schedule import extract
+
+
+def _timesteps(sched, t, x):
+    """t as an int array of shape (B,), checked against 0 <= t < T."""
+    xp = array_module(x)
+    t = xp.asarray(t)
+    if t.ndim == 0:
+        t = xp.full((x.shape[0],), int(t))
+    if t.shape != (x.shape[0],) or t.dtype.kind not in "iu":
+        raise ValueError(f"t must be an int scalar or an int array of shape ({x.shape[0]},), got {t.dtype} {t.shape}")
+    if int(t.min()) < 0 or int(t.max()) >= sched.num_train_timesteps:
+        raise ValueError(f"timestep out of range [0, {sched.num_train_timesteps}): {int(t.min())}..{int(t.max())}")
+    return t
+
+
+def q_step_sample(sched, x_prev, t, noise):
+    """One forward step, article 3.1 / DDPM eq. 2: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z."""
+    t = _timesteps(sched, t, x_prev)
+    return extract(sched.sqrt_alphas, t, x_prev) * x_prev + extract(np.sqrt(sched.betas), t, x_prev) * noise
+
+
+def q_mean_variance(sched, x0, t):
+    """Moments of q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I), article 4.1 / DDPM eq. 4."""
+    t = _timesteps(sched, t, x0)
+    mean = extract(sched.sqrt_alphas_cumprod, t, x0) * x0
+    variance = extract(1.0 - sched.alphas_cumprod, t, x0)
+    return mean, variance
+
+
+def q_sample(sched, x0, t, noise):
+    """Sample q(x_t | x_0) in one jump (article 4.1): x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+    t = _timesteps(sched, t, x0)
+    return extract(sched.sqrt_alphas_cumprod, t, x0) * x0 + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def q_posterior(sched, x0, x_t, t):
+    """q(x_{t-1} | x_t, x_0) = N(mu-tilde, beta-tilde I), DDPM eq. 6-7:
+    mu-tilde = sqrt(ab_{t-1}) beta_t / (1 - ab_t) x_0 + sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t) x_t,
+    beta-tilde = (1 - ab_{t-1}) / (1 - ab_t) beta_t.  Returns (mean, variance, log_variance_clipped)."""
+    t = _timesteps(sched, t, x_t)
+    mean = extract(sched.posterior_mean_coef1, t, x_t) * x0 + extract(sched.posterior_mean_coef2, t, x_t) * x_t
+    variance = extract(sched.posterior_variance, t, x_t)
+    log_variance = extract(sched.posterior_log_variance_clipped, t, x_t)
+    return mean, variance, log_variance
+
+
+def predict_start_from_noise(sched, x_t, t, eps):
+    """x_0 from x_t and the predicted noise, inverting q_sample (DDPM eq. 15):
+    x_0 = x_t / sqrt(ab_t) - sqrt(1/ab_t - 1) eps.  Undefined where ab_t = 0 (raises ValueError)."""
+    t = _timesteps(sched, t, x_t)
+    return extract(sched.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(sched.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+
+
+def p_mean_variance(sched, eps, x_t, t, variance_type="fixed_small", clip_denoised=True):
+    """The reverse step p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I) of an epsilon-prediction model
+    (article 3.2; DDPM eq. 11): mu_theta = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t), computed as
+    the posterior mean (eq. 7) of the predicted x_0 (eq. 15), which is the same thing when x_0 is not clipped.
+    sigma_t^2 is beta_t ("fixed_large") or beta-tilde_t ("fixed_small"), DDPM section 3.2.
+    Returns (mean, variance, log_variance, pred_x0)."""
+    xp = array_module(x_t)
+    t = _timesteps(sched, t, x_t)
+    pred_x0 = predict_start_from_noise(sched, x_t, t, eps)
+    if clip_denoised:
+        pred_x0 = xp.clip(pred_x0, -1.0, 1.0)
+    mean, variance, log_variance = q_posterior(sched, pred_x0, x_t, t)
+    if variance_type == "fixed_large":
+        # beta_t, with beta-tilde_2 in place of beta_1 as in the DDPM code (no noise is added at t = 1 anyway).
+        large = np.append(sched.posterior_variance[1] if sched.num_train_timesteps > 1 else sched.betas[0], sched.betas[1:])
+        variance, log_variance = extract(large, t, x_t), extract(np.log(large), t, x_t)
+    elif variance_type != "fixed_small":
+        raise ValueError(f"unknown variance_type {variance_type!r}; choose 'fixed_small' or 'fixed_large'")
+    return mean, variance, log_variance, pred_x0
