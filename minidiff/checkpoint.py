@@ -1,0 +1,92 @@
+"""Checkpoints: one .npz file, no pickle, written atomically.
+
+Layout: ``params/<name>`` (weights), ``ema/<name>`` (EMA weights), ``opt/<key>`` (optimizer state) and
+``meta`` (a JSON string: format version, step, config, RNG state, anything else the trainer records).
+Saving writes a temporary file in the same folder, flushes it to disk and renames it over the target,
+so an interrupted save never destroys the last good checkpoint. Loading uses ``allow_pickle=False``.
+"""
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .backend import array_module, to_numpy
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
+
+
+def save_checkpoint(path, params, ema_params=None, opt_state=None, meta=None):
+    """Write params / EMA params / optimizer state (dicts of arrays or ints) and JSON-able meta atomically."""
+    arrays = {}
+    for prefix, d in (("params", params), ("ema", ema_params or {}), ("opt", opt_state or {})):
+        for k, v in d.items():
+            arrays[f"{prefix}/{k}"] = to_numpy(v)
+    meta = dict(meta or {}, format_version=FORMAT_VERSION)
+    arrays["meta"] = np.array(json.dumps(meta))
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Read a checkpoint into dict(params=..., ema=..., opt=..., meta=...) of NumPy arrays; clear errors."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    out = dict(params={}, ema={}, opt={}, meta=None)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for key in z.files:
+                if key == "meta":
+                    out["meta"] = json.loads(str(z[key]))
+                    continue
+                prefix, _, name = key.partition("/")
+                if prefix not in ("params", "ema", "opt") or not name:
+                    raise CheckpointError(f"checkpoint {path!r} has an unexpected entry {key!r}")
+                out[prefix][name] = z[key]
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a minidiff checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+    if out["meta"] is None or not out["params"]:
+        raise CheckpointError(f"checkpoint {path!r} is not a minidiff checkpoint (no meta or no params)")
+    if out["meta"].get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path!r} has format version {out['meta'].get('format_version')}, "
+                              f"this minidiff reads {FORMAT_VERSION}")
+    return out
+
+
+def load_params_into(target, source, what, path):
+    """Copy arrays from ``source`` into the dict ``target`` in place, insisting on identical names and shapes."""
+    missing = sorted(set(target) - set(source))
+    extra = sorted(set(source) - set(target))
+    wrong = [f"{k}: checkpoint {source[k].shape} vs model {tuple(target[k].shape)}"
+             for k in target if k in source and tuple(source[k].shape) != tuple(target[k].shape)]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} (e.g. {extra[:3]})")
+        if wrong:
+            parts.append(f"shape mismatch: {'; '.join(wrong[:3])}")
+        raise CheckpointError(f"{what} in {path!r} do not fit this model ({', '.join(parts)}): the checkpoint "
+                              f"was made with another configuration")
+    for k, v in target.items():
+        v[...] = array_module(v).asarray(source[k], dtype=v.dtype)

@@ -1,0 +1,108 @@
+"""Samplers: DDPM ancestral sampling over all T steps and DDIM over S steps, driving the fused step kernel.
+
+Each reverse step asks the network for eps_theta(x_t, t) (with classifier-free guidance: the conditional and
+unconditional predictions from one batched forward pass), then one fused pass computes x_{t-1}
+(step.py holds the readable NumPy reference of that pass; ``backend="numpy"`` uses it instead of the kernel).
+
+Noise is counter-based (Philox4x32-10): the z of reverse step t in batch b comes from key (seed, b) and
+counter (element, t), and x_T from counter step T. So a run is reproducible from its seed, the NumPy and the
+native paths give the same images, and the CPU and GPU draw the same noise.
+"""
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backend import array_module, to_numpy
+from .philox import philox_normal
+from .step import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, fused_step
+
+SAMPLERS = ("ddpm", "ddim")
+BACKENDS = ("native", "numpy")
+
+
+def ddim_timesteps(num_train_timesteps, num_steps):
+    """S timestep indices evenly spaced over [0, T-1], descending, starting at T-1 (pure-noise end)."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    return np.unique(np.linspace(0, num_train_timesteps - 1, num_steps).round().astype(np.int64))[::-1]
+
+
+def batch_seed(seed, batch):
+    """64-bit Philox key of batch b: the user's 32-bit seed in the low word, the batch index in the high word."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    return seed | (batch << 32)
+
+
+def predict_eps(model, x, t, y=None, guidance=1.0, null_class=None):
+    """eps_theta(x_t, t[, y]). With guidance and labels, returns (eps_cond, eps_uncond) from ONE forward pass on
+    the doubled batch [x, x] with labels [y, null]; otherwise (eps, None)."""
+    xp = array_module(x)
+    b = x.shape[0]
+    tt = np.full((b,), t, dtype=np.int64)
+    if y is None or guidance == 1.0:
+        return model.forward(x, tt, y), None
+    eps2 = model.forward(xp.concatenate([x, x]), np.concatenate([tt, tt]),
+                         np.concatenate([np.asarray(y), np.full((b,), null_class, dtype=np.int64)]))
+    return eps2[:b], eps2[b:]
+
+
+def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
+           clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, null_class=None, backend="native",
+           record_steps=(), progress=True, xp=np):
+    """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
+
+    sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t) or
+    "ddim" (``num_steps`` evenly spaced steps, stochasticity ``eta`` in [0, 1]). ``y``: class labels (N,) or
+    None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``record_steps``: timestep indices at which to
+    keep the network's input x_t (returned as a dict {t: images} in a second return value when non-empty;
+    key -1 holds the final x_0)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    T = schedule.num_train_timesteps
+    steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, num_steps or 50)
+    cfg = model.config
+    shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    if y is not None:
+        y = np.asarray(y, dtype=np.int64)
+        if y.shape != (num_images,):
+            raise ValueError(f"y must have shape ({num_images},), got {y.shape}")
+    was_training = getattr(model, "training", False)
+    model.train(False)
+    out, recorded = [], {}
+    bar = tqdm(total=num_images * len(steps), unit="img-step", desc=f"{sampler} x{len(steps)}", disable=not progress)
+    try:
+        for b, start in enumerate(range(0, num_images, batch_size)):
+            n = min(batch_size, num_images - start)
+            key = batch_seed(seed, b)
+            yb = None if y is None else y[start:start + n]
+            x = philox_normal(key, T, n * int(np.prod(shape)), xp=xp).reshape((n,) + shape)  # x_T ~ N(0, I)
+            for i, t in enumerate(steps):
+                t = int(t)
+                t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
+                if t in record_steps:  # the noisy input the network sees at timestep index t
+                    recorded.setdefault(t, []).append(to_numpy(x))
+                eps, eps_u = predict_eps(model, x, t, yb, guidance, null_class)
+                if backend == "numpy":
+                    z = philox_normal(key, t, x.size, xp=xp).reshape(x.shape)
+                    if sampler == "ddpm":
+                        x = ddpm_step(schedule, x, eps, t, z, variance_type, clip_sample, eps_u, guidance)
+                    else:
+                        x = ddim_step(schedule, x, eps, t, t_prev, eta, z, clip_sample, eps_u, guidance)
+                else:
+                    coefs = (ddpm_coefficients(schedule, t, variance_type) if sampler == "ddpm"
+                             else ddim_coefficients(schedule, t, t_prev, eta))
+                    x = fused_step(x, eps, coefs, seed=key, step=t, clip_sample=clip_sample, eps_uncond=eps_u,
+                                   guidance=guidance)
+                bar.update(n)
+            out.append(to_numpy(x))
+            if -1 in record_steps:
+                recorded.setdefault(-1, []).append(out[-1])
+    finally:
+        bar.close()
+        model.train(was_training)
+    images = np.concatenate(out)
+    if record_steps:
+        return images, {t: np.concatenate(v) for t, v in recorded.items()}
+    return images

@@ -1,0 +1,148 @@
+"""End to end on a tiny model and a synthetic IDX data set: train, checkpoint, resume bit for bit, sample, PNG."""
+import gzip
+import os
+import signal
+import struct
+
+import numpy as np
+import pytest
+
+from minidiff import data
+from minidiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minidiff.image import save_grid
+from minidiff.sample import sample
+from minidiff.train import TrainConfig, TrainingError, load_model, train
+from minidiff.unet import UNetConfig
+
+TINY = dict(base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(7,), resolution=14)
+
+
+def _write_idx(path, arr, magic):
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def toy_data(tmp_path, monkeypatch):
+    """A 14x14 'toy' data set of 64 images (a bright square whose position is the label), as IDX files."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 64).astype(np.uint8)
+    images = np.zeros((64, 14, 14), np.uint8)
+    for i, y in enumerate(labels):
+        r, c = divmod(int(y), 2)
+        images[i, 2 + 6 * r:6 + 6 * r, 2 + 6 * c:6 + 6 * c] = 255
+    d = tmp_path / "toy"
+    d.mkdir()
+    md5 = {}
+    for name, arr, magic in (("train-images-idx3-ubyte", images, 0x803), ("train-labels-idx1-ubyte", labels, 0x801)):
+        _write_idx(d / (name + ".gz"), arr, magic)
+        md5[name] = (data._md5((d / (name + ".gz")).read_bytes()), "0" * 32)
+    spec = dict(data.DATASETS["mnist"], md5=dict(data.DATASETS["mnist"]["md5"], **md5), mirrors=[])
+    monkeypatch.setitem(data.DATASETS, "toy", spec)
+    return str(d)
+
+
+def _cfg(toy_data, out, steps, **kw):
+    return TrainConfig(dataset="toy", data_dir=toy_data, out_dir=str(out), steps=steps, batch_size=8, lr=2e-3,
+                       warmup_steps=2, num_train_timesteps=50, log_every=2, sample_every=0, ckpt_every=100,
+                       num_sample_images=4, **kw)
+
+
+def _same(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
+
+
+def test_train_resume_is_bit_identical(toy_data, tmp_path):
+    mcfg = UNetConfig(**TINY)
+    full, _, step = train(_cfg(toy_data, tmp_path / "full", 6), mcfg, progress=False)
+    assert step == 6
+    # interrupted at step 3 (run ends), then resumed to 6
+    train(_cfg(toy_data, tmp_path / "split", 3), mcfg, progress=False)
+    resumed, _, step = train(_cfg(toy_data, tmp_path / "split", 6), mcfg, resume=True, progress=False)
+    assert step == 6
+    assert _same(full.params, resumed.params)
+    a = load_checkpoint(str(tmp_path / "full" / "checkpoint.npz"))
+    b = load_checkpoint(str(tmp_path / "split" / "checkpoint.npz"))
+    assert _same(a["ema"], b["ema"]) and _same(a["opt"], b["opt"])
+    assert a["meta"]["step"] == 6 and a["meta"]["config"]["model"]["base_channels"] == 8
+    # the training actually changed the weights
+    fresh = load_model(str(tmp_path / "full" / "checkpoint.npz"), weights="raw")[0]
+    assert _same(fresh.params, full.params)
+
+
+def test_ctrl_c_saves_and_resume_continues(toy_data, tmp_path):
+    mcfg = UNetConfig(**TINY)
+    reference, _, _ = train(_cfg(toy_data, tmp_path / "ref", 5), mcfg, progress=False)
+
+    def interrupt(step, loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+
+    _, _, step = train(_cfg(toy_data, tmp_path / "int", 5), mcfg, progress=False, callback=interrupt)
+    assert step == 2
+    assert load_checkpoint(str(tmp_path / "int" / "checkpoint.npz"))["meta"]["step"] == 2
+    resumed, _, step = train(_cfg(toy_data, tmp_path / "int", 5), mcfg, resume=True, progress=False)
+    assert step == 5 and _same(reference.params, resumed.params)
+
+
+def test_resume_with_other_architecture_fails_clearly(toy_data, tmp_path):
+    train(_cfg(toy_data, tmp_path, 1), UNetConfig(**TINY), progress=False)
+    with pytest.raises(CheckpointError, match="base_channels: checkpoint 8 vs now 16"):
+        train(_cfg(toy_data, tmp_path, 2), UNetConfig(**dict(TINY, base_channels=16)), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="lr"):
+        cfg = _cfg(toy_data, tmp_path, 2)
+        cfg.lr = 1.0
+        train(cfg, UNetConfig(**TINY), resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path, monkeypatch):
+    mcfg = UNetConfig(**TINY)
+    cfg = _cfg(toy_data, tmp_path, 2)
+    train(cfg, mcfg, progress=False)
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    cfg.steps = 4
+    import minidiff.train
+    monkeypatch.setattr(minidiff.train, "loss_simple", lambda *a, **k: (float("nan"), None))
+    with pytest.raises(TrainingError, match="loss became nan at step 2"):
+        train(cfg, mcfg, resume=True, progress=False)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_both_samplers_and_write_png(toy_data, tmp_path, sampler):
+    train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
+    model, tcfg, meta = load_model(str(tmp_path / "checkpoint.npz"))
+    kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, progress=False)
+    imgs = sample(model, tcfg.schedule(), 4, **kw)
+    assert imgs.shape == (4, 1, 14, 14) and imgs.dtype == np.float32 and np.all(np.abs(imgs) <= 1)
+    again = sample(model, tcfg.schedule(), 4, **kw)
+    assert np.array_equal(imgs, again)                      # seeded and reproducible
+    ref = sample(model, tcfg.schedule(), 4, backend="numpy", **kw)
+    assert np.allclose(imgs, ref, atol=1e-4)                # fused kernel == readable NumPy reference
+    path = save_grid(imgs, str(tmp_path / f"{sampler}.png"))
+    assert os.path.getsize(path) > 100
+
+
+def test_checkpoint_atomic_and_corrupt(tmp_path):
+    path = str(tmp_path / "c.npz")
+    save_checkpoint(path, {"w": np.ones(3, np.float32)}, meta=dict(step=1))
+    good = open(path, "rb").read()
+
+    class Boom(Exception):
+        pass
+
+    class Exploding(dict):
+        def items(self):
+            raise Boom
+    with pytest.raises(Boom):
+        save_checkpoint(path, Exploding(w=1))
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["c.npz"]  # no temp file left behind
+    open(path, "wb").write(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "missing.npz"))
+    np.savez(path, x=np.zeros(2))
+    with pytest.raises(CheckpointError, match="unexpected entry"):
+        load_checkpoint(path)
