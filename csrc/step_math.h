@@ -1,0 +1,154 @@
+// step_math.h: the arithmetic of one sampling step, shared by the C++ (step_cpu.cpp) and CUDA
+// (step_cuda.cu) kernels, so the CPU tests verify the very functions the GPU runs.
+// The readable NumPy reference of every function here is minidiff/philox.py and minidiff/step.py.
+//
+// 1. Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
+//    checked against Random123's known-answer vectors (tests/test_philox.py).
+//      key     = (seed lo32, seed hi32)                       64-bit seed
+//      counter = (block lo32, block hi32, step lo32, step hi32)
+//    Element i of a noise tensor uses block i / 4 and output lane i % 4, so the noise depends only on
+//    (seed, step, i): the same for any thread count, on CPU and GPU.
+// 2. uint32 -> uniform in (0, 1]:  u = ((x >> 8) + 1) * 2^-24. The top 24 bits are exact in float32,
+//    u is never 0 (so log(u) is finite) and 1 is reachable (log(1) = 0, fine).
+// 3. Box-Muller (float32, no fast-math) on lanes (0, 1) and (2, 3):
+//      r = sqrt(-2 log u_even), theta = 2 pi u_odd, z_even = r cos(theta), z_odd = r sin(theta).
+// 4. The fused step (see step_one below; DDPM eq. 15 / DDIM eq. 12 and the coefficients from
+//    minidiff/step.py's ddpm_coefficients / ddim_coefficients).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MD_HD __host__ __device__ __forceinline__
+#else
+#define MD_HD inline
+#endif
+
+namespace md {
+
+// Philox4x32 multipliers and Weyl key increments (Salmon et al. 2011, Random123 philox.h).
+constexpr uint32_t PHILOX_M0 = 0xD2511F53u;
+constexpr uint32_t PHILOX_M1 = 0xCD9E8D57u;
+constexpr uint32_t PHILOX_W0 = 0x9E3779B9u;  // golden ratio
+constexpr uint32_t PHILOX_W1 = 0xBB67AE85u;  // sqrt(3) - 1
+
+struct U32x4 { uint32_t x[4]; };
+struct F32x4 { float x[4]; };
+
+// One Philox round: two 32x32 -> 64-bit multiplies, the high halves xored with the other words and the key.
+MD_HD U32x4 philox_round(U32x4 c, uint32_t k0, uint32_t k1) {
+    const uint64_t p0 = (uint64_t)PHILOX_M0 * c.x[0];
+    const uint64_t p1 = (uint64_t)PHILOX_M1 * c.x[2];
+    const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
+    const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    U32x4 r;
+    r.x[0] = hi1 ^ c.x[1] ^ k0;
+    r.x[1] = lo1;
+    r.x[2] = hi0 ^ c.x[3] ^ k1;
+    r.x[3] = lo0;
+    return r;
+}
+
+// Philox4x32-10: ten rounds, the key bumped by (W0, W1) between rounds.
+MD_HD U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
+    c = philox_round(c, k0, k1);
+    for (int r = 1; r < 10; ++r) {
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+        c = philox_round(c, k0, k1);
+    }
+    return c;
+}
+
+// uint32 -> float32 uniform in (0, 1]: (top 24 bits + 1) / 2^24, exact in float32.
+MD_HD float uint_to_uniform(uint32_t x) {
+    return (float)((x >> 8) + 1u) * (1.0f / 16777216.0f);
+}
+
+// Box-Muller: two uniforms in (0, 1] -> two independent standard normals.
+MD_HD void box_muller(float u_r, float u_theta, float* z_cos, float* z_sin) {
+    const float two_pi = 6.28318530717958647692f;
+    const float r = sqrtf(-2.0f * logf(u_r));
+    const float theta = two_pi * u_theta;
+    *z_cos = r * cosf(theta);
+    *z_sin = r * sinf(theta);
+}
+
+// The four standard normals of block `block` (elements 4*block .. 4*block+3) for (seed, step).
+MD_HD F32x4 philox_normal4(uint64_t seed, uint64_t step, uint64_t block) {
+    U32x4 c;
+    c.x[0] = (uint32_t)block;
+    c.x[1] = (uint32_t)(block >> 32);
+    c.x[2] = (uint32_t)step;
+    c.x[3] = (uint32_t)(step >> 32);
+    const U32x4 b = philox4x32_10(c, (uint32_t)seed, (uint32_t)(seed >> 32));
+    F32x4 z;
+    box_muller(uint_to_uniform(b.x[0]), uint_to_uniform(b.x[1]), &z.x[0], &z.x[1]);
+    box_muller(uint_to_uniform(b.x[2]), uint_to_uniform(b.x[3]), &z.x[2], &z.x[3]);
+    return z;
+}
+
+// Scalar coefficients of one step (float32, as the kernel computes), see minidiff/step.py.
+struct StepCoefs {
+    float a;         // 1 / sqrt(alpha-bar_t)
+    float b;         // sqrt(1 / alpha-bar_t - 1)
+    float c_x0;      // weight of the predicted x_0
+    float c_xt;      // weight of x_t
+    float c_eps;     // weight of eps
+    float sigma;     // standard deviation of the added noise
+    float guidance;  // w of classifier-free guidance (used only with eps_uncond)
+    int clip;        // clamp the predicted x_0 to [-1, 1]
+    int has_uncond;  // eps_uncond given
+};
+
+// One element of the fused step; eps_u is read only when k.has_uncond.
+//   eps    = eps_u + w (eps_c - eps_u)                     classifier-free guidance (Ho & Salimans)
+//   x0     = a x_t - b eps  [clamped to [-1, 1]]           DDPM eq. 15, DDIM eq. 12's "predicted x_0"
+//   x_prev = c_x0 x0 + c_xt x_t + c_eps eps + sigma z      DDPM eq. 7 / DDIM eq. 12
+MD_HD float step_one(const StepCoefs& k, float x_t, float eps_c, float eps_u, float z, float* x0_out) {
+    const float eps = k.has_uncond ? eps_u + k.guidance * (eps_c - eps_u) : eps_c;
+    float x0 = k.a * x_t - k.b * eps;
+    if (k.clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);  // like np.clip: NaN stays NaN
+    *x0_out = x0;
+    return k.c_x0 * x0 + k.c_xt * x_t + k.c_eps * eps + k.sigma * z;
+}
+
+// Pointers and sizes of one fused step. eps_u, z and x0_out may be null: no guidance, generate z with
+// Philox from (seed, step), do not write x_0. out may alias x_t (each element is read before it is written).
+struct StepArgs {
+    const float* x_t;    // (n,)
+    const float* eps_c;  // (n,) conditional (or only) noise prediction
+    const float* eps_u;  // (n,) unconditional noise prediction, or null
+    const float* z;      // (n,) given noise, or null
+    float* out;          // (n,) x_{t-1}
+    float* x0_out;       // (n,) predicted x_0, or null
+    int64_t n;
+    uint64_t seed, step;
+    StepCoefs k;
+};
+
+// Elements 4*block .. 4*block+3 of the step (the work of one CPU loop iteration or one CUDA thread).
+MD_HD void step_block(const StepArgs& a, int64_t block) {
+    F32x4 g = {{0.0f, 0.0f, 0.0f, 0.0f}};
+    if (a.z == nullptr && a.k.sigma != 0.0f) g = philox_normal4(a.seed, a.step, (uint64_t)block);  // sigma = 0: no noise needed
+    const int64_t i0 = 4 * block;
+    const int m = a.n - i0 < 4 ? (int)(a.n - i0) : 4;
+    for (int j = 0; j < m; ++j) {
+        const int64_t i = i0 + j;
+        float x0;
+        const float z = a.z ? a.z[i] : g.x[j];
+        const float x_prev = step_one(a.k, a.x_t[i], a.eps_c[i], a.eps_u ? a.eps_u[i] : 0.0f, z, &x0);
+        a.out[i] = x_prev;
+        if (a.x0_out) a.x0_out[i] = x0;
+    }
+}
+
+// Elements 4*block .. 4*block+3 of philox_normal(seed, step, n).
+MD_HD void normal_block(float* out, int64_t n, uint64_t seed, uint64_t step, int64_t block) {
+    const F32x4 g = philox_normal4(seed, step, (uint64_t)block);
+    const int64_t i0 = 4 * block;
+    const int m = n - i0 < 4 ? (int)(n - i0) : 4;
+    for (int j = 0; j < m; ++j) out[i0 + j] = g.x[j];
+}
+
+}  // namespace md
