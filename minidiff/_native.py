@@ -1,0 +1,36 @@
+"""The compiled extension minidiff._core (csrc/), loaded if present and current.
+
+`import minidiff` never fails because of it: without the extension (a source tree that was not built,
+or a build from older sources) the NumPy path works and ``native_status()`` says why and how to fix it.
+"""
+# Must equal MINIDIFF_ABI_VERSION in csrc/kernels.h; bump both when a binding's signature changes.
+ABI_VERSION = 1
+
+_FIX = "build it with `pip install .` from the repository root"
+
+
+def _load():
+    try:
+        from . import _core
+    except ImportError as e:
+        return None, (f"the compiled extension minidiff._core is not available ({e}); {_FIX} and run from "
+                      f"outside the source tree (its minidiff/ has no compiled module)")
+    found = getattr(_core, "ABI_VERSION", None)
+    if found != ABI_VERSION:
+        return None, (f"the compiled extension minidiff._core is stale (ABI_VERSION {found}, this minidiff "
+                      f"expects {ABI_VERSION}); rebuild it with `pip install .`")
+    return _core, ""
+
+
+core, _reason = _load()
+
+
+def native_status():
+    """dict(cpu_kernel, cuda_kernel, reason): what the extension provides; reason says what is missing and why."""
+    if core is None:
+        return dict(cpu_kernel=False, cuda_kernel=False, reason=_reason)
+    if not core.has_cuda():
+        return dict(cpu_kernel=True, cuda_kernel=False,
+                    reason="minidiff._core was built without CUDA (no nvcc at build time, or MINIDIFF_CUDA=OFF); "
+                           "to add it, install the CUDA toolkit and rebuild with `pip install .`")
+    return dict(cpu_kernel=True, cuda_kernel=True, reason="")

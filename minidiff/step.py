@@ -1,0 +1,265 @@
+"""One reverse-process step x_t -> x_{t-1}: the readable reference and the fused native kernel.
+
+DDPM (Ho et al. 2020) ancestral sampling and DDIM (Song et al. 2021), both from a noise prediction
+eps_theta(x_t, t), optionally with classifier-free guidance (Ho & Salimans 2022). Article section 4
+(the reverse process p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta)).
+
+Notation (index t = 0 .. T-1 stands for the paper's t + 1, see minidiff/schedule.py):
+    ab_t       alpha-bar_t              schedule.alphas_cumprod[t]
+    ab_prev    alpha-bar_{t-1}          schedule.alphas_cumprod_prev[t] (DDPM), alphas_cumprod[t_prev] (DDIM)
+    x0         "predicted x_0"          DDPM eq. 15, DDIM eq. 12 (pred_original_sample in diffusers)
+    sigma      noise std of the step    sqrt(beta-tilde_t) or sqrt(beta_t) (DDPM); DDIM eq. 16 with eta
+
+`ddpm_step` / `ddim_step` are the reference, equation by equation, for NumPy and CuPy arrays alike.
+`fused_step` does the same arithmetic in one pass (csrc/step_math.h): guidance, x_0 prediction,
+clipping, the posterior combination and the Philox noise, with the scalars from `ddpm_coefficients`
+or `ddim_coefficients`. Every step can be written as
+    x_{t-1} = c_x0 * x0 + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps.
+"""
+import math
+from collections import namedtuple
+
+import numpy as np
+
+from . import _native
+from .backend import array_module
+from .philox import _check_u64
+
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+StepCoefficients = namedtuple("StepCoefficients", "a b c_x0 c_xt c_eps sigma")
+StepCoefficients.__doc__ = """Scalars of one step (python floats): x0 = a x_t - b eps,
+x_{t-1} = c_x0 x0 + c_xt x_t + c_eps eps + sigma z."""
+
+
+class NativeUnavailableError(RuntimeError):
+    """The native kernel needed for these arrays was not built (the message says how to build it)."""
+
+
+# --------------------------------------------------------------------------- argument checks
+def _check_t(schedule, t, name="t", allow_minus_one=False):
+    T = schedule.num_train_timesteps
+    lo = -1 if allow_minus_one else 0
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not lo <= int(t) < T:
+        raise ValueError(f"{name} must be an integer timestep index in [{lo}, {T - 1}], got {t!r}")
+    return int(t)
+
+
+def _check_variance_type(variance_type):
+    if variance_type not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance_type {variance_type!r}; choose one of {', '.join(VARIANCE_TYPES)}")
+
+
+def _check_eta(eta):
+    if isinstance(eta, bool) or not isinstance(eta, (int, float, np.floating, np.integer)) or not 0.0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+    return float(eta)
+
+
+def _ddim_sigma(ab_t, ab_prev, eta):
+    # DDIM eq. 16: sigma_t(eta) = eta sqrt((1 - ab_prev) / (1 - ab_t)) sqrt(1 - ab_t / ab_prev)
+    sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab_t)) * math.sqrt(1.0 - ab_t / ab_prev)
+    dir_var = 1.0 - ab_prev - sigma ** 2  # the variance left for the direction pointing to x_t (DDIM eq. 12)
+    if dir_var < -1e-12:
+        raise ValueError(f"eta = {eta} is too large for this step: 1 - alpha-bar_prev - sigma^2 = {dir_var:.3g} < 0")
+    return sigma, max(dir_var, 0.0)
+
+
+def _guided_eps(eps, eps_uncond, guidance):
+    # Classifier-free guidance (Ho & Salimans): eps = eps_u + w (eps_c - eps_u); w = 1 is the conditional model.
+    if eps_uncond is None:
+        return eps
+    return eps_uncond + guidance * (eps - eps_uncond)
+
+
+def _noise(z, sigma, x_t):
+    if sigma == 0.0:
+        return 0.0  # the last DDPM step and eta = 0 DDIM add no noise; z may be None
+    if z is None:
+        raise ValueError(f"z (the noise of this step) is required: sigma = {sigma:g} > 0")
+    if z.shape != x_t.shape:
+        raise ValueError(f"z has shape {z.shape}, x_t has shape {x_t.shape}")
+    return sigma * z
+
+
+# --------------------------------------------------------------------------- the reference
+def ddpm_step(schedule, x_t, eps, t, z, variance_type="fixed_small", clip_sample=True, eps_uncond=None,
+              guidance=1.0, return_x0=False):
+    """DDPM ancestral step: sample x_{t-1} ~ p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I).
+
+    eps is eps_theta(x_t, t) (the conditional one when eps_uncond is given), z ~ N(0, I) of x_t's shape
+    (may be None at t = 0, where no noise is added). Returns x_{t-1}, or (x_{t-1}, x0) with return_x0.
+    """
+    t = _check_t(schedule, t)
+    _check_variance_type(variance_type)
+    eps = _guided_eps(eps, eps_uncond, guidance)
+
+    # 1. predicted x_0 (DDPM eq. 15, inverted): x0 = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+    #                                             = sqrt(1/ab_t) x_t - sqrt(1/ab_t - 1) eps
+    x0 = float(schedule.sqrt_recip_alphas_cumprod[t]) * x_t - float(schedule.sqrt_recipm1_alphas_cumprod[t]) * eps
+    if clip_sample:
+        x0 = x0.clip(-1.0, 1.0)  # images live in [-1, 1]; clipping x0 is why eq. 7 is used instead of eq. 11
+
+    # 2. posterior mean (DDPM eq. 7): mu-tilde_t(x_t, x0) = coef1 x0 + coef2 x_t, with
+    #    coef1 = sqrt(ab_{t-1}) beta_t / (1 - ab_t), coef2 = sqrt(alpha_t) (1 - ab_{t-1}) / (1 - ab_t).
+    #    Without clipping, eq. 7 with eq. 15's x0 is exactly eq. 11:
+    #    mu_theta = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t)  (tests/test_step.py checks it).
+    mean = float(schedule.posterior_mean_coef1[t]) * x0 + float(schedule.posterior_mean_coef2[t]) * x_t
+
+    # 3. variance (DDPM section 3.2): sigma_t^2 = beta-tilde_t ("fixed_small", eq. 7) or beta_t ("fixed_large");
+    #    the last step (paper's t = 1) adds no noise and returns the mean.
+    if t == 0:
+        sigma = 0.0
+    elif variance_type == "fixed_small":
+        sigma = math.sqrt(schedule.posterior_variance[t])
+    else:
+        sigma = math.sqrt(schedule.betas[t])
+
+    # 4. x_{t-1} = mu + sigma z  (Algorithm 2, line 4)
+    x_prev = mean + _noise(z, sigma, x_t)
+    return (x_prev, x0) if return_x0 else x_prev
+
+
+def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncond=None, guidance=1.0,
+              return_x0=False):
+    """DDIM step t -> t_prev (any t_prev < t; -1 means alpha-bar_prev = 1, the clean image), DDIM eq. 12.
+
+    eta = 0 is deterministic DDIM, eta = 1 matches DDPM's posterior variance. z may be None when sigma = 0.
+    Returns x_{t_prev}, or (x_{t_prev}, x0) with return_x0.
+    """
+    t = _check_t(schedule, t)
+    t_prev = _check_t(schedule, t_prev, "t_prev", allow_minus_one=True)
+    if t_prev >= t:
+        raise ValueError(f"t_prev ({t_prev}) must be smaller than t ({t})")
+    eta = _check_eta(eta)
+    eps = _guided_eps(eps, eps_uncond, guidance)
+
+    ab_t = float(schedule.alphas_cumprod[t])
+    ab_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+
+    # 1. "predicted x_0" (DDIM eq. 12, first term): (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
+    x0 = float(schedule.sqrt_recip_alphas_cumprod[t]) * x_t - float(schedule.sqrt_recipm1_alphas_cumprod[t]) * eps
+    if clip_sample:
+        x0 = x0.clip(-1.0, 1.0)  # as diffusers: the direction term below keeps the model's eps (not re-derived)
+
+    # 2. sigma_t(eta) (DDIM eq. 16)
+    sigma, dir_var = _ddim_sigma(ab_t, ab_prev, eta)
+
+    # 3. x_{t_prev} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - sigma^2) eps + sigma z  (DDIM eq. 12:
+    #    "predicted x_0", "direction pointing to x_t", random noise)
+    x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(dir_var) * eps
+    x_prev = x_prev + _noise(z, sigma, x_t)
+    return (x_prev, x0) if return_x0 else x_prev
+
+
+# --------------------------------------------------------------------------- coefficients for the kernel
+def ddpm_coefficients(schedule, t, variance_type="fixed_small"):
+    """The scalars of ddpm_step at t as a StepCoefficients of python floats."""
+    t = _check_t(schedule, t)
+    _check_variance_type(variance_type)
+    if t == 0:
+        sigma = 0.0
+    elif variance_type == "fixed_small":
+        sigma = math.sqrt(schedule.posterior_variance[t])
+    else:
+        sigma = math.sqrt(schedule.betas[t])
+    return StepCoefficients(a=float(schedule.sqrt_recip_alphas_cumprod[t]),
+                            b=float(schedule.sqrt_recipm1_alphas_cumprod[t]),
+                            c_x0=float(schedule.posterior_mean_coef1[t]),
+                            c_xt=float(schedule.posterior_mean_coef2[t]),
+                            c_eps=0.0, sigma=float(sigma))
+
+
+def ddim_coefficients(schedule, t, t_prev, eta):
+    """The scalars of ddim_step from t to t_prev as a StepCoefficients of python floats."""
+    t = _check_t(schedule, t)
+    t_prev = _check_t(schedule, t_prev, "t_prev", allow_minus_one=True)
+    if t_prev >= t:
+        raise ValueError(f"t_prev ({t_prev}) must be smaller than t ({t})")
+    eta = _check_eta(eta)
+    ab_t = float(schedule.alphas_cumprod[t])
+    ab_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+    sigma, dir_var = _ddim_sigma(ab_t, ab_prev, eta)
+    return StepCoefficients(a=float(schedule.sqrt_recip_alphas_cumprod[t]),
+                            b=float(schedule.sqrt_recipm1_alphas_cumprod[t]),
+                            c_x0=math.sqrt(ab_prev), c_xt=0.0, c_eps=math.sqrt(dir_var), sigma=float(sigma))
+
+
+# --------------------------------------------------------------------------- the fused kernel
+def _check_array(x, name, ref, xp):
+    if not all(hasattr(x, attr) for attr in ("dtype", "shape", "flags")):
+        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+    if array_module(x) is not xp:
+        raise ValueError(f"{name} is a {array_module(x).__name__} array but x_t is a {xp.__name__} array; "
+                         f"keep every array on the same device")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name} must be float32 (the kernel's type), got {x.dtype}")
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} has shape {x.shape}, x_t has shape {ref.shape}")
+    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use xp.ascontiguousarray)")
+    if xp is not np and x.device.id != ref.device.id:
+        raise ValueError(f"{name} is on GPU {x.device.id} but x_t is on GPU {ref.device.id}")
+
+
+def fused_step(x_t, eps, coefs, *, seed=None, step=None, clip_sample=True, eps_uncond=None, guidance=1.0, z=None,
+               out=None, x0_out=None, threads=0):
+    """x_{t-1} in one pass: guidance, x0 = a x_t - b eps (clipped), c_x0 x0 + c_xt x_t + c_eps eps + sigma z.
+
+    NumPy arrays run the C++ kernel (OpenMP, `threads` = 0: all cores), CuPy arrays the CUDA kernel on
+    the current stream of their device (not synchronised). All arrays: float32, C-contiguous, same shape
+    and device. coefs: a StepCoefficients (ddpm_coefficients / ddim_coefficients). The noise z is drawn
+    from Philox with (seed, step), equal to philox.philox_normal(seed, step, x_t.size), unless z is given
+    (or sigma = 0). out (may be x_t itself) and x0_out are optional outputs. Returns x_{t-1}, or
+    (x_{t-1}, x0_out) when x0_out is given.
+    """
+    xp = array_module(x_t)
+    coefs = StepCoefficients(*coefs)
+    arrays = dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, z=z, out=out, x0_out=x0_out)
+    for name, a in arrays.items():
+        if a is not None:
+            _check_array(a, name, x_t, xp)
+    if z is None and coefs.sigma != 0.0:
+        if seed is None or step is None:
+            raise ValueError("seed and step are required to draw the noise (or pass z)")
+    seed = _check_u64(0 if seed is None else seed, "seed")
+    step = _check_u64(0 if step is None else step, "step")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
+    if out is None:
+        out = xp.empty_like(x_t)
+    scalars = dict(a=coefs.a, b=coefs.b, c_x0=coefs.c_x0, c_xt=coefs.c_xt, c_eps=coefs.c_eps, sigma=coefs.sigma,
+                   guidance=float(guidance), clip=bool(clip_sample), seed=seed, step=step)
+
+    status = _native.native_status()
+    if xp is np:
+        if not status["cpu_kernel"]:
+            raise NativeUnavailableError(f"fused_step needs the C++ kernel: {status['reason']}")
+        _native.core.step_cpu(x_t, eps, eps_uncond, z, out, x0_out, threads=int(threads), **scalars)
+    else:
+        if not status["cuda_kernel"]:
+            raise NativeUnavailableError(f"fused_step got CuPy arrays but the CUDA kernel is unavailable: "
+                                         f"{status['reason']}")
+        ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731 (0 = absent)
+        with x_t.device:
+            _native.core.step_cuda(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(z), ptr(out), ptr(x0_out), x_t.size,
+                                   stream=xp.cuda.get_current_stream().ptr, **scalars)
+    return (out, x0_out) if x0_out is not None else out
+
+
+def native_normal(seed, step, n, xp=np, threads=0):
+    """philox.philox_normal(seed, step, n) from the native generator: C++ for xp = numpy, CUDA for cupy
+    (on the current device and stream, not synchronised)."""
+    seed, step = _check_u64(seed, "seed"), _check_u64(step, "step")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be an integer >= 0, got {n!r}")
+    status = _native.native_status()
+    if xp is np:
+        if not status["cpu_kernel"]:
+            raise NativeUnavailableError(f"native_normal needs the C++ kernel: {status['reason']}")
+        return _native.core.normal_cpu(seed, step, int(n), int(threads))
+    if not status["cuda_kernel"]:
+        raise NativeUnavailableError(f"native_normal on CuPy needs the CUDA kernel: {status['reason']}")
+    out = xp.empty(int(n), dtype=xp.float32)
+    _native.core.normal_cuda(out.data.ptr, int(n), seed, step, xp.cuda.get_current_stream().ptr)
+    return out
