@@ -1,0 +1,152 @@
+"""The reference sampling steps (minidiff/step.py) against closed-form results of DDPM and DDIM."""
+import math
+
+import numpy as np
+import pytest
+
+from minidiff.schedule import NoiseSchedule
+from minidiff.step import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
+
+T = 1000
+SCHEDULE = NoiseSchedule(T)
+
+
+def _noisy(shape=(4, 1, 8, 8), t=500, dtype=np.float64, seed=0):
+    """(x0, eps, x_t) with x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps (DDPM eq. 4), x0 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.uniform(-1, 1, shape).astype(dtype)
+    eps = rng.standard_normal(shape).astype(dtype)
+    ab = SCHEDULE.alphas_cumprod[t]
+    return x0, eps, (math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps).astype(dtype)
+
+
+@pytest.mark.parametrize("t", [0, 1, 500, T - 1])
+def test_ddpm_eq7_with_eq15_equals_eq11_without_clipping(t):
+    x0, eps, x_t = _noisy(t=t)
+    mean = ddpm_step(SCHEDULE, x_t, eps, t, z=np.zeros_like(x_t), clip_sample=False)
+    # DDPM eq. 11: mu_theta = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(alpha_t)
+    beta, ab = SCHEDULE.betas[t], SCHEDULE.alphas_cumprod[t]
+    eq11 = (x_t - beta / math.sqrt(1 - ab) * eps) / math.sqrt(SCHEDULE.alphas[t])
+    np.testing.assert_allclose(mean, eq11, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("t", [0, 500, T - 1])
+def test_predicted_x0_inverts_the_forward_process(t):
+    # eq. 15: with the true noise, the predicted x_0 is the x_0 that made x_t.
+    x0, eps, x_t = _noisy(t=t)
+    _, x0_hat = ddpm_step(SCHEDULE, x_t, eps, t, z=np.zeros_like(x_t), clip_sample=False, return_x0=True)
+    np.testing.assert_allclose(x0_hat, x0, rtol=1e-7, atol=1e-7 * math.sqrt(1 / SCHEDULE.alphas_cumprod[t]))
+    _, x0_d = ddim_step(SCHEDULE, x_t, eps, t, -1, 0.0, None, clip_sample=False, return_x0=True)
+    np.testing.assert_array_equal(x0_d, x0_hat)
+
+
+def test_ddpm_noise_scale_and_last_step():
+    x0, eps, x_t = _noisy()
+    z = np.random.default_rng(1).standard_normal(x_t.shape)
+    t = 500
+    for vt, var in [("fixed_small", SCHEDULE.posterior_variance[t]), ("fixed_large", SCHEDULE.betas[t])]:
+        noisy = ddpm_step(SCHEDULE, x_t, eps, t, z, variance_type=vt)
+        mean = ddpm_step(SCHEDULE, x_t, eps, t, np.zeros_like(z), variance_type=vt)
+        np.testing.assert_allclose(noisy - mean, math.sqrt(var) * z, rtol=1e-9, atol=1e-12)
+    # t = 0 (the paper's t = 1): the mean only, z unused and may be None
+    for vt in ("fixed_small", "fixed_large"):
+        np.testing.assert_array_equal(ddpm_step(SCHEDULE, x_t, eps, 0, z, variance_type=vt),
+                                      ddpm_step(SCHEDULE, x_t, eps, 0, None, variance_type=vt))
+
+
+def test_clipping_bounds_x0():
+    _, eps, x_t = _noisy(t=900)
+    eps = 3 * eps  # a bad prediction pushes x0 out of [-1, 1]
+    _, x0 = ddpm_step(SCHEDULE, x_t, eps, 900, np.zeros_like(x_t), return_x0=True)
+    _, raw = ddpm_step(SCHEDULE, x_t, eps, 900, np.zeros_like(x_t), clip_sample=False, return_x0=True)
+    assert np.abs(raw).max() > 1 and np.abs(x0).max() <= 1
+    np.testing.assert_array_equal(x0, np.clip(raw, -1, 1))
+
+
+@pytest.mark.parametrize("t", [1, 500, T - 1])
+def test_ddim_eta1_one_step_is_ddpm_posterior(t):
+    # DDIM eq. 16 with eta = 1 and t_prev = t - 1 gives beta-tilde_t, and (unclipped) the same mean as DDPM eq. 7.
+    c = ddim_coefficients(SCHEDULE, t, t - 1, 1.0)
+    assert c.sigma == pytest.approx(math.sqrt(SCHEDULE.posterior_variance[t]), rel=1e-12)
+    x0, eps, x_t = _noisy(t=t)
+    z = np.random.default_rng(2).standard_normal(x_t.shape)
+    np.testing.assert_allclose(ddim_step(SCHEDULE, x_t, eps, t, t - 1, 1.0, z, clip_sample=False),
+                               ddpm_step(SCHEDULE, x_t, eps, t, z, clip_sample=False), rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_eta0_is_deterministic_and_lands_on_x0_at_the_end():
+    x0, eps, x_t = _noisy(t=700)
+    a = ddim_step(SCHEDULE, x_t, eps, 700, 600, 0.0, None)
+    c = ddim_coefficients(SCHEDULE, 700, 600, 0.0)
+    assert c.sigma == 0.0
+    # with the true eps, DDIM eta = 0 moves x_t to the x_{t_prev} of the same x0 and eps (DDIM eq. 12)
+    ab = SCHEDULE.alphas_cumprod[600]
+    np.testing.assert_allclose(a, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(ddim_step(SCHEDULE, x_t, eps, 700, -1, 0.7, None), x0, rtol=1e-9, atol=1e-9)
+
+
+def test_guidance_formula():
+    _, eps_c, x_t = _noisy()
+    eps_u = np.random.default_rng(3).standard_normal(x_t.shape)
+    z = np.zeros_like(x_t)
+    step = lambda **kw: ddpm_step(SCHEDULE, x_t, kw.pop("eps"), 500, z, **kw)  # noqa: E731
+    np.testing.assert_allclose(step(eps=eps_c, eps_uncond=eps_u, guidance=1.0), step(eps=eps_c), rtol=1e-12,
+                               atol=1e-12)  # w = 1: the conditional model (up to rounding of eps_u + (eps_c - eps_u))
+    np.testing.assert_array_equal(step(eps=eps_c, eps_uncond=eps_u, guidance=0.0), step(eps=eps_u))
+    np.testing.assert_array_equal(step(eps=eps_c, eps_uncond=eps_u, guidance=4.0),
+                                  step(eps=eps_u + 4.0 * (eps_c - eps_u)))
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_coefficients_reproduce_the_reference(kind):
+    x0, eps, x_t = _noisy(t=400)
+    z = np.random.default_rng(4).standard_normal(x_t.shape)
+    if kind == "ddpm":
+        c = ddpm_coefficients(SCHEDULE, 400, "fixed_large")
+        ref, x0_ref = ddpm_step(SCHEDULE, x_t, eps, 400, z, "fixed_large", clip_sample=False, return_x0=True)
+    else:
+        c = ddim_coefficients(SCHEDULE, 400, 350, 0.5)
+        ref, x0_ref = ddim_step(SCHEDULE, x_t, eps, 400, 350, 0.5, z, clip_sample=False, return_x0=True)
+    assert all(type(v) is float for v in c)
+    np.testing.assert_allclose(c.a * x_t - c.b * eps, x0_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(c.c_x0 * x0_ref + c.c_xt * x_t + c.c_eps * eps + c.sigma * z, ref, rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_float32_stays_float32():
+    _, eps, x_t = _noisy(dtype=np.float32)
+    z = np.zeros_like(x_t)
+    assert ddpm_step(SCHEDULE, x_t, eps, 500, z).dtype == np.float32
+    assert ddim_step(SCHEDULE, x_t, eps, 500, 400, 1.0, z).dtype == np.float32
+
+
+def test_bad_arguments_raise_value_error():
+    _, eps, x_t = _noisy()
+    z = np.zeros_like(x_t)
+    for t in (-1, T, 1.5, True, None):
+        with pytest.raises(ValueError, match="t must be"):
+            ddpm_step(SCHEDULE, x_t, eps, t, z)
+    with pytest.raises(ValueError, match="variance_type"):
+        ddpm_step(SCHEDULE, x_t, eps, 5, z, variance_type="learned")
+    with pytest.raises(ValueError, match="variance_type"):
+        ddpm_coefficients(SCHEDULE, 5, "fixed")
+    for eta in (-0.1, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="eta"):
+            ddim_step(SCHEDULE, x_t, eps, 500, 400, eta, z)
+    with pytest.raises(ValueError, match="eta .* too large"):
+        ddim_coefficients(SCHEDULE, 500, 400, 50.0)
+    for t_prev in (500, 600, -2):
+        with pytest.raises(ValueError, match="t_prev"):
+            ddim_step(SCHEDULE, x_t, eps, 500, t_prev, 0.0, z)
+    with pytest.raises(ValueError, match="z .* required"):
+        ddpm_step(SCHEDULE, x_t, eps, 5, None)
+
+
+def test_article_4_1_schedule_cannot_predict_x0():
+    # beta_T = 1 makes alpha-bar_T = 0: the schedule's own error surfaces.
+    sched = NoiseSchedule(10, beta_schedule="t_over_T")
+    x = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="undefined"):
+        ddpm_step(sched, x, x, 9, x)
+    with pytest.raises(ValueError, match="undefined"):
+        ddim_coefficients(sched, 9, 5, 0.0)
