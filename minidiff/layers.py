@@ -1,0 +1,346 @@
+"""Neural-network layers with hand-written backward passes, in NumPy or CuPy (xp from the arrays).
+
+Each layer is a class with ``params`` and ``grads`` (dicts name -> array, same keys and shapes) and a
+``forward`` / ``backward`` pair side by side:
+  * ``forward`` computes the output and caches exactly what ``backward`` needs (``self.cache``);
+  * ``backward(dout)`` returns the gradient with respect to the input(s) and ADDS (``+=``) the parameter
+    gradients into ``grads``. Nothing here zeroes a gradient: that happens in one place, the model's
+    ``zero_grad``.
+Composite layers (ResBlock, AttnBlock in unet.py, and the ones below) register children with ``add``;
+``named_params`` walks the tree so the optimizer and checkpoints see one flat, ordered dict.
+
+Layout. Images are NHWC (channels last) inside the network: a convolution is then one matrix product
+of an im2col matrix (B*Ho*Wo, kh*kw*Cin) with the weights (kh*kw*Cin, Cout), whose result is already
+NHWC, and the per-pixel channel vectors that 1x1 convolutions, GroupNorm and attention work on are
+contiguous. The U-Net converts from and to the public NCHW layout at its boundary. Weights are stored
+in PyTorch's layout ((Cout, Cin, kh, kw) for convolutions, (out, in) for Linear) so checkpoints map
+one to one onto the PyTorch reference.
+
+No Python loops over pixels or batch items; the convolution loops over its kh*kw kernel taps.
+Float32 in, float32 out: constants are Python floats (weak scalars under NumPy 2 promotion rules).
+"""
+import math
+
+import numpy as np
+
+from .backend import array_module
+
+
+class Layer:
+    """Base class: parameter/gradient dicts and named children."""
+
+    def __init__(self):
+        self.params = {}     # name -> array
+        self.grads = {}      # name -> array, same shape; accumulated by backward, zeroed by the model
+        self.children = {}   # name -> Layer, in forward order
+        self.cache = None    # what forward saved for backward
+
+    def add(self, name, layer):
+        """Register a child layer under `name` (its parameters become `name.<param>`)."""
+        self.children[name] = layer
+        return layer
+
+    def new_param(self, name, value):
+        self.params[name] = value
+        self.grads[name] = array_module(value).zeros_like(value)
+
+    def named_layers(self, prefix=""):
+        """(dotted name, layer) for this layer and every descendant, in registration order."""
+        yield prefix, self
+        for name, child in self.children.items():
+            yield from child.named_layers(f"{prefix}{name}.")
+
+    def named_params(self, prefix=""):
+        """(dotted name, layer, key) for every parameter in the tree."""
+        for lprefix, layer in self.named_layers(prefix):
+            for key in layer.params:
+                yield lprefix + key, layer, key
+
+
+def _uniform(rng, shape, bound, dtype):
+    """PyTorch's default init for Conv2d/Linear weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linear:  y = x W^T + b
+
+class Linear(Layer):
+    def __init__(self, in_features, out_features, rng, dtype=np.float32):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.new_param("weight", _uniform(rng, (out_features, in_features), bound, dtype))  # (out, in)
+        self.new_param("bias", _uniform(rng, (out_features,), bound, dtype))                # (out,)
+
+    def forward(self, x):                       # x (N, in)
+        self.cache = x
+        return x @ self.params["weight"].T + self.params["bias"]   # (N, out)
+
+    def backward(self, dout):                   # dout (N, out)
+        x = self.cache
+        self.grads["weight"] += dout.T @ x      # (out, in)
+        self.grads["bias"] += dout.sum(axis=0)
+        return dout @ self.params["weight"]     # dx (N, in)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conv2d (NHWC):  y[b, p, q, o] = bias[o] + sum_{i, j, c} x_pad[b, s*p + i, s*q + j, c] * W[o, c, i, j]
+# computed as im2col(x) @ W_mat with W_mat[(i, j, c), o] = W[o, c, i, j].
+
+def im2col(x, kh, kw, stride, padding):
+    """x (B, H, W, C) -> cols (B*Ho*Wo, kh*kw*C), column order (i, j, c); one strided copy per kernel tap."""
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        return x.reshape(B * H * W, C)
+    if padding:
+        xpad = xp.zeros((B, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype)
+        xpad[:, padding:padding + H, padding:padding + W, :] = x
+    else:
+        xpad = x
+    cols = xp.empty((B, Ho, Wo, kh, kw, C), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j, :] = xpad[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :]
+    return cols.reshape(B * Ho * Wo, kh * kw * C)
+
+
+def col2im(dcols, x_shape, kh, kw, stride, padding):
+    """Adjoint of im2col: dcols (B*Ho*Wo, kh*kw*C) -> dx (B, H, W, C), summing the taps that overlap."""
+    xp = array_module(dcols)
+    B, H, W, C = x_shape
+    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        return dcols.reshape(B, H, W, C)
+    dcols = dcols.reshape(B, Ho, Wo, kh, kw, C)
+    dxpad = xp.zeros((B, H + 2 * padding, W + 2 * padding, C), dtype=dcols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            dxpad[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :] += dcols[:, :, :, i, j, :]
+    return dxpad[:, padding:padding + H, padding:padding + W, :]
+
+
+class Conv2d(Layer):
+    def __init__(self, in_channels, out_channels, kernel_size, rng, stride=1, padding=0, dtype=np.float32):
+        super().__init__()
+        self.k, self.stride, self.padding = kernel_size, stride, padding
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.new_param("weight", _uniform(rng, (out_channels, in_channels, kernel_size, kernel_size), bound, dtype))
+        self.new_param("bias", _uniform(rng, (out_channels,), bound, dtype))
+
+    def _wmat(self):
+        w = self.params["weight"]               # (Cout, Cin, kh, kw)
+        return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])   # (kh*kw*Cin, Cout)
+
+    def forward(self, x):                       # x (B, H, W, Cin)
+        B, H, W, _ = x.shape
+        k, s, p = self.k, self.stride, self.padding
+        Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
+        self.cache = x                          # im2col is recomputed in backward: 9x less memory held
+        out = im2col(x, k, k, s, p) @ self._wmat()    # (B*Ho*Wo, Cout)
+        out += self.params["bias"]
+        return out.reshape(B, Ho, Wo, -1)       # (B, Ho, Wo, Cout)
+
+    def backward(self, dout):                   # dout (B, Ho, Wo, Cout)
+        x = self.cache
+        k, s, p = self.k, self.stride, self.padding
+        cout = dout.shape[-1]
+        dout = dout.reshape(-1, cout)           # (B*Ho*Wo, Cout)
+        self.grads["bias"] += dout.sum(axis=0)
+        dw = im2col(x, k, k, s, p).T @ dout     # (kh*kw*Cin, Cout)
+        self.grads["weight"] += dw.reshape(k, k, -1, cout).transpose(3, 2, 0, 1)
+        dcols = dout @ self._wmat().T           # (B*Ho*Wo, kh*kw*Cin)
+        return col2im(dcols, x.shape, k, k, s, p)   # dx (B, H, W, Cin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GroupNorm (NHWC), affine:  xhat = (x - mean_g) / sqrt(var_g + eps) over each (sample, group of C/G
+# channels, all pixels);  y = xhat * gamma + beta.
+
+class GroupNorm(Layer):
+    def __init__(self, num_groups, num_channels, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+        self.G, self.eps = num_groups, eps
+        self.new_param("weight", np.ones(num_channels, dtype=dtype))   # gamma (C,)
+        self.new_param("bias", np.zeros(num_channels, dtype=dtype))    # beta (C,)
+
+    def forward(self, x):                       # x (B, H, W, C)
+        xp = array_module(x)
+        B, H, W, C = x.shape
+        xg = x.reshape(B, H * W, self.G, C // self.G)              # (B, HW, G, C/G)
+        mean = xg.mean(axis=(1, 3), keepdims=True)                 # (B, 1, G, 1)
+        xc = xg - mean
+        var = (xc * xc).mean(axis=(1, 3), keepdims=True)           # (B, 1, G, 1), biased like PyTorch
+        rstd = 1.0 / xp.sqrt(var + self.eps)
+        xhat = (xc * rstd).reshape(B, H, W, C)
+        self.cache = (xhat, rstd)
+        return xhat * self.params["weight"] + self.params["bias"]  # (B, H, W, C)
+
+    def backward(self, dout):                   # dout (B, H, W, C)
+        xhat, rstd = self.cache
+        B, H, W, C = dout.shape
+        self.grads["weight"] += (dout * xhat).sum(axis=(0, 1, 2))
+        self.grads["bias"] += dout.sum(axis=(0, 1, 2))
+        shape = (B, H * W, self.G, C // self.G)
+        dxhat = (dout * self.params["weight"]).reshape(shape)
+        xhat = xhat.reshape(shape)
+        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), means over each group
+        dx = dxhat - dxhat.mean(axis=(1, 3), keepdims=True) - xhat * (dxhat * xhat).mean(axis=(1, 3), keepdims=True)
+        return (dx * rstd).reshape(B, H, W, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SiLU:  y = x * sigmoid(x);  dy/dx = s * (1 + x * (1 - s)), s = sigmoid(x).
+
+def sigmoid(x):
+    xp = array_module(x)
+    return 0.5 * (xp.tanh(0.5 * x) + 1.0)     # = 1 / (1 + exp(-x)) without overflow for large |x|
+
+
+class SiLU(Layer):
+    def forward(self, x):
+        s = sigmoid(x)
+        self.cache = (x, s)
+        return x * s
+
+    def backward(self, dout):
+        x, s = self.cache
+        return dout * s * (1.0 + x * (1.0 - s))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout (inverted):  y = x * mask / (1 - p), mask ~ Bernoulli(1 - p) drawn from the caller's rng.
+
+class Dropout(Layer):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x, rng=None):
+        """rng: np.random.Generator in training, None in evaluation (identity)."""
+        if rng is None or self.p == 0.0:
+            self.cache = None
+            return x
+        xp = array_module(x)
+        mask = xp.asarray(rng.random(x.shape, dtype=np.float32) >= self.p).astype(x.dtype) * (1.0 / (1.0 - self.p))
+        self.cache = mask
+        return x * mask
+
+    def backward(self, dout):
+        return dout if self.cache is None else dout * self.cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nearest-neighbour 2x upsampling (NHWC): y[b, 2p + a, 2q + c] = x[b, p, q] for a, c in {0, 1}.
+
+class Upsample2x(Layer):
+    def forward(self, x):                       # x (B, H, W, C)
+        xp = array_module(x)
+        B, H, W, C = x.shape
+        return xp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+
+    def backward(self, dout):                   # dout (B, 2H, 2W, C)
+        B, H2, W2, C = dout.shape
+        return dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))   # dx (B, H, W, C)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Channel concatenation (U-Net skips):  y = [a, b] along channels.
+
+class Concat(Layer):
+    def forward(self, a, b):                    # a (B, H, W, Ca), b (B, H, W, Cb)
+        xp = array_module(a)
+        self.cache = a.shape[-1]
+        return xp.concatenate([a, b], axis=-1)  # (B, H, W, Ca + Cb)
+
+    def backward(self, dout):
+        ca = self.cache
+        return dout[..., :ca], dout[..., ca:]   # da, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding table:  y = W[idx].  Its gradient adds each row of dout into the row it was read from,
+# written as onehot(idx)^T @ dout so one code path serves NumPy and CuPy.
+
+class Embedding(Layer):
+    def __init__(self, num_embeddings, dim, rng, dtype=np.float32):
+        super().__init__()
+        self.new_param("weight", rng.standard_normal((num_embeddings, dim)).astype(dtype))  # N(0, 1) like PyTorch
+
+    def forward(self, idx):                     # idx (N,) int
+        self.cache = idx
+        return self.params["weight"][idx]       # (N, dim)
+
+    def backward(self, dout):                   # dout (N, dim)
+        xp = array_module(dout)
+        idx = self.cache
+        onehot = (idx[:, None] == xp.arange(self.params["weight"].shape[0])[None, :]).astype(dout.dtype)
+        self.grads["weight"] += onehot.T @ dout
+        return None                             # integer input: no gradient
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinusoidal timestep embedding (Transformer positional encoding, as in the DDPM code):
+#   emb[n, k] = sin(t_n * f_k),  emb[n, half + k] = cos(t_n * f_k),  f_k = 10000^(-k / (half - 1)).
+# No parameters and no gradient (t is an integer).
+
+def timestep_embedding(t, dim, dtype=np.float32):
+    xp = array_module(t)
+    half = dim // 2
+    freqs = xp.exp(-math.log(10000.0) * xp.arange(half, dtype=xp.float64) / (half - 1))   # (half,)
+    args = xp.asarray(t, dtype=xp.float64)[:, None] * freqs[None, :]                      # (N, half)
+    emb = xp.concatenate([xp.sin(args), xp.cos(args)], axis=1)                            # (N, 2*half)
+    if dim % 2:
+        emb = xp.concatenate([emb, xp.zeros_like(emb[:, :1])], axis=1)
+    return emb.astype(dtype)                    # computed in float64, cast once
+
+
+# ----------------------------------------------------------------------------------------------------
+# Single-head spatial self-attention with residual (DDPM's AttnBlock):
+#   h = GroupNorm(x);  q, k, v = 1x1 convs of h;  A = softmax(q k^T / sqrt(C)) over keys;
+#   y = x + proj(A v).
+
+def softmax(s):
+    xp = array_module(s)
+    e = xp.exp(s - s.max(axis=-1, keepdims=True))
+    e /= e.sum(axis=-1, keepdims=True)
+    return e
+
+
+class AttnBlock(Layer):
+    def __init__(self, channels, rng, num_groups=8, dtype=np.float32):
+        super().__init__()
+        self.norm = self.add("norm", GroupNorm(num_groups, channels, dtype=dtype))
+        self.q = self.add("q", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.k = self.add("k", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.v = self.add("v", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.proj = self.add("proj", Conv2d(channels, channels, 1, rng, dtype=dtype))
+
+    def forward(self, x):                       # x (B, H, W, C)
+        B, H, W, C = x.shape
+        h = self.norm.forward(x)
+        q = self.q.forward(h).reshape(B, H * W, C)                 # (B, N, C), N = H*W
+        k = self.k.forward(h).reshape(B, H * W, C)
+        v = self.v.forward(h).reshape(B, H * W, C)
+        scale = 1.0 / math.sqrt(C)
+        a = softmax((q @ k.transpose(0, 2, 1)) * scale)            # (B, N, N): query rows, key columns
+        o = (a @ v).reshape(B, H, W, C)                            # (B, H, W, C)
+        self.cache = (q, k, v, a, scale)
+        return x + self.proj.forward(o)
+
+    def backward(self, dout):                   # dout (B, H, W, C)
+        q, k, v, a, scale = self.cache
+        B, H, W, C = dout.shape
+        do = self.proj.backward(dout).reshape(B, H * W, C)         # (B, N, C)
+        da = do @ v.transpose(0, 2, 1)                             # (B, N, N)
+        dv = a.transpose(0, 2, 1) @ do                             # (B, N, C)
+        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))       # softmax backward, (B, N, N)
+        ds *= scale
+        dq = ds @ k                                                # (B, N, C)
+        dk = ds.transpose(0, 2, 1) @ q                             # (B, N, C)
+        dh = (self.q.backward(dq.reshape(B, H, W, C)) + self.k.backward(dk.reshape(B, H, W, C))
+              + self.v.backward(dv.reshape(B, H, W, C)))
+        return dout + self.norm.backward(dh)                       # residual + attention branch
