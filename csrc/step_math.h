@@ -12,14 +12,20 @@
 //    u is never 0 (so log(u) is finite) and 1 is reachable (log(1) = 0, fine).
 // 3. Box-Muller (float32, no fast-math) on lanes (0, 1) and (2, 3):
 //      r = sqrt(-2 log u_even), theta = 2 pi u_odd, z_even = r cos(theta), z_odd = r sin(theta).
+//    log, sin and cos are our own branch-free float32 functions below (about 1 ulp, Cephes polynomials),
+//    identical on CPU and GPU and vectorisable on the CPU; NumPy's np.log/np.sin/np.cos in
+//    minidiff/philox.py agree to a few ulps.
 // 4. The fused step (see step_one below; DDPM eq. 15 / DDIM eq. 12 and the coefficients from
 //    minidiff/step.py's ddpm_coefficients / ddim_coefficients).
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define MD_HD inline __attribute__((always_inline))  // inlined into the CPU loops, which then vectorise
 #else
 #define MD_HD inline
 #endif
@@ -36,28 +42,34 @@ struct U32x4 { uint32_t x[4]; };
 struct F32x4 { float x[4]; };
 
 // One Philox round: two 32x32 -> 64-bit multiplies, the high halves xored with the other words and the key.
-MD_HD U32x4 philox_round(U32x4 c, uint32_t k0, uint32_t k1) {
-    const uint64_t p0 = (uint64_t)PHILOX_M0 * c.x[0];
-    const uint64_t p1 = (uint64_t)PHILOX_M1 * c.x[2];
+MD_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+    const uint64_t p0 = (uint64_t)PHILOX_M0 * c0;
+    const uint64_t p1 = (uint64_t)PHILOX_M1 * c2;
     const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
     const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
-    U32x4 r;
-    r.x[0] = hi1 ^ c.x[1] ^ k0;
-    r.x[1] = lo1;
-    r.x[2] = hi0 ^ c.x[3] ^ k1;
-    r.x[3] = lo0;
-    return r;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
 }
 
 // Philox4x32-10: ten rounds, the key bumped by (W0, W1) between rounds.
 MD_HD U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
-    c = philox_round(c, k0, k1);
+    uint32_t c0 = c.x[0], c1 = c.x[1], c2 = c.x[2], c3 = c.x[3];
+    philox_round(c0, c1, c2, c3, k0, k1);
+#if defined(__CUDACC__)
+#pragma unroll
+#elif defined(__GNUC__) && !defined(__clang__)
+#pragma GCC unroll 9
+#endif
     for (int r = 1; r < 10; ++r) {
         k0 += PHILOX_W0;
         k1 += PHILOX_W1;
-        c = philox_round(c, k0, k1);
+        philox_round(c0, c1, c2, c3, k0, k1);
     }
-    return c;
+    U32x4 out;
+    out.x[0] = c0; out.x[1] = c1; out.x[2] = c2; out.x[3] = c3;
+    return out;
 }
 
 // uint32 -> float32 uniform in (0, 1]: (top 24 bits + 1) / 2^24, exact in float32.
@@ -65,13 +77,83 @@ MD_HD float uint_to_uniform(uint32_t x) {
     return (float)((x >> 8) + 1u) * (1.0f / 16777216.0f);
 }
 
-// Box-Muller: two uniforms in (0, 1] -> two independent standard normals.
+// Bit casts (for the exponent split in md_logf).
+MD_HD uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+    return __float_as_uint(f);
+#else
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+#endif
+}
+MD_HD float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(u);
+#else
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+#endif
+}
+
+// Natural log of a normal positive float32 (here u in [2^-24, 1]), branch-free so the CPU loop vectorises;
+// the same code runs on the GPU. Cephes logf (S. Moshier): u = m 2^e, m in [sqrt(1/2), sqrt(2)),
+// log u = e ln 2 + log1p(m - 1) with a degree-9 polynomial; peak relative error ~8e-8 (about 1 ulp).
+MD_HD float md_logf(float u) {
+    const uint32_t bits = float_bits(u);
+    float e = (float)((int)(bits >> 23) - 126);              // u = m 2^e, m in [0.5, 1)
+    float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);
+    // move m to [sqrt(1/2), sqrt(2)): if m < sqrt(1/2), m = 2m and e = e - 1 (arithmetic, not a branch)
+    const float small = m < 0.70710678118654752440f ? 1.0f : 0.0f;
+    e = e - small;
+    m = m + m * small - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y += -2.12194440e-4f * e;                                // ln 2 = 0.693359375 - 2.12194440e-4 (two parts)
+    y += -0.5f * z;
+    return (m + y) + 0.693359375f * e;
+}
+
+// sin(2 pi u) and cos(2 pi u) for u in [0, 1], branch-free. Exact quadrant reduction: q = round(4 u),
+// f = u - q/4 is exact (Sterbenz), so the angle 2 pi f in [-pi/4, pi/4] carries no reduction error;
+// Cephes sinf/cosf polynomials there (about 1 ulp), then rotate by q quarter turns.
+MD_HD void md_sincos2pi(float u, float* s_out, float* c_out) {
+    const float q = (float)(uint32_t)(4.0f * u + 0.5f);      // nearest quarter turn, 0..4
+    const float a = (u - 0.25f * q) * 6.28318530717958647692f;
+    const float z = a * a;
+    float s = -1.9515295891e-4f;
+    s = s * z + 8.3321608736e-3f;
+    s = s * z - 1.6666654611e-1f;
+    s = a + a * z * s;
+    float c = 2.443315711809948e-5f;
+    c = c * z - 1.388731625493765e-3f;
+    c = c * z + 4.166664568298827e-2f;
+    c = z * z * c - 0.5f * z + 1.0f;
+    // rotate by q quarter turns: odd q swaps sin and cos; sin changes sign for q & 2, cos for (q + 1) & 2
+    const uint32_t qi = (uint32_t)q;
+    const bool odd = (qi & 1u) != 0;
+    const float sq = odd ? c : s, cq = odd ? s : c;
+    *s_out = bits_float(float_bits(sq) ^ ((qi & 2u) << 30));
+    *c_out = bits_float(float_bits(cq) ^ (((qi + 1u) & 2u) << 30));
+}
+
+// Box-Muller: two uniforms in (0, 1] -> two independent standard normals (r cos theta, r sin theta).
 MD_HD void box_muller(float u_r, float u_theta, float* z_cos, float* z_sin) {
-    const float two_pi = 6.28318530717958647692f;
-    const float r = sqrtf(-2.0f * logf(u_r));
-    const float theta = two_pi * u_theta;
-    *z_cos = r * cosf(theta);
-    *z_sin = r * sinf(theta);
+    const float r = sqrtf(-2.0f * md_logf(u_r));
+    float s, c;
+    md_sincos2pi(u_theta, &s, &c);
+    *z_cos = r * c;
+    *z_sin = r * s;
 }
 
 // The four standard normals of block `block` (elements 4*block .. 4*block+3) for (seed, step).
