@@ -4,6 +4,7 @@
 // loops (Philox normals into a small buffer, then the element-wise step) let the compiler vectorise.
 // The noise depends on (seed, step, element index) only, so any thread count gives the same bits.
 #include <algorithm>
+#include <cstdlib>  // defines __GLIBC__ where glibc is the C library
 
 #include "kernels.h"
 
@@ -33,7 +34,7 @@ static int resolve_threads(int threads) { return threads > 0 ? threads : cpu_max
 
 // x86-64 builds get an AVX2 clone of the chunk loops (8 floats per instruction; no FMA, so the same
 // rounding), picked at load time by the CPU; other targets compile the plain version.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__GLIBC__)  // needs ifunc
 #define MD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define MD_CPU_CLONES

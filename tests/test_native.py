@@ -131,6 +131,17 @@ def test_kernel_noise_is_philox_normal():
 
 
 @needs_cpu
+def test_no_noise_needed_when_sigma_is_zero():
+    # deterministic DDIM (eta = 0) and the last DDPM step draw no noise: seed and step may be omitted
+    x_t, eps, _ = _inputs((3, 1, 28, 28))
+    for kind, kw in [("ddim", dict(t=300, t_prev=250, eta=0.0)), ("ddpm", dict(t=0, variance_type="fixed_large"))]:
+        coefs = _coefs(kind, kw)
+        assert coefs.sigma == 0.0
+        ref = _reference(kind, kw, x_t, eps, None, True, None, 1.0)[0]
+        np.testing.assert_allclose(fused_step(x_t, eps, coefs), ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_cpu
 def test_thread_count_does_not_change_results():
     x_t, eps, eps_u = _inputs((64, 3, 32, 32), guided=True)  # large enough to run in parallel
     coefs = ddpm_coefficients(SCHEDULE, 700, "fixed_large")
