@@ -121,42 +121,112 @@ def col2im(dcols, x_shape, kh, kw, stride, padding):
     return dxpad[:, padding:padding + H, padding:padding + W, :]
 
 
+def pad_flat(x, p):
+    """x (B, H, W, C) -> (buf, m): the zero-padded image flattened to rows, buf (m + B*(H+2p)*(W+2p) + m, C),
+    with m zero rows before and after so that every kernel tap's shifted window is a contiguous slice."""
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    Wp = W + 2 * p
+    m = p * Wp + p                              # largest |row offset| of a tap
+    P = B * (H + 2 * p) * Wp
+    buf = xp.zeros((P + 2 * m, C), dtype=x.dtype)
+    buf[m:m + P].reshape(B, H + 2 * p, Wp, C)[:, p:p + H, p:p + W, :] = x
+    return buf, m
+
+
 class Conv2d(Layer):
+    """Two ways to compute the same convolution:
+      * im2col (any kernel, stride, padding): gather the kh*kw shifted copies of x into one matrix, then one
+        matmul (the readable reference);
+      * shifted matmuls (stride 1, 'same' padding, the U-Net's 3x3 convs): on the padded image flattened
+        to rows, the input under tap (i, j) of output pixel r is row r + off(i, j), off = (i - p) * (W + 2p)
+        + (j - p), so  y_pad = sum_taps  xbuf[shifted by off] @ W[:, :, i, j]^T  is kh*kw matmuls on
+        contiguous slices, with no im2col copy (9x the input) to write and read back; outputs are computed
+        on the padded grid and its border rows are dropped. Its backward uses the same shifted slices:
+        dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad,  dx_pad = sum_taps (dy_pad shifted by -off) @ W_ij.
+      For 28x28 images this is ~1.7x faster than im2col (bench/bench_unet.py); both are tested against
+      finite differences and PyTorch."""
+
     def __init__(self, in_channels, out_channels, kernel_size, rng, stride=1, padding=0, dtype=np.float32):
         super().__init__()
         self.k, self.stride, self.padding = kernel_size, stride, padding
+        self.shifted = stride == 1 and 2 * padding == kernel_size - 1 and kernel_size > 1
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
         self.new_param("weight", _uniform(rng, (out_channels, in_channels, kernel_size, kernel_size), bound, dtype))
         self.new_param("bias", _uniform(rng, (out_channels,), bound, dtype))
 
-    def _wmat(self):
+    def _wtaps(self):
         w = self.params["weight"]               # (Cout, Cin, kh, kw)
-        return w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0])   # (kh*kw*Cin, Cout)
+        return array_module(w).ascontiguousarray(w.transpose(2, 3, 1, 0))   # (kh, kw, Cin, Cout)
+
+    def _offsets(self, W):
+        k, p = self.k, self.padding
+        return [(i, j, (i - p) * (W + 2 * p) + (j - p)) for i in range(k) for j in range(k)]
 
     def forward(self, x):                       # x (B, H, W, Cin)
+        xp = array_module(x)
         B, H, W, _ = x.shape
         k, s, p = self.k, self.stride, self.padding
+        wt = self._wtaps()                      # (kh, kw, Cin, Cout)
+        cout = wt.shape[-1]
+        if self.shifted:
+            xbuf, m = pad_flat(x, p)            # (m + P + m, Cin), P = B*(H+2p)*(W+2p)
+            P = xbuf.shape[0] - 2 * m
+            self.cache = (x.shape, xbuf, m)
+            out = xp.empty((P, cout), dtype=x.dtype)
+            tmp = xp.empty_like(out)
+            for n, (i, j, off) in enumerate(self._offsets(W)):
+                xp.matmul(xbuf[m + off:m + off + P], wt[i, j], out=out if n == 0 else tmp)   # (P, Cout)
+                if n:
+                    out += tmp
+            out = out.reshape(B, H + 2 * p, W + 2 * p, cout)[:, p:p + H, p:p + W, :]       # drop the border
+            return out + self.params["bias"]    # (B, H, W, Cout), contiguous
         Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
         self.cache = x                          # im2col is recomputed in backward: 9x less memory held
-        out = im2col(x, k, k, s, p) @ self._wmat()    # (B*Ho*Wo, Cout)
+        out = im2col(x, k, k, s, p) @ wt.reshape(-1, cout)     # (B*Ho*Wo, Cout)
         out += self.params["bias"]
-        return out.reshape(B, Ho, Wo, -1)       # (B, Ho, Wo, Cout)
+        return out.reshape(B, Ho, Wo, cout)     # (B, Ho, Wo, Cout)
 
     def backward(self, dout):                   # dout (B, Ho, Wo, Cout)
-        x = self.cache
+        xp = array_module(dout)
         k, s, p = self.k, self.stride, self.padding
         cout = dout.shape[-1]
+        wt = self._wtaps()                      # (kh, kw, Cin, Cout)
+        self.grads["bias"] += dout.sum(axis=(0, 1, 2))
+        if self.shifted:
+            x_shape, xbuf, m = self.cache
+            B, H, W, cin = x_shape
+            P = xbuf.shape[0] - 2 * m
+            dbuf, _ = pad_flat(dout, p)         # (m + P + m, Cout), zero on the border rows
+            dy = dbuf[m:m + P]
+            dw = xp.empty_like(wt)              # (kh, kw, Cin, Cout)
+            dx = xp.empty((P, cin), dtype=dout.dtype)
+            tmp = xp.empty_like(dx)
+            for n, (i, j, off) in enumerate(self._offsets(W)):
+                xp.matmul(xbuf[m + off:m + off + P].T, dy, out=dw[i, j])                   # (Cin, Cout)
+                xp.matmul(dbuf[m - off:m - off + P], wt[i, j].T, out=dx if n == 0 else tmp)  # (P, Cin)
+                if n:
+                    dx += tmp
+            self.grads["weight"] += dw.transpose(3, 2, 0, 1)
+            return dx.reshape(B, H + 2 * p, W + 2 * p, cin)[:, p:p + H, p:p + W, :]       # dx (B, H, W, Cin)
+        x = self.cache
         dout = dout.reshape(-1, cout)           # (B*Ho*Wo, Cout)
-        self.grads["bias"] += dout.sum(axis=0)
         dw = im2col(x, k, k, s, p).T @ dout     # (kh*kw*Cin, Cout)
         self.grads["weight"] += dw.reshape(k, k, -1, cout).transpose(3, 2, 0, 1)
-        dcols = dout @ self._wmat().T           # (B*Ho*Wo, kh*kw*Cin)
+        dcols = dout @ wt.reshape(-1, cout).T   # (B*Ho*Wo, kh*kw*Cin)
         return col2im(dcols, x.shape, k, k, s, p)   # dx (B, H, W, Cin)
 
 
 # ----------------------------------------------------------------------------------------------------
-# GroupNorm (NHWC), affine:  xhat = (x - mean_g) / sqrt(var_g + eps) over each (sample, group of C/G
+# GroupNorm (NHWC), affine:  xhat = (x - mu_g) / sqrt(var_g + eps) over each (sample, group of C/G
 # channels, all pixels);  y = xhat * gamma + beta.
+# Written with per-(sample, channel) sums over the pixels, so each pass over the big array is a plain
+# reduction along one axis or one fused multiply-add, instead of reductions over two strided axes:
+#   forward:  mu_g = sum x / n,  var_g = sum x^2 / n - mu_g^2  (n = H*W*C/G);  y = a x + b per (sample, channel)
+#             with a = gamma rstd, b = beta - a mu.
+#   backward: with dxhat = gamma dy,  dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)),
+#             where both group means come from the per-channel sums S_dy = sum dy and S_dyx = sum dy x:
+#             sum_pixels dy xhat = rstd (S_dyx - mu S_dy).  So dx = A dy + B x + C per (sample, channel).
 
 class GroupNorm(Layer):
     def __init__(self, num_groups, num_channels, eps=1e-5, dtype=np.float32):
@@ -167,29 +237,47 @@ class GroupNorm(Layer):
         self.new_param("weight", np.ones(num_channels, dtype=dtype))   # gamma (C,)
         self.new_param("bias", np.zeros(num_channels, dtype=dtype))    # beta (C,)
 
+    def _group_mean(self, s, n):
+        """(B, C) per-channel sums -> (B, C): the mean over each channel's group, repeated per channel."""
+        B, C = s.shape
+        g = s.reshape(B, self.G, C // self.G).sum(axis=2, keepdims=True) / n    # (B, G, 1)
+        return array_module(s).broadcast_to(g, (B, self.G, C // self.G)).reshape(B, C)
+
     def forward(self, x):                       # x (B, H, W, C)
         xp = array_module(x)
         B, H, W, C = x.shape
-        xg = x.reshape(B, H * W, self.G, C // self.G)              # (B, HW, G, C/G)
-        mean = xg.mean(axis=(1, 3), keepdims=True)                 # (B, 1, G, 1)
-        xc = xg - mean
-        var = (xc * xc).mean(axis=(1, 3), keepdims=True)           # (B, 1, G, 1), biased like PyTorch
-        rstd = 1.0 / xp.sqrt(var + self.eps)
-        xhat = (xc * rstd).reshape(B, H, W, C)
-        self.cache = (xhat, rstd)
-        return xhat * self.params["weight"] + self.params["bias"]  # (B, H, W, C)
+        xr = x.reshape(B, H * W, C)
+        n = H * W * (C // self.G)               # elements per group
+        mean = self._group_mean(xr.sum(axis=1), n)                                   # mu (B, C)
+        var = self._group_mean(xp.einsum("bnc,bnc->bc", xr, xr), n) - mean * mean    # (B, C), biased
+        rstd = 1.0 / xp.sqrt(xp.maximum(var, 0.0) + self.eps)                       # (B, C)
+        a = rstd * self.params["weight"]                                             # (B, C)
+        b = self.params["bias"] - a * mean
+        self.cache = (x, mean, rstd)
+        y = xr * a[:, None, :]
+        y += b[:, None, :]
+        return y.reshape(B, H, W, C)            # (B, H, W, C)
 
     def backward(self, dout):                   # dout (B, H, W, C)
-        xhat, rstd = self.cache
+        xp = array_module(dout)
+        x, mean, rstd = self.cache
         B, H, W, C = dout.shape
-        self.grads["weight"] += (dout * xhat).sum(axis=(0, 1, 2))
-        self.grads["bias"] += dout.sum(axis=(0, 1, 2))
-        shape = (B, H * W, self.G, C // self.G)
-        dxhat = (dout * self.params["weight"]).reshape(shape)
-        xhat = xhat.reshape(shape)
-        # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), means over each group
-        dx = dxhat - dxhat.mean(axis=(1, 3), keepdims=True) - xhat * (dxhat * xhat).mean(axis=(1, 3), keepdims=True)
-        return (dx * rstd).reshape(B, H, W, C)
+        n = H * W * (C // self.G)
+        gamma = self.params["weight"]
+        dyr, xr = dout.reshape(B, H * W, C), x.reshape(B, H * W, C)
+        s_dy = dyr.sum(axis=1)                                   # (B, C): sum over pixels of dy
+        s_dyxhat = rstd * (xp.einsum("bnc,bnc->bc", dyr, xr) - mean * s_dy)   # (B, C): sum of dy * xhat
+        self.grads["weight"] += s_dyxhat.sum(axis=0)
+        self.grads["bias"] += s_dy.sum(axis=0)
+        k1 = self._group_mean(gamma * s_dy, n)                   # mean_g(dxhat)
+        k2 = self._group_mean(gamma * s_dyxhat, n)               # mean_g(dxhat * xhat)
+        A = rstd * gamma                                         # dx = A dy + Bx x + Cc
+        Bx = -rstd * rstd * k2
+        Cc = rstd * (rstd * k2 * mean - k1)
+        dx = dyr * A[:, None, :]
+        dx += xr * Bx[:, None, :]
+        dx += Cc[:, None, :]
+        return dx.reshape(B, H, W, C)
 
 
 # ----------------------------------------------------------------------------------------------------
