@@ -36,7 +36,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="class-conditional models: the class to draw")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight w")
-    p.add_argument("--backend", choices=["native", "numpy"], default="native",
+    p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
                    help="fused C++/CUDA step kernel, or the readable NumPy reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")

@@ -8,6 +8,8 @@ Noise is counter-based (Philox4x32-10): the z of reverse step t in batch b comes
 counter (element, t), and x_T from counter step T. So a run is reproducible from its seed, the NumPy and the
 native paths give the same images, and the CPU and GPU draw the same noise.
 """
+import warnings
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -16,7 +18,7 @@ from .philox import philox_normal
 from .step import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, fused_step
 
 SAMPLERS = ("ddpm", "ddim")
-BACKENDS = ("native", "numpy")
+BACKENDS = ("auto", "native", "numpy")
 
 
 def ddim_timesteps(num_train_timesteps, num_steps):
@@ -46,20 +48,37 @@ def predict_eps(model, x, t, y=None, guidance=1.0, null_class=None):
     return eps2[:b], eps2[b:]
 
 
+def _native_available(xp):
+    """Whether the fused kernel for this array module is built; warns once (readably) when it is not."""
+    from ._native import native_status
+    status = native_status()
+    ok = status["cpu_kernel"] if xp is np else status["cuda_kernel"]
+    if not ok and not _warned:
+        warnings.warn(f"minidiff: using the NumPy reference step, the fused kernel is unavailable: {status['reason']}")
+        _warned.append(True)
+    return ok
+
+
+_warned = []
+
+
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
-           clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, null_class=None, backend="native",
+           clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, null_class=None, backend="auto",
            record_steps=(), progress=True, xp=np):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t) or
     "ddim" (``num_steps`` evenly spaced steps, stochasticity ``eta`` in [0, 1]). ``y``: class labels (N,) or
-    None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``record_steps``: timestep indices at which to
+    None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``backend``: "native" (fused C++/CUDA kernel), "numpy"
+    (readable reference, same images) or "auto" (native when built). ``record_steps``: timestep indices at which to
     keep the network's input x_t (returned as a dict {t: images} in a second return value when non-empty;
     key -1 holds the final x_0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "native" if _native_available(xp) else "numpy"
     T = schedule.num_train_timesteps
     steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, num_steps or 50)
     cfg = model.config
