@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 def backends():
     """Which backends this install can use: {'numpy', 'cpu_kernel', 'cuda_kernel', 'cupy'} -> bool, plus
-    'notes' explaining anything missing.  Run: python -c "import minidiff; print(minidiff.backends())"."""
+    'notes' explaining anything missing. 'cuda_kernel' is True when the kernel is compiled in AND CuPy sees a GPU.  Run: python -c "import minidiff; print(minidiff.backends())"."""
     from .backend import cupy_status
     notes = []
     try:
@@ -24,5 +24,7 @@ def backends():
     cupy_ok, cupy_why = cupy_status()
     if not cupy_ok:
         notes.append(cupy_why)
-    return dict(numpy=True, cpu_kernel=bool(native["cpu_kernel"]), cuda_kernel=bool(native["cuda_kernel"]),
+    if native["cuda_kernel"] and not cupy_ok:
+        notes.append("the CUDA kernel is compiled in, but unusable without CuPy and a GPU")
+    return dict(numpy=True, cpu_kernel=bool(native["cpu_kernel"]), cuda_kernel=bool(native["cuda_kernel"]) and cupy_ok,
                 cupy=cupy_ok, notes="; ".join(notes))
