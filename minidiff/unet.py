@@ -94,15 +94,17 @@ class ResBlock(Layer):
 
     def forward(self, x, emb, rng=None):        # x (B, H, W, cin), emb = SiLU(temb) (B, 4C)
         h = self.conv1.forward(self.act1.forward(self.norm1.forward(x)))
-        h = h + self.temb_proj.forward(emb)[:, None, None, :]      # per-channel time shift
+        h += self.temb_proj.forward(emb)[:, None, None, :]         # per-channel time shift (h is a fresh array)
         h = self.conv2.forward(self.dropout.forward(self.act2.forward(self.norm2.forward(h)), rng))
-        return (self.skip.forward(x) if self.skip else x) + h      # (B, H, W, cout)
+        h += self.skip.forward(x) if self.skip else x
+        return h                                # (B, H, W, cout)
 
     def backward(self, dout):                   # -> (dx, demb)
         dh = self.norm2.backward(self.act2.backward(self.dropout.backward(self.conv2.backward(dout))))
-        demb = self.temb_proj.backward(dh.sum(axis=(1, 2)))
+        B, H, W, C = dh.shape
+        demb = self.temb_proj.backward(dh.reshape(B, H * W, C).sum(axis=1))
         dx = self.norm1.backward(self.act1.backward(self.conv1.backward(dh)))
-        dx = dx + (self.skip.backward(dout) if self.skip else dout)
+        dx += self.skip.backward(dout) if self.skip else dout
         return dx, demb
 
 
