@@ -9,14 +9,16 @@ Each layer is a class with ``params`` and ``grads`` (dicts name -> array, same k
 Composite layers (ResBlock, AttnBlock in unet.py, and the ones below) register children with ``add``;
 ``named_params`` walks the tree so the optimizer and checkpoints see one flat, ordered dict.
 
-Layout. Images are NHWC (channels last) inside the network: a convolution is then one matrix product
-of an im2col matrix (B*Ho*Wo, kh*kw*Cin) with the weights (kh*kw*Cin, Cout), whose result is already
-NHWC, and the per-pixel channel vectors that 1x1 convolutions, GroupNorm and attention work on are
-contiguous. The U-Net converts from and to the public NCHW layout at its boundary. Weights are stored
-in PyTorch's layout ((Cout, Cin, kh, kw) for convolutions, (out, in) for Linear) so checkpoints map
-one to one onto the PyTorch reference.
+Layout. Images are NHWC (channels last) inside the network: a convolution is then a matrix product
+with pixels as rows and channels as columns (im2col (B*Ho*Wo, kh*kw*Cin) @ (kh*kw*Cin, Cout), or, for
+the 3x3 stride-1 convolutions, a sum of 9 matmuls on shifted row slices of the flattened padded image;
+see Conv2d), whose result is already NHWC, and the per-pixel channel vectors that 1x1 convolutions,
+GroupNorm and attention work on are contiguous. The U-Net converts from and to the public NCHW layout at
+its boundary. Weights are stored in PyTorch's layout ((Cout, Cin, kh, kw) for convolutions, (out, in) for
+Linear) so checkpoints map one to one onto the PyTorch reference.
 
-No Python loops over pixels or batch items; the convolution loops over its kh*kw kernel taps.
+No Python loops over pixels or batch items; the convolution loops over its kh*kw kernel taps (and over
+cache-sized blocks of rows, see shifted_matmul).
 Float32 in, float32 out: constants are Python floats (weak scalars under NumPy 2 promotion rules).
 """
 import math

@@ -93,6 +93,26 @@ def test_conv2d_gradcheck(k, stride, padding):
     assert_small(gradcheck(lyr, [x], lyr.forward, lyr.backward))
 
 
+@pytest.mark.parametrize("cin,cout", [(3, 4), (4, 3)])
+def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout):
+    """The shifted-matmul path, cut into many small row blocks (ROWS = 7), in both of its forms (gather when
+    the output is wider than the input, accumulate otherwise), gives the im2col path's output and gradients."""
+    import minidiff.layers as layers
+    monkeypatch.setattr(layers, "ROWS", 7)
+    rng = np.random.default_rng(17)
+    a = Conv2d(cin, cout, 3, rng, padding=1, dtype=np.float64)
+    b = Conv2d(cin, cout, 3, rng, padding=1, dtype=np.float64)
+    b.params = {k: v.copy() for k, v in a.params.items()}
+    b.shifted = False
+    assert a.shifted
+    x, d = rng.standard_normal((2, 5, 6, cin)), rng.standard_normal((2, 5, 6, cout))
+    np.testing.assert_allclose(a.forward(x), b.forward(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a.backward(d), b.backward(d), rtol=1e-12, atol=1e-12)
+    for k in a.grads:
+        np.testing.assert_allclose(a.grads[k], b.grads[k], rtol=1e-12, atol=1e-12)
+    assert_small(gradcheck(a, [x], a.forward, a.backward))
+
+
 def test_im2col_col2im_are_adjoint():
     """<im2col(x), c> == <x, col2im(c)> for any x, c: the backward of the gather is the scatter-add."""
     rng = np.random.default_rng(2)
