@@ -75,7 +75,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_whole_unet_gradcheck():
     """Finite differences (float64) on a tiny config with every feature on (2 levels, attention, skip
-    convs, class embedding, dropout with a fixed mask): the input and 3 sampled entries of every parameter."""
+    convs, class embedding, dropout with a fixed mask): the input and 3 sampled entries of every parameter.
+    Step h = 1e-4: the sampled gradients can be ~1e-4 of the loss, so smaller steps are dominated by
+    rounding (errors grow as 1/h below that); at 1e-4 the worst tensor is ~3e-8."""
     rng = np.random.default_rng(0)
     m = UNet(TINY, seed=1, dtype=np.float64)
     randomize(m, rng)
@@ -86,10 +88,10 @@ def test_whole_unet_gradcheck():
     m.zero_grad()
     m.forward(x, t, y, rng=np.random.default_rng(5))
     dx = m.backward(R)
-    errors = {"x": rel_error(dx.ravel()[:40], numerical_grad(loss, x, range(40), h=1e-5))}
+    errors = {"x": rel_error(dx.ravel()[:40], numerical_grad(loss, x, range(40), h=1e-4))}
     for name, p in m.params.items():
         entries = rng.choice(p.size, size=min(3, p.size), replace=False)
-        errors[name] = rel_error(m.grads[name].ravel()[entries], numerical_grad(loss, p, entries, h=1e-5))
+        errors[name] = rel_error(m.grads[name].ravel()[entries], numerical_grad(loss, p, entries, h=1e-4))
     for name in [k for k in errors if k.endswith(".k.bias")]:
         errors.pop(name)                                 # exactly zero (see test_layers.test_attention_gradcheck)
         assert np.abs(m.grads[name]).max() < 1e-12
