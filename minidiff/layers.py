@@ -36,11 +36,16 @@ class Layer:
         self.grads = {}      # name -> array, same shape; accumulated by backward, zeroed by the model
         self.children = {}   # name -> Layer, in forward order
         self.cache = None    # what forward saved for backward
+        self.training = True  # False: forward keeps no cache (evaluation: less memory, no backward)
 
     def add(self, name, layer):
         """Register a child layer under `name` (its parameters become `name.<param>`)."""
         self.children[name] = layer
         return layer
+
+    def save(self, cache):
+        """Keep what backward needs, in training mode only."""
+        self.cache = cache if self.training else None
 
     def new_param(self, name, value):
         self.params[name] = value
@@ -75,7 +80,7 @@ class Linear(Layer):
         self.new_param("bias", _uniform(rng, (out_features,), bound, dtype))                # (out,)
 
     def forward(self, x):                       # x (N, in)
-        self.cache = x
+        self.save(x)
         return x @ self.params["weight"].T + self.params["bias"]   # (N, out)
 
     def backward(self, dout):                   # dout (N, out)
@@ -218,12 +223,12 @@ class Conv2d(Layer):
         cout = wt.shape[-1]
         if self.shifted:
             xbuf, m = pad_flat(x, p)            # (m + P + m, Cin), P = B*(H+2p)*(W+2p)
-            self.cache = (x.shape, xbuf, m)
+            self.save((x.shape, xbuf, m))
             out = shifted_matmul(xbuf, m, self._offsets(W), wt.reshape(k * k, -1, cout))   # (P, Cout)
             out = out.reshape(B, H + 2 * p, W + 2 * p, cout)[:, p:p + H, p:p + W, :]       # drop the border
             return out + self.params["bias"]    # (B, H, W, Cout), contiguous
         Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-        self.cache = x                          # im2col is recomputed in backward: 9x less memory held
+        self.save(x)                            # im2col is recomputed in backward: 9x less memory held
         out = im2col(x, k, k, s, p) @ wt.reshape(-1, cout)     # (B*Ho*Wo, Cout)
         out += self.params["bias"]
         return out.reshape(B, Ho, Wo, cout)     # (B, Ho, Wo, Cout)
@@ -290,7 +295,7 @@ class GroupNorm(Layer):
         rstd = 1.0 / xp.sqrt(xp.maximum(var, 0.0) + self.eps)                       # (B, C)
         a = rstd * self.params["weight"]                                             # (B, C)
         b = self.params["bias"] - a * mean
-        self.cache = (x, mean, rstd)
+        self.save((x, mean, rstd))
         y = xr * a[:, None, :]
         y += b[:, None, :]
         return y.reshape(B, H, W, C)            # (B, H, W, C)
@@ -334,7 +339,7 @@ def sigmoid(x):
 class SiLU(Layer):
     def forward(self, x):
         s = sigmoid(x)
-        self.cache = (x, s)
+        self.save((x, s))
         return x * s
 
     def backward(self, dout):                   # dx = dout * s * (1 + x * (1 - s))
@@ -389,7 +394,7 @@ class Upsample2x(Layer):
 class Concat(Layer):
     def forward(self, a, b):                    # a (B, H, W, Ca), b (B, H, W, Cb)
         xp = array_module(a)
-        self.cache = a.shape[-1]
+        self.save(a.shape[-1])
         return xp.concatenate([a, b], axis=-1)  # (B, H, W, Ca + Cb)
 
     def backward(self, dout):
@@ -407,7 +412,7 @@ class Embedding(Layer):
         self.new_param("weight", rng.standard_normal((num_embeddings, dim)).astype(dtype))  # N(0, 1) like PyTorch
 
     def forward(self, idx):                     # idx (N,) int
-        self.cache = idx
+        self.save(idx)
         return self.params["weight"][idx]       # (N, dim)
 
     def backward(self, dout):                   # dout (N, dim)
@@ -464,7 +469,7 @@ class AttnBlock(Layer):
         scale = 1.0 / math.sqrt(C)
         a = softmax((q @ k.transpose(0, 2, 1)) * scale)            # (B, N, N): query rows, key columns
         o = (a @ v).reshape(B, H, W, C)                            # (B, H, W, C)
-        self.cache = (q, k, v, a, scale)
+        self.save((q, k, v, a, scale))
         return x + self.proj.forward(o)
 
     def backward(self, dout):                   # dout (B, H, W, C)

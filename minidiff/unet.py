@@ -83,12 +83,12 @@ class ResBlock(Layer):
     def __init__(self, cin, cout, temb_dim, dropout, rng, dtype):
         super().__init__()
         self.norm1 = self.add("norm1", GroupNorm(NUM_GROUPS, cin, dtype=dtype))
-        self.act1 = SiLU()
+        self.act1 = self.add("act1", SiLU())
         self.conv1 = self.add("conv1", Conv2d(cin, cout, 3, rng, padding=1, dtype=dtype))
         self.temb_proj = self.add("temb_proj", Linear(temb_dim, cout, rng, dtype=dtype))
         self.norm2 = self.add("norm2", GroupNorm(NUM_GROUPS, cout, dtype=dtype))
-        self.act2 = SiLU()
-        self.dropout = Dropout(dropout)
+        self.act2 = self.add("act2", SiLU())
+        self.dropout = self.add("dropout", Dropout(dropout))
         self.conv2 = self.add("conv2", Conv2d(cout, cout, 3, rng, padding=1, dtype=dtype))
         self.skip = self.add("skip", Conv2d(cin, cout, 1, rng, dtype=dtype)) if cin != cout else None
 
@@ -123,7 +123,7 @@ class Downsample(Layer):
 class Upsample(Layer):
     def __init__(self, ch, rng, dtype):
         super().__init__()
-        self.up = Upsample2x()
+        self.up = self.add("up", Upsample2x())
         self.conv = self.add("conv", Conv2d(ch, ch, 3, rng, padding=1, dtype=dtype))
 
     def forward(self, x):
@@ -146,17 +146,17 @@ class UNet(Layer):
     def __init__(self, cfg=None, seed=0, dtype=np.float32):
         super().__init__()
         cfg = cfg or UNetConfig()
-        self.cfg, self.dtype, self.training = cfg, np.dtype(dtype), True
+        self.cfg, self.dtype = cfg, np.dtype(dtype)
         rng = np.random.default_rng(seed)
         C, temb_dim = cfg.base_channels, 4 * cfg.base_channels
 
         # time (and class) embedding
         self.temb_fc1 = self.add("temb.fc1", Linear(C, temb_dim, rng, dtype))
-        self.temb_act = SiLU()
+        self.temb_act = self.add("temb.act", SiLU())
         self.temb_fc2 = self.add("temb.fc2", Linear(temb_dim, temb_dim, rng, dtype))
         self.class_emb = (self.add("class_emb", Embedding(cfg.num_classes + 1, temb_dim, rng, dtype))
                           if cfg.num_classes is not None else None)
-        self.emb_act = SiLU()                   # SiLU(temb), shared by every ResBlock's temb_proj
+        self.emb_act = self.add("emb_act", SiLU())                   # SiLU(temb), shared by every ResBlock's temb_proj
 
         self.conv_in = self.add("conv_in", Conv2d(cfg.in_channels, C, 3, rng, padding=1, dtype=dtype))
 
@@ -188,7 +188,7 @@ class UNet(Layer):
         for i in reversed(range(len(chans))):
             lv = self.add(f"up.{i}", Level())
             for j in range(cfg.num_res_blocks + 1):
-                lv.cat.append(Concat())
+                lv.cat.append(lv.add(f"cat.{j}", Concat()))
                 lv.res.append(lv.add(f"res.{j}", ResBlock(ch + skip_ch.pop(), chans[i], temb_dim, cfg.dropout,
                                                           rng, dtype)))
                 ch = chans[i]
@@ -201,7 +201,7 @@ class UNet(Layer):
 
         # output
         self.norm_out = self.add("norm_out", GroupNorm(NUM_GROUPS, ch, dtype=dtype))
-        self.act_out = SiLU()
+        self.act_out = self.add("act_out", SiLU())
         self.conv_out = self.add("conv_out", Conv2d(ch, cfg.in_channels, 3, rng, padding=1, dtype=dtype))
 
         # DDPM init: zero the last conv of every ResBlock, every attention projection and conv_out
@@ -245,7 +245,10 @@ class UNet(Layer):
         return int(sum(p.size for p in self.params.values()))
 
     def train(self, mode=True):
-        self.training = bool(mode)
+        """Training mode: dropout on, every layer caches for backward. Evaluation: dropout off, no caches
+        (forward holds only the U-Net skips, so large sampling batches fit), backward unavailable."""
+        for _, layer in self.named_layers():
+            layer.training = bool(mode)
         return self
 
     # ---- forward / backward -----------------------------------------------------------------------
@@ -317,6 +320,8 @@ class UNet(Layer):
 
     def backward(self, dout):
         """dL/d eps (B, C, H, W) -> dL/dx (B, C, H, W); adds every parameter gradient into self.grads."""
+        if not self.training:
+            raise RuntimeError("UNet.backward needs a forward pass in training mode (model.train(True))")
         xp = array_module(dout)
         dh = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1))
         dh = self.norm_out.backward(self.act_out.backward(self.conv_out.backward(dh)))

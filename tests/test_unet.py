@@ -111,6 +111,24 @@ def test_float32_end_to_end_no_float64_leaks():
     assert all(g.dtype == np.float32 for g in m.grads.values())
 
 
+def test_eval_mode_keeps_no_caches():
+    """model.train(False): same output, dropout off, no layer holds a cache, backward refuses clearly."""
+    cfg = UNetConfig(in_channels=2, resolution=8, base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(4,), num_classes=3)
+    m = UNet(cfg)
+    randomize(m, np.random.default_rng(0))
+    x, t, y = np.random.default_rng(1).standard_normal((2, 2, 8, 8)).astype(np.float32), np.array([5, 6]), None
+    train_out = m.forward(x, t, y)
+    assert all(layer.cache is not None for _, layer in m.named_layers() if type(layer).__name__ == "Conv2d")
+    eval_out = m.train(False).forward(x, t, y)
+    np.testing.assert_array_equal(train_out, eval_out)
+    assert all(layer.cache is None for _, layer in m.named_layers())
+    with pytest.raises(RuntimeError, match="training mode"):
+        m.backward(np.ones_like(eval_out))
+    m.train(True).forward(x, t, y)
+    assert m.backward(np.ones_like(eval_out)).shape == x.shape
+
+
 def test_to_float64_and_back():
     m = UNet(TINY, seed=3)
     before = {k: p.copy() for k, p in m.params.items()}
