@@ -108,16 +108,18 @@ def ddpm_step(schedule, x_t, eps, t, z, variance_type="fixed_small", clip_sample
 
     # 3. variance (DDPM section 3.2): sigma_t^2 = beta-tilde_t ("fixed_small", eq. 7) or beta_t ("fixed_large");
     #    the last step (paper's t = 1) adds no noise and returns the mean.
-    if t == 0:
-        sigma = 0.0
-    elif variance_type == "fixed_small":
-        sigma = math.sqrt(schedule.posterior_variance[t])
-    else:
-        sigma = math.sqrt(schedule.betas[t])
+    sigma = _ddpm_sigma(schedule, t, variance_type)
 
     # 4. x_{t-1} = mu + sigma z  (Algorithm 2, line 4)
     x_prev = mean + _noise(z, sigma, x_t)
     return (x_prev, x0) if return_x0 else x_prev
+
+
+def _ddpm_sigma(schedule, t, variance_type):
+    """sigma_t = sqrt(beta-tilde_t) ("fixed_small") or sqrt(beta_t) ("fixed_large"); 0 at the last step."""
+    if t == 0:
+        return 0.0
+    return math.sqrt(schedule.posterior_variance[t] if variance_type == "fixed_small" else schedule.betas[t])
 
 
 def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncond=None, guidance=1.0,
@@ -157,12 +159,7 @@ def ddpm_coefficients(schedule, t, variance_type="fixed_small"):
     """The scalars of ddpm_step at t as a StepCoefficients of python floats."""
     t = _check_t(schedule, t)
     _check_variance_type(variance_type)
-    if t == 0:
-        sigma = 0.0
-    elif variance_type == "fixed_small":
-        sigma = math.sqrt(schedule.posterior_variance[t])
-    else:
-        sigma = math.sqrt(schedule.betas[t])
+    sigma = _ddpm_sigma(schedule, t, variance_type)
     return StepCoefficients(a=float(schedule.sqrt_recip_alphas_cumprod[t]),
                             b=float(schedule.sqrt_recipm1_alphas_cumprod[t]),
                             c_x0=float(schedule.posterior_mean_coef1[t]),
