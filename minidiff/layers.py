@@ -485,3 +485,44 @@ class AttnBlock(Layer):
         dh = (self.q.backward(dq.reshape(B, H, W, C)) + self.k.backward(dk.reshape(B, H, W, C))
               + self.v.backward(dv.reshape(B, H, W, C)))
         return dout + self.norm.backward(dh)                       # residual + attention branch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model: a whole network (the U-Net, the evaluation classifier): flat parameter dicts, device moves,
+# gradient zeroing and the train/eval switch, shared by every network.
+
+class Model(Layer):
+    """Subclasses build their layers with ``add`` and call ``self._collect()`` at the end of __init__;
+    ``self.dtype`` is the parameters' dtype."""
+
+    def _collect(self):
+        """The flat ordered dicts name -> array that the optimizer and checkpoints walk (shared arrays)."""
+        named = list(self.named_params())
+        self.params = {name: layer.params[key] for name, layer, key in named}
+        self.grads = {name: layer.grads[key] for name, layer, key in named}
+
+    def to(self, xp, dtype=None):
+        """Move every parameter (and gradient) to numpy or cupy, optionally casting; returns self."""
+        dtype = np.dtype(dtype or self.dtype)
+        for _, layer in self.named_layers():
+            for key in layer.params:
+                layer.params[key] = xp.asarray(layer.params[key], dtype=dtype)
+                layer.grads[key] = xp.zeros_like(layer.params[key])
+        self.dtype = dtype
+        self._collect()
+        return self
+
+    def zero_grad(self):
+        """The one place gradients are zeroed (in place: layers and optimizer keep their references)."""
+        for g in self.grads.values():
+            g[...] = 0
+
+    def num_parameters(self):
+        return int(sum(p.size for p in self.params.values()))
+
+    def train(self, mode=True):
+        """Training mode: dropout on, every layer caches for backward. Evaluation: dropout off, no caches
+        (less memory: large sampling batches fit), backward unavailable."""
+        for _, layer in self.named_layers():
+            layer.training = bool(mode)
+        return self

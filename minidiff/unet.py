@@ -26,7 +26,7 @@ import json
 import numpy as np
 
 from .backend import array_module
-from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNorm, Layer, Linear, SiLU, Upsample2x,
+from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNorm, Layer, Linear, Model, SiLU, Upsample2x,
                      timestep_embedding)
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere, as in the DDPM code (which uses 32 with C = 128)
@@ -142,7 +142,7 @@ class Level(Layer):
         self.resample = None
 
 
-class UNet(Layer):
+class UNet(Model):
     def __init__(self, cfg=None, seed=0, dtype=np.float32):
         super().__init__()
         cfg = cfg or UNetConfig()
@@ -217,39 +217,6 @@ class UNet(Layer):
     @property
     def config(self):
         return self.cfg
-
-    # ---- parameters -------------------------------------------------------------------------------
-    def _collect(self):
-        """The flat ordered dicts name -> array that the optimizer and checkpoints walk (shared arrays)."""
-        named = list(self.named_params())
-        self.params = {name: layer.params[key] for name, layer, key in named}
-        self.grads = {name: layer.grads[key] for name, layer, key in named}
-
-    def to(self, xp, dtype=None):
-        """Move every parameter (and gradient) to numpy or cupy, optionally casting; returns self."""
-        dtype = np.dtype(dtype or self.dtype)
-        for _, layer in self.named_layers():
-            for key in layer.params:
-                layer.params[key] = xp.asarray(layer.params[key], dtype=dtype)
-                layer.grads[key] = xp.zeros_like(layer.params[key])
-        self.dtype = dtype
-        self._collect()
-        return self
-
-    def zero_grad(self):
-        """The one place gradients are zeroed (in place: layers and optimizer keep their references)."""
-        for g in self.grads.values():
-            g[...] = 0
-
-    def num_parameters(self):
-        return int(sum(p.size for p in self.params.values()))
-
-    def train(self, mode=True):
-        """Training mode: dropout on, every layer caches for backward. Evaluation: dropout off, no caches
-        (forward holds only the U-Net skips, so large sampling batches fit), backward unavailable."""
-        for _, layer in self.named_layers():
-            layer.training = bool(mode)
-        return self
 
     # ---- forward / backward -----------------------------------------------------------------------
     def _check_inputs(self, x, t, y):
