@@ -1,0 +1,32 @@
+"""Sample-quality measures computed with NumPy only, in a classifier's feature space (classifier.py).
+
+Frechet distance between Gaussians fitted to two feature sets (the FID formula, with our own classifier instead
+of Inception): d^2 = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}); the trace term is
+computed from the eigenvalues of the symmetric matrix S_1^{1/2} S_2 S_1^{1/2}, which equal those of S_1 S_2.
+"""
+import numpy as np
+
+
+def _sqrtm_psd(a):
+    """Square root of a symmetric positive semi-definite matrix by its eigen-decomposition."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(feats1, feats2):
+    """Frechet distance between N(mu_1, S_1) and N(mu_2, S_2) fitted to (N1, D) and (N2, D) feature arrays."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"features must be (N, D) arrays with the same D, got {f1.shape} and {f2.shape}")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    r1 = _sqrtm_psd(s1)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()   # tr (S1^1/2 S2 S1^1/2)^1/2
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+
+
+def class_histogram_entropy(predicted, num_classes=10):
+    """Entropy (bits) of the predicted-class histogram: log2(10) = 3.32 when every class is equally present."""
+    p = np.bincount(np.asarray(predicted), minlength=num_classes) / len(predicted)
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum())
