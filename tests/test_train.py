@@ -162,3 +162,17 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
     assert out.stat().st_size > 100 and np.load(tmp_path / "grid.npy").shape == (5, 1, 14, 14)
     with pytest.raises(SystemExit, match="class-conditional"):
         mod.main([str(tmp_path / "checkpoint.npz"), "--class-label", "3", "-n", "2"])
+
+
+def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
+    """Classifier-free guidance end to end: labels dropped to the null class with p_uncond during training;
+    sampling runs the conditional and unconditional predictions in one doubled batch; w = 1 is conditional."""
+    mcfg = UNetConfig(**dict(TINY, num_classes=4))
+    train(_cfg(toy_data, tmp_path, 2, p_uncond=0.5), mcfg, progress=False)
+    model, tcfg, _ = load_model(str(tmp_path / "checkpoint.npz"))
+    sched, y = tcfg.schedule(), np.array([0, 1, 2, 3])
+    kw = dict(sampler="ddim", num_steps=4, seed=0, progress=False, y=y, null_class=4)
+    guided = sample(model, sched, 4, guidance=3.0, **kw)
+    assert guided.shape == (4, 1, 14, 14) and np.all(np.isfinite(guided))
+    assert np.allclose(guided, sample(model, sched, 4, guidance=3.0, backend="numpy", **kw), atol=1e-4)
+    assert not np.allclose(guided, sample(model, sched, 4, guidance=1.0, **kw))
