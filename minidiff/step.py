@@ -32,8 +32,9 @@ StepCoefficients.__doc__ = """Scalars of one step (python floats): x0 = a x_t - 
 x_{t-1} = c_x0 x0 + c_xt x_t + c_eps eps + sigma z."""
 
 
-class NativeUnavailableError(RuntimeError):
-    """The native kernel needed for these arrays was not built (the message says how to build it)."""
+class NativeUnavailableError(RuntimeError, ValueError):
+    """The native kernel needed for these arrays was not built (the message says how to build it). A ValueError
+    too, so callers that validate inputs (a CuPy array without the CUDA kernel is a bad input) catch it."""
 
 
 # --------------------------------------------------------------------------- argument checks
