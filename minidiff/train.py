@@ -150,15 +150,14 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
         load_params_into(model.params, ckpt["params"], "weights", ckpt_path)
         load_params_into(ema.params, ckpt["ema"], "EMA weights", ckpt_path)
         opt.load_state_dict(ckpt["opt"])
-        ema_state = {k[4:]: v for k, v in ckpt["opt"].items() if k.startswith("ema.")}
-        ema.load_state_dict(ema_state)
+        ema.num_updates = int(ckpt["meta"]["ema_num_updates"])
         step = int(ckpt["meta"]["step"])
         print(f"resumed from {ckpt_path} at step {step}")
 
     def save():
-        opt_state = dict(opt.state_dict(), **{f"ema.{k}": v for k, v in ema.state_dict().items()})
-        save_checkpoint(ckpt_path, model.params, ema.params, opt_state,
-                        meta=dict(step=step, config=_config_json(tcfg, mcfg),
+        # The EMA weights go in the checkpoint's "ema/" section; its update count (for the decay warm-up) in meta.
+        save_checkpoint(ckpt_path, model.params, ema.params, opt.state_dict(),
+                        meta=dict(step=step, ema_num_updates=ema.num_updates, config=_config_json(tcfg, mcfg),
                                   rng=dict(kind="stateless: batch_indices(seed, step), default_rng([seed, step]), "
                                                  "Philox(seed | 0xFFFFFFFF << 32, step)", seed=tcfg.seed)))
 
@@ -171,7 +170,7 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
             while step < tcfg.steps:
                 rng = np.random.default_rng([tcfg.seed, step])
                 idx = batch_indices(n, tcfg.batch_size, tcfg.seed, step)
-                x0 = x_all[xp.asarray(idx)] if xp is not np else x_all[idx]
+                x0 = x_all[xp.asarray(idx)]
                 t = rng.integers(0, T, size=tcfg.batch_size)
                 y = None
                 if mcfg.num_classes:
