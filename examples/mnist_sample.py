@@ -4,8 +4,10 @@
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddim --steps 50 --eta 0
     python examples/mnist_sample.py runs/mnist/checkpoint.npz -n 100 --seed 3 --out samples.png
     python examples/mnist_sample.py CKPT --class-label 7 --guidance 3                  # class-conditional models
+    python examples/mnist_sample.py CKPT --prompt "a handwritten seven" --prompt "手写数字三" --guidance 3   # text
 
-Writes OUT (PNG grid) and OUT with .npy (float32 samples in [-1, 1], shape (N, 1, 28, 28)).
+Writes OUT (PNG grid) and OUT with .npy (float32 samples in [-1, 1], shape (N, 1, 28, 28)). With --prompt, each prompt
+gets one row of -n images (default 8); a prompt without any known word is an error that lists the vocabulary.
 """
 import argparse
 import os
@@ -18,7 +20,8 @@ from minidiff.backend import get_xp
 from minidiff.checkpoint import CheckpointError
 from minidiff.image import save_grid
 from minidiff.sample import sample
-from minidiff.train import load_model
+from minidiff.text import encode_prompts
+from minidiff.train import load_model, load_tokenizer
 
 
 def main(argv=None):
@@ -31,10 +34,12 @@ def main(argv=None):
     p.add_argument("--variance", choices=["fixed_small", "fixed_large"], default="fixed_small",
                    help="DDPM sigma_t^2: beta-tilde_t (fixed_small) or beta_t (fixed_large)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
-    p.add_argument("-n", "--num-images", type=int, default=64)
+    p.add_argument("-n", "--num-images", type=int, default=None, help="images (default 64), or per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="class-conditional models: the class to draw")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text-conditional models: what to draw (English or Chinese); repeat for more rows")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight w")
     p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
                    help="fused C++/CUDA step kernel, or the readable NumPy reference")
@@ -43,7 +48,14 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         model, tcfg, meta = load_model(a.checkpoint, a.weights, a.device)
-        y = None
+        y, nrow = None, None
+        if a.prompt:
+            if not model.config.text_cond:
+                raise ValueError("--prompt needs a text-conditional checkpoint (trained with --text add|concat)")
+            per = a.num_images or 8
+            ids = encode_prompts(load_tokenizer(meta, a.checkpoint), a.prompt, model.config.text_len)
+            y, a.num_images, nrow = np.repeat(ids, per, axis=0), per * len(a.prompt), per
+        a.num_images = a.num_images or 64
         if a.class_label is not None:
             if not model.config.num_classes:
                 raise ValueError("--class-label needs a class-conditional checkpoint (trained with --class-conditional)")
@@ -55,12 +67,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         imgs = sample(model, tcfg.schedule(), a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
                       variance_type=a.variance, clip_sample=not a.no_clip, seed=a.seed, batch_size=a.batch_size,
-                      y=y, guidance=a.guidance, null_class=model.config.num_classes, backend=a.backend,
+                      y=y, guidance=a.guidance, backend=a.backend,
                       xp=get_xp(a.device))
         dt = time.perf_counter() - t0
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    save_grid(imgs, out)
+    save_grid(imgs, out, nrow=nrow)
     np.save(os.path.splitext(out)[0] + ".npy", imgs)
     print(f"step {meta['step']} checkpoint; {a.num_images} images in {dt:.1f} s ({dt / a.num_images:.3f} s/image); "
           f"wrote {out} and {os.path.splitext(out)[0]}.npy")

@@ -3,6 +3,7 @@
     pip install .
     python examples/mnist_train.py --data-dir ../shared/data/mnist            # the default: ~30 min on 2 CPU cores
     python examples/mnist_train.py --resume                                    # continue an interrupted run exactly
+    python examples/mnist_train.py --text add --out-dir runs/text_add          # text-to-image (prompts.py)
     python examples/mnist_train.py --preset large --device cuda                # bigger model, longer (GPU)
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddpm   # then sample from it
 
@@ -15,7 +16,10 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from minidiff.image import save_grid
+from minidiff.prompts import build_tokenizer, prompt_table
 from minidiff.sample import sample
 from minidiff.train import TrainConfig, TrainingError, swapped_params, train
 from minidiff.checkpoint import CheckpointError
@@ -46,6 +50,9 @@ def main(argv=None):
     p.add_argument("--channels", type=int, help="U-Net base channels C")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--class-conditional", action="store_true", help="learn p(x | digit) with classifier-free guidance")
+    p.add_argument("--text", choices=["add", "concat"], default=None,
+                   help="learn p(x | prompt): the text vector added to the time embedding (add) or joined to x_t as "
+                        "input channels (concat, the article's section 3.3)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.npz")
@@ -69,6 +76,8 @@ def main(argv=None):
         mcfg.base_channels = a.channels
     if a.class_conditional:
         mcfg.num_classes = 10
+    if a.text:
+        mcfg.text_cond, mcfg.vocab_size = a.text, len(build_tokenizer(a.dataset))
 
     print(f"model: {mcfg}\n       {count_parameters(mcfg):,} parameters\ntraining: {tcfg}")
     try:
@@ -78,12 +87,15 @@ def main(argv=None):
         if a.final_sampler != "none" and step >= tcfg.steps:
             from minidiff.backend import get_xp
             t0 = time.perf_counter()
+            labels = np.arange(a.final_images) % 10                    # conditional models: digits 0..9 per row
+            y = (labels if mcfg.num_classes else None if not mcfg.text_cond else
+                 prompt_table(build_tokenizer(a.dataset), a.dataset, "train", mcfg.text_len)[labels, 0])
             with swapped_params(model.params, ema.params):
                 imgs = sample(model, tcfg.schedule(), a.final_images, sampler=a.final_sampler,
-                              num_steps=None if a.final_sampler == "ddpm" else 100, seed=a.seed,
-                              y=[i % 10 for i in range(a.final_images)] if mcfg.num_classes else None,
-                              guidance=3.0, null_class=mcfg.num_classes, xp=get_xp(a.device))
-            path = save_grid(imgs, os.path.join(tcfg.out_dir, f"final_{a.final_sampler}.png"), nrow=6)
+                              num_steps=None if a.final_sampler == "ddpm" else 100, seed=a.seed, y=y,
+                              guidance=3.0, xp=get_xp(a.device))
+            path = save_grid(imgs, os.path.join(tcfg.out_dir, f"final_{a.final_sampler}.png"),
+                             nrow=10 if y is not None else 6)
             print(f"wrote {path} ({time.perf_counter() - t0:.0f} s of sampling)")
     except (DataError, CheckpointError, TrainingError, ValueError) as e:
         sys.exit(f"error: {e}")

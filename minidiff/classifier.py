@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import array_module, to_numpy
+from .checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
 from .data import batch_indices, steps_per_epoch
 from .layers import Conv2d, GroupNorm, Linear, Model, SiLU
 from .optim import Adam
@@ -81,16 +82,34 @@ def predict(model, x, batch_size=500):
     return p.argmax(axis=1), p, np.concatenate(feats)
 
 
-def train_classifier(images, labels, epochs=3, batch_size=128, lr=2e-3, seed=0, progress=True):
-    """Train a Classifier on images (N, 1, 28, 28) in [-1, 1] and int labels with Adam; returns the model."""
+def random_shift(x, max_shift, rng):
+    """Translate each image of (B, C, H, W) by its own random (dy, dx) in [-max_shift, max_shift], filling with -1
+    (background): the data augmentation that lifts the classifier above 99%."""
+    xp = array_module(x)
+    B, C, H, W = x.shape
+    m = max_shift
+    padded = xp.pad(x, ((0, 0), (0, 0), (m, m), (m, m)), constant_values=-1.0)
+    dy, dx = (xp.asarray(rng.integers(0, 2 * m + 1, B)) for _ in range(2))
+    rows = dy[:, None] + xp.arange(H)                                  # (B, H) source rows in the padded image
+    cols = dx[:, None] + xp.arange(W)
+    out = padded[xp.arange(B)[:, None, None, None], xp.arange(C)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    return out
+
+
+def train_classifier(images, labels, epochs=3, batch_size=128, lr=2e-3, seed=0, max_shift=2, progress=True):
+    """Train a Classifier on images (N, 1, 28, 28) in [-1, 1] and int labels with Adam, each batch shifted by up
+    to max_shift pixels; returns the model."""
     model = Classifier(seed=seed)
+    rng = np.random.default_rng(seed)
     opt = Adam(model.params, model.grads, lr=lr)
     model.train(True)
     steps = int(epochs * steps_per_epoch(len(images), batch_size))
     bar = tqdm(range(steps), unit="step", disable=not progress, desc="classifier")
     for step in bar:
         idx = batch_indices(len(images), batch_size, seed, step)
-        loss, dlogits = softmax_cross_entropy(model.forward(images[idx]), labels[idx])
+        x = random_shift(images[idx], max_shift, rng) if max_shift else images[idx]
+        loss, dlogits = softmax_cross_entropy(model.forward(x), labels[idx])
         model.zero_grad()
         model.backward(dlogits)
         opt.step(lr=lr * 0.5 * (1 + np.cos(np.pi * step / steps)))    # cosine decay to 0
@@ -98,3 +117,18 @@ def train_classifier(images, labels, epochs=3, batch_size=128, lr=2e-3, seed=0, 
             bar.set_postfix(loss=f"{loss:.4f}")
     model.train(False)
     return model
+
+
+def save_classifier(model, path, meta=None):
+    save_checkpoint(path, model.params, meta=dict(meta or {}, kind="classifier"))
+
+
+def load_classifier(path):
+    """A Classifier with the weights written by save_classifier (examples/mnist_classifier.py)."""
+    ckpt = load_checkpoint(path)
+    if ckpt["meta"].get("kind") != "classifier":
+        raise CheckpointError(f"{path!r} is not a classifier checkpoint (train one with examples/mnist_classifier.py)")
+    model = Classifier()
+    load_params_into(model.params, ckpt["params"], "classifier weights", path)
+    model.train(False)
+    return model, ckpt["meta"]

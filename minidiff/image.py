@@ -63,3 +63,32 @@ def save_figure(images, path, col_labels=(), row_labels=(), scale=3):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     canvas.save(path)
     return path
+
+
+def save_line_plot(y, path, title="", xlabel="", size=(640, 360)):
+    """A minimal line chart of positive values y[0..n-1] on a log10 y axis (Pillow only, no matplotlib)."""
+    from PIL import ImageDraw
+    y = np.asarray(y, dtype=np.float64)
+    ly = np.log10(np.clip(y, 1e-12, None))
+    lo, hi = math.floor(ly.min()), math.ceil(ly.max())
+    hi = hi if hi > lo else lo + 1
+    W, H = size
+    left, right, top, bottom = 60, 15, 25, 35
+    img = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(img)
+    px = left + np.arange(len(y)) / max(len(y) - 1, 1) * (W - left - right)
+    py = top + (hi - ly) / (hi - lo) * (H - top - bottom)
+    draw.rectangle([left, top, W - right, H - bottom], outline=0)
+    for e in range(lo, hi + 1):                                      # decades on the y axis
+        yy = top + (hi - e) / (hi - lo) * (H - top - bottom)
+        draw.line([left - 4, yy, W - right, yy], fill=200)
+        draw.text((4, yy - 5), f"1e{e}", fill=0)
+    for k in range(5):                                               # ticks on the x axis
+        i = round(k * (len(y) - 1) / 4)
+        draw.text((px[i] - 8, H - bottom + 4), str(i), fill=0)
+    draw.line(list(zip(px.tolist(), py.tolist())), fill=0, width=2)
+    draw.text((left, 6), title, fill=0)
+    draw.text((W // 2 - 3 * len(xlabel), H - 16), xlabel, fill=0)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path

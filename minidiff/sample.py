@@ -35,16 +35,17 @@ def batch_seed(seed, batch):
     return seed | (batch << 32)
 
 
-def predict_eps(model, x, t, y=None, guidance=1.0, null_class=None):
-    """eps_theta(x_t, t[, y]). With guidance and labels, returns (eps_cond, eps_uncond) from ONE forward pass on
-    the doubled batch [x, x] with labels [y, null]; otherwise (eps, None)."""
+def predict_eps(model, x, t, y=None, guidance=1.0):
+    """eps_theta(x_t, t[, y]). With guidance and a condition y (class labels or prompt token ids), returns
+    (eps_cond, eps_uncond) from ONE forward pass on the doubled batch [x, x] with conditions
+    [y, model.null_condition()]; otherwise (eps, None)."""
     xp = array_module(x)
     b = x.shape[0]
     tt = np.full((b,), t, dtype=np.int64)
     if y is None or guidance == 1.0:
         return model.forward(x, tt, y), None
     eps2 = model.forward(xp.concatenate([x, x]), np.concatenate([tt, tt]),
-                         np.concatenate([np.asarray(y), np.full((b,), null_class, dtype=np.int64)]))
+                         np.concatenate([np.asarray(y), model.null_condition(b)]))
     return eps2[:b], eps2[b:]
 
 
@@ -63,13 +64,13 @@ _warned = []
 
 
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
-           clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, null_class=None, backend="auto",
+           clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, backend="auto",
            record_steps=(), progress=True, xp=np):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t) or
-    "ddim" (``num_steps`` evenly spaced steps, stochasticity ``eta`` in [0, 1]). ``y``: class labels (N,) or
-    None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``backend``: "native" (fused C++/CUDA kernel), "numpy"
+    "ddim" (``num_steps`` evenly spaced steps, stochasticity ``eta`` in [0, 1]). ``y``: class labels (N,), prompt
+    token ids (N, L) (text.encode_prompts) or None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``backend``: "native" (fused C++/CUDA kernel), "numpy"
     (readable reference, same images) or "auto" (native when built). ``record_steps``: timestep indices at which to
     keep the network's input x_t (returned as a dict {t: images} in a second return value when non-empty;
     key -1 holds the final x_0)."""
@@ -85,8 +86,8 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
     if y is not None:
         y = np.asarray(y, dtype=np.int64)
-        if y.shape != (num_images,):
-            raise ValueError(f"y must have shape ({num_images},), got {y.shape}")
+        if y.ndim not in (1, 2) or y.shape[0] != num_images:
+            raise ValueError(f"y must have {num_images} rows (labels (N,) or token ids (N, L)), got {y.shape}")
     was_training = getattr(model, "training", False)
     model.train(False)
     out, recorded = [], {}
@@ -102,7 +103,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
                 t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
                 if t in record_steps:  # the noisy input the network sees at timestep index t
                     recorded.setdefault(t, []).append(to_numpy(x))
-                eps, eps_u = predict_eps(model, x, t, yb, guidance, null_class)
+                eps, eps_u = predict_eps(model, x, t, yb, guidance)
                 if backend == "numpy":
                     z = philox_normal(key, t, x.size, xp=xp).reshape(x.shape)
                     if sampler == "ddpm":

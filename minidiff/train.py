@@ -34,8 +34,10 @@ from .diffusion import q_sample
 from .image import save_grid
 from .optim import EMA, Adam, clip_grad_norm, warmup_lr
 from .philox import philox_normal
+from .prompts import build_tokenizer, draw_prompts, prompt_table
 from .sample import sample
 from .schedule import NoiseSchedule
+from .text import Tokenizer
 from .unet import UNet, UNetConfig
 
 TRAIN_NOISE_KEY = 0xFFFFFFFF << 32  # high word of the Philox key for training noise (sampling uses batch indices)
@@ -57,7 +59,7 @@ class TrainConfig:
     beta_schedule: str = "linear"        # "linear", "cosine" or "t_over_T" (article 4.1's teaching example)
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    p_uncond: float = 0.1                # class-conditional models: probability of the "no condition" label
+    p_uncond: float = 0.1                # conditional models: probability of the "no condition" label / empty prompt
     seed: int = 0
     device: str = "cpu"                  # "cpu" (NumPy) or "cuda" (CuPy)
     log_every: int = 25
@@ -132,6 +134,13 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
         raise ValueError(f"data images are {tuple(x_all.shape[1:])} but the model expects "
                          f"({mcfg.in_channels}, {mcfg.resolution}, {mcfg.resolution})")
     n = x_all.shape[0]
+    tokenizer = table = None
+    if mcfg.text_cond:                                         # prompts from templates (prompts.py)
+        tokenizer = build_tokenizer(tcfg.dataset)
+        if mcfg.vocab_size != len(tokenizer):
+            raise ValueError(f"UNetConfig.vocab_size is {mcfg.vocab_size} but the {tcfg.dataset} prompt vocabulary "
+                             f"has {len(tokenizer)} tokens (set vocab_size=len(build_tokenizer(dataset)))")
+        table = prompt_table(tokenizer, tcfg.dataset, "train", mcfg.text_len)
 
     model = UNet(mcfg, seed=tcfg.seed).to(xp)
     opt = Adam(model.params, model.grads, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
@@ -158,6 +167,7 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
         # The EMA weights go in the checkpoint's "ema/" section; its update count (for the decay warm-up) in meta.
         save_checkpoint(ckpt_path, model.params, ema.params, opt.state_dict(),
                         meta=dict(step=step, ema_num_updates=ema.num_updates, config=_config_json(tcfg, mcfg),
+                                  tokenizer=tokenizer.to_dict() if tokenizer else None,
                                   rng=dict(kind="stateless: batch_indices(seed, step), default_rng([seed, step]), "
                                                  "Philox(seed | 0xFFFFFFFF << 32, step)", seed=tcfg.seed)))
 
@@ -176,6 +186,8 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                 if mcfg.num_classes:
                     # classifier-free guidance: with probability p_uncond train on the "no condition" label
                     y = np.where(rng.random(tcfg.batch_size) < tcfg.p_uncond, mcfg.num_classes, y_all[idx])
+                elif table is not None:                        # a random prompt per image, or "" with p_uncond
+                    y = draw_prompts(table, y_all[idx], tcfg.p_uncond, rng)
                 noise = philox_normal(TRAIN_NOISE_KEY | tcfg.seed, step, x0.size, xp=xp).reshape(x0.shape)
                 loss, dout = loss_simple(model, schedule, x0, t, noise, y, rng=rng)
                 if not math.isfinite(loss):
@@ -247,3 +259,10 @@ def load_model(path, weights="ema", device="cpu"):
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     tcfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k in known})
     return model, tcfg, ckpt["meta"]
+
+
+def load_tokenizer(meta, path="checkpoint"):
+    """The tokenizer saved in a text-conditional checkpoint's meta."""
+    if not meta.get("tokenizer"):
+        raise CheckpointError(f"{path} is not text-conditional (it has no tokenizer); train one with --text")
+    return Tokenizer.from_dict(meta["tokenizer"])

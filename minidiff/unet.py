@@ -3,7 +3,11 @@
 Architecture (Ho et al. 2020, appendix B and their code; the same as diffusers' UNet2DModel with
 DDPM blocks), all of it described by ``UNetConfig``:
   time embedding  sinusoidal(t) of dim C -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)  (+ class embedding)
-  conv_in         3x3, in_channels -> C
+  text (optional) token ids -> TextEncoder (text.py) -> vector c, then either
+                  "add":    temb += Linear(c)                       (the usual way: like the class embedding), or
+                  "concat": x_t <- concat(x_t, broadcast(Linear(c)))  (the article's section 3.3, literally:
+                            the text vector joins x_t as extra input channels at every pixel)
+  conv_in         3x3, in_channels (+ text_channels with "concat") -> C
   down            per level (resolutions 28, 14, 7 with ch_mult (1, 2, 2)): num_res_blocks ResBlocks
                   (+ self-attention at attn_resolutions), then a 3x3 stride-2 conv except at the last level
   mid             ResBlock, self-attention, ResBlock
@@ -28,6 +32,9 @@ import numpy as np
 from .backend import array_module
 from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNorm, Layer, Linear, Model, SiLU, Upsample2x,
                      timestep_embedding)
+from .text import TextEncoder, Tokenizer
+
+TEXT_CONDITIONING = (None, "add", "concat")
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere, as in the DDPM code (which uses 32 with C = 128)
 
@@ -43,6 +50,13 @@ class UNetConfig:
     dropout: float = 0.0                 # dropout before the second conv of each ResBlock (training only)
     num_classes: int = None              # class-conditional when set: table of num_classes + 1 rows,
                                          # the last row being the "no condition" token for guidance
+    text_cond: str = None                # prompt-conditional when set: "add" (to temb) or "concat" (article 3.3)
+    vocab_size: int = None               # text models: tokenizer size (specials included)
+    text_len: int = 16                   # text models: token positions (CLS + up to 15 tokens)
+    text_dim: int = 64                   # text models: width of the transformer encoder and of its pooled vector
+    text_layers: int = 2
+    text_heads: int = 4
+    text_channels: int = 8               # "concat": extra input channels the text vector is projected to
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -57,6 +71,12 @@ class UNetConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
+        if self.text_cond not in TEXT_CONDITIONING:
+            raise ValueError(f"unknown text_cond {self.text_cond!r}; choose one of {TEXT_CONDITIONING}")
+        if self.text_cond and self.num_classes is not None:
+            raise ValueError("a UNet is conditioned on class labels (num_classes) or on text (text_cond), not both")
+        if self.text_cond and not (self.vocab_size or 0) > 2:
+            raise ValueError(f"text_cond needs vocab_size (the tokenizer's size), got {self.vocab_size}")
 
     def asdict(self):
         """Plain dict (tuples become lists when written as JSON)."""
@@ -156,9 +176,16 @@ class UNet(Model):
         self.temb_fc2 = self.add("temb.fc2", Linear(temb_dim, temb_dim, rng, dtype))
         self.class_emb = (self.add("class_emb", Embedding(cfg.num_classes + 1, temb_dim, rng, dtype))
                           if cfg.num_classes is not None else None)
+        self.text_enc = self.text_proj = None
+        if cfg.text_cond:
+            self.text_enc = self.add("text_enc", TextEncoder(cfg.vocab_size, cfg.text_len, cfg.text_dim,
+                                                             cfg.text_layers, cfg.text_heads, rng, dtype))
+            self.text_proj = self.add("text_proj", Linear(cfg.text_dim, temb_dim if cfg.text_cond == "add"
+                                                          else cfg.text_channels, rng, dtype))
         self.emb_act = self.add("emb_act", SiLU())                   # SiLU(temb), shared by every ResBlock's temb_proj
 
-        self.conv_in = self.add("conv_in", Conv2d(cfg.in_channels, C, 3, rng, padding=1, dtype=dtype))
+        cin = cfg.in_channels + (cfg.text_channels if cfg.text_cond == "concat" else 0)
+        self.conv_in = self.add("conv_in", Conv2d(cin, C, 3, rng, padding=1, dtype=dtype))
 
         # down path; skip_ch records the channels of every saved skip
         chans = [C * m for m in cfg.ch_mult]
@@ -218,6 +245,17 @@ class UNet(Model):
     def config(self):
         return self.cfg
 
+    def null_condition(self, n):
+        """The "no condition" input of classifier-free guidance for n images: the last class-table row, or the
+        empty prompt (CLS then padding); None for an unconditional model."""
+        if self.cfg.num_classes is not None:
+            return np.full((n,), self.cfg.num_classes, dtype=np.int64)
+        if self.cfg.text_cond:
+            ids = np.full((n, self.cfg.text_len), Tokenizer.PAD_ID, dtype=np.int64)
+            ids[:, 0] = Tokenizer.CLS_ID
+            return ids
+        return None
+
     # ---- forward / backward -----------------------------------------------------------------------
     def _check_inputs(self, x, t, y):
         xp = array_module(x)
@@ -230,6 +268,12 @@ class UNet(Model):
         t = xp.asarray(t)
         if t.shape != (x.shape[0],) or t.dtype.kind not in "iu":
             raise ValueError(f"t must be an int array of shape ({x.shape[0]},), got {t.dtype} {t.shape}")
+        if cfg.text_cond:
+            y = xp.asarray(self.null_condition(x.shape[0]) if y is None else y)
+            if y.ndim != 2 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
+                raise ValueError(f"a text-conditional UNet takes token ids y of shape ({x.shape[0]}, L), "
+                                 f"got {y.dtype} {tuple(y.shape)}")
+            return t, y
         if y is not None:
             if cfg.num_classes is None:
                 raise ValueError("class labels y given but the UNet was built with num_classes=None")
@@ -243,8 +287,8 @@ class UNet(Model):
         return t, y
 
     def forward(self, x, t, y=None, rng=None):
-        """eps_theta(x_t, t, y): x (B, C, H, W), t int (B,), y int (B,) or None -> (B, C, H, W).
-        rng (np.random.Generator) drives dropout in training mode."""
+        """eps_theta(x_t, t, y): x (B, C, H, W), t int (B,), y None, class labels (B,) or, for text models, token
+        ids (B, L) -> (B, C, H, W). rng (np.random.Generator) drives dropout in training mode."""
         xp = array_module(x)
         t, y = self._check_inputs(x, t, y)
         if not self.training or self.cfg.dropout == 0.0:
@@ -256,9 +300,15 @@ class UNet(Model):
             timestep_embedding(t, self.cfg.base_channels, self.dtype))))                   # (B, 4C)
         if self.class_emb is not None:
             temb = temb + self.class_emb.forward(y)
+        x = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))                                  # NCHW -> NHWC
+        if self.cfg.text_cond == "add":
+            temb = temb + self.text_proj.forward(self.text_enc.forward(y))
+        elif self.cfg.text_cond == "concat":                                               # article 3.3
+            c = self.text_proj.forward(self.text_enc.forward(y))                           # (B, text_channels)
+            x = xp.concatenate([x, xp.broadcast_to(c[:, None, None, :], x.shape[:3] + c.shape[1:])], axis=3)
         emb = self.emb_act.forward(temb)
 
-        h = self.conv_in.forward(xp.ascontiguousarray(x.transpose(0, 2, 3, 1)))             # NCHW -> NHWC
+        h = self.conv_in.forward(x)
         hs = [h]
         for lv in self.down:
             for j, block in enumerate(lv.res):
@@ -327,5 +377,11 @@ class UNet(Model):
         dtemb = self.emb_act.backward(demb)
         if self.class_emb is not None:
             self.class_emb.backward(dtemb)
+        if self.cfg.text_cond == "add":
+            self.text_enc.backward(self.text_proj.backward(dtemb))
+        elif self.cfg.text_cond == "concat":                       # the broadcast's adjoint sums over the pixels
+            k = self.cfg.in_channels
+            self.text_enc.backward(self.text_proj.backward(dx[..., k:].sum(axis=(1, 2))))
+            dx = dx[..., :k]
         self.temb_fc1.backward(self.temb_act.backward(self.temb_fc2.backward(dtemb)))
         return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))                               # NHWC -> NCHW

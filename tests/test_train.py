@@ -171,7 +171,7 @@ def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
     train(_cfg(toy_data, tmp_path, 2, p_uncond=0.5), mcfg, progress=False)
     model, tcfg, _ = load_model(str(tmp_path / "checkpoint.npz"))
     sched, y = tcfg.schedule(), np.array([0, 1, 2, 3])
-    kw = dict(sampler="ddim", num_steps=4, seed=0, progress=False, y=y, null_class=4)
+    kw = dict(sampler="ddim", num_steps=4, seed=0, progress=False, y=y)
     guided = sample(model, sched, 4, guidance=3.0, **kw)
     assert guided.shape == (4, 1, 14, 14) and np.all(np.isfinite(guided))
     assert np.allclose(guided, sample(model, sched, 4, guidance=3.0, backend="numpy", **kw), atol=1e-4)

@@ -1,0 +1,154 @@
+"""Evaluate a checkpoint (or a .npy of samples): bits per dimension of the bound and sample quality, as a table.
+
+    python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier   # once
+    python examples/mnist_eval.py runs/mnist_default/checkpoint.npz --data-dir ../shared/data/mnist \\
+        --samplers ddim10,ddim20,ddim50,ddim100,ddpm -n 256 --bpd-exact 4 --bpd-mc 1000 --json eval.json
+    python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
+    python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
+
+For each sampler (ddpm = all T steps; ddimS = S DDIM steps, eta 0) it draws -n images and reports seconds per image,
+the Frechet distance to the MNIST test set in the classifier's feature space (with the floor: real training images
+at the same count), the classifier's mean confidence and the entropy of the predicted-class histogram. For class-
+or prompt-conditional checkpoints, images are drawn for the digits 0..9 in turn (with each prompt template of the
+split in turn) at every guidance weight w, and the fraction recognised as the prompted digit is reported too.
+Writes the per-term bits-per-dimension plot (bpd_terms.png) and sample grids to --out-dir.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from minidiff.checkpoint import CheckpointError
+from minidiff.classifier import load_classifier, predict
+from minidiff.data import DataError, load_dataset, to_model_range
+from minidiff.evaluate import bound, frechet_floor, sample_quality
+from minidiff.image import save_grid, save_line_plot
+from minidiff.prompts import class_prompts
+from minidiff.sample import sample
+from minidiff.text import encode_prompts
+from minidiff.train import load_model, load_tokenizer
+
+
+def parse_sampler(name):
+    """"ddpm" -> ("ddpm", None); "ddim50" -> ("ddim", 50)."""
+    if name == "ddpm":
+        return "ddpm", None
+    if name.startswith("ddim") and name[4:].isdigit() and int(name[4:]) > 0:
+        return "ddim", int(name[4:])
+    raise ValueError(f"unknown sampler {name!r}: use ddpm or ddimS with S the number of steps (e.g. ddim50)")
+
+
+def conditions(model, meta, split, n):
+    """(labels (n,), model inputs y) for a conditional model: digits 0..9 in turn, and for text models the
+    templates of the prompt split in turn."""
+    labels = np.arange(n) % 10
+    if model.config.num_classes:
+        return labels, labels, None
+    prompts = class_prompts(meta["config"]["train"]["dataset"], split)
+    texts = [prompts[c][(i // 10) % len(prompts[c])] for i, c in enumerate(labels)]
+    return labels, encode_prompts(load_tokenizer(meta), texts, model.config.text_len), texts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("source", help="a minidiff checkpoint (.npz) or generated images (.npy, (N, 1, 28, 28) in [-1, 1])")
+    p.add_argument("--classifier", default="runs/classifier/classifier.npz")
+    p.add_argument("--dataset", default="mnist", help="the real images to compare with (the classifier's data set)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--labels", default=None, help=".npy of prompted classes for a .npy of samples")
+    p.add_argument("--samplers", default="ddim50", help="comma-separated: ddpm, ddim10, ddim50, ...")
+    p.add_argument("-n", "--num-images", type=int, default=256, help="samples per sampler (and guidance weight)")
+    p.add_argument("--guidance", default="3", help="conditional models: comma-separated weights w")
+    p.add_argument("--prompts", default="train", help="text models: comma-separated prompt splits (train, held_out)")
+    p.add_argument("--bpd-exact", type=int, default=4, help="images for the exact bound (0: skip)")
+    p.add_argument("--bpd-mc", type=int, default=1000, help="images for the Monte Carlo bound (0: skip)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="PNGs go here (default: next to the source)")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    a = p.parse_args(argv)
+    out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(a.source)), "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        clf, clf_meta = load_classifier(a.classifier)
+        x_test, _ = load_dataset(a.dataset, "test", a.data_dir)
+        x_train, _ = load_dataset(a.dataset, "train", a.data_dir)
+        x_test, x_train = to_model_range(x_test), to_model_range(x_train)
+        _, _, ref = predict(clf, x_test)
+        results = dict(classifier_test_accuracy=clf_meta.get("test_accuracy"), rows=[])
+        floors = {}
+
+        def judge(images, labels, row):
+            n = len(images)
+            floors.setdefault(n, frechet_floor(clf, x_train, ref, n, seed=a.seed))
+            row.update(sample_quality(clf, images, ref, labels), frechet_floor=floors[n])
+            results["rows"].append(row)
+            print(format_row(row), flush=True)
+
+        print(HEADER)
+        if a.source.endswith(".npy"):
+            images = np.load(a.source)
+            if images.ndim != 4 or images.shape[1:] != x_test.shape[1:]:
+                raise ValueError(f"{a.source} holds {images.shape}, expected (N, {', '.join(map(str, x_test.shape[1:]))})"
+                                 f" images in [-1, 1]")
+            judge(images, None if a.labels is None else np.load(a.labels), dict(source=a.source))
+        else:
+            model, tcfg, meta = load_model(a.source)
+            schedule = tcfg.schedule()
+            if a.bpd_exact or a.bpd_mc:
+                t0 = time.perf_counter()
+                b = bound(model, schedule, x_test, a.bpd_exact, a.bpd_mc, seed=a.seed, batch_size=a.batch_size)
+                if "exact_terms" in b:
+                    save_line_plot(b.pop("exact_terms"), os.path.join(out_dir, "bpd_terms.png"), xlabel="t",
+                                   title=f"bits/dim of each term L_t of the bound (t = 0: decoder L_0), "
+                                         f"mean of {b['exact_images']} test images")
+                b["seconds"] = time.perf_counter() - t0
+                results["bound"] = b
+            conditional = bool(model.config.num_classes or model.config.text_cond)
+            for name in a.samplers.split(","):
+                sampler, steps = parse_sampler(name)
+                for split in (a.prompts.split(",") if model.config.text_cond else ["-"]):
+                    for w in ([float(g) for g in a.guidance.split(",")] if conditional else [None]):
+                        labels, y, _ = conditions(model, meta, split, a.num_images) if conditional else (None,) * 3
+                        t0 = time.perf_counter()
+                        images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
+                                        guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size)
+                        sec = (time.perf_counter() - t0) / a.num_images
+                        tag = name + ("" if w is None else f"_w{w:g}") + ("" if split == "-" else f"_{split}")
+                        save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
+                        judge(images, labels, dict(sampler=name, guidance=w, prompts=None if split == "-" else split,
+                                                   seconds_per_image=sec))
+    except (CheckpointError, DataError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if "bound" in results:
+        b = results["bound"]
+        if "exact_bpd" in b:
+            print(f"bound, exact (all T terms, {b['exact_images']} test images): {b['exact_bpd']:.3f} bits/dim "
+                  f"(prior L_T {b['prior_bpd']:.2e}); per-term plot {os.path.join(out_dir, 'bpd_terms.png')}")
+        if "mc_bpd" in b:
+            print(f"bound, Monte Carlo ({b['mc_images']} test images, one t each): {b['mc_bpd']:.3f} "
+                  f"+- {b['mc_se']:.3f} (standard error) bits/dim")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {a.json}")
+
+
+HEADER = (f"{'sampler':<10}{'w':>5}{'prompts':>10}{'n':>6}{'s/img':>8}{'FD':>9}{'floor':>8}{'conf':>7}"
+          f"{'H(class)':>10}{'prompted':>10}")
+
+
+def format_row(r):
+    def f(key, fmt, width):
+        v = r.get(key)
+        return f"{'-' if v is None else format(v, fmt):>{width}}"
+    return (f"{r.get('sampler', r.get('source', '')):<10}" + f("guidance", "g", 5) + f("prompts", "", 10)
+            + f("n", "d", 6) + f("seconds_per_image", ".3f", 8) + f("frechet", ".2f", 9) + f("frechet_floor", ".2f", 8)
+            + f("confidence", ".3f", 7) + f("class_entropy", ".3f", 10) + f("prompted_accuracy", ".1%", 10))
+
+
+if __name__ == "__main__":
+    main()
