@@ -21,7 +21,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out-dir", default="runs/classifier")
-    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--epochs", type=float, default=8)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-shift", type=int, default=2, help="random translation augmentation, pixels")

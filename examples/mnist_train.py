@@ -3,7 +3,7 @@
     pip install .
     python examples/mnist_train.py --data-dir ../shared/data/mnist            # the default: ~30 min on 2 CPU cores
     python examples/mnist_train.py --resume                                    # continue an interrupted run exactly
-    python examples/mnist_train.py --text add --out-dir runs/text_add          # text-to-image (prompts.py)
+    python examples/mnist_train.py --text --out-dir runs/text                  # text-to-image (prompts.py)
     python examples/mnist_train.py --preset large --device cuda                # bigger model, longer (GPU)
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddpm   # then sample from it
 
@@ -50,9 +50,10 @@ def main(argv=None):
     p.add_argument("--channels", type=int, help="U-Net base channels C")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--class-conditional", action="store_true", help="learn p(x | digit) with classifier-free guidance")
-    p.add_argument("--text", choices=["add", "concat"], default=None,
-                   help="learn p(x | prompt): the text vector added to the time embedding (add) or joined to x_t as "
-                        "input channels (concat, the article's section 3.3)")
+    p.add_argument("--text", nargs="?", const="add", choices=["add", "concat"], default=None,
+                   help="learn p(x | prompt): the text vector added to the time embedding (add, the default: it "
+                        "learned the prompt far faster, see README) or joined to x_t as input channels (concat, "
+                        "the article's section 3.3)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.npz")

@@ -170,13 +170,8 @@ def test_train_with_prompts_and_sample_from_prompts(toy_data, toy_prompts, tmp_p
 def toy_split(toy_data, monkeypatch):
     """Adds a 'test' split (16 more squares) to the toy data set."""
     from minidiff import data
-    from test_train import _write_idx
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 4, 16).astype(np.uint8)
-    images = np.zeros((16, 14, 14), np.uint8)
-    for i, y in enumerate(labels):
-        r, c = divmod(int(y), 2)
-        images[i, 2 + 6 * r:6 + 6 * r, 2 + 6 * c:6 + 6 * c] = 255
+    from test_train import _write_idx, toy_images
+    images, labels = toy_images(16, seed=1)
     md5 = dict(data.DATASETS["toy"]["md5"])
     for name, arr, magic in (("t10k-images-idx3-ubyte", images, 0x803), ("t10k-labels-idx1-ubyte", labels, 0x801)):
         path = Path(toy_data) / (name + ".gz")

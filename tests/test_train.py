@@ -23,15 +23,20 @@ def _write_idx(path, arr, magic):
         f.write(header + arr.astype(np.uint8).tobytes())
 
 
+def toy_images(n, seed):
+    """n 14x14 uint8 images of a bright square whose quadrant is the label (0..3), and the labels."""
+    labels = np.random.default_rng(seed).integers(0, 4, n).astype(np.uint8)
+    images = np.zeros((n, 14, 14), np.uint8)
+    for i, y in enumerate(labels):  # a loop over a handful of test images
+        r, c = divmod(int(y), 2)
+        images[i, 2 + 6 * r:6 + 6 * r, 2 + 6 * c:6 + 6 * c] = 255
+    return images, labels
+
+
 @pytest.fixture
 def toy_data(tmp_path, monkeypatch):
     """A 14x14 'toy' data set of 64 images (a bright square whose position is the label), as IDX files."""
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, 64).astype(np.uint8)
-    images = np.zeros((64, 14, 14), np.uint8)
-    for i, y in enumerate(labels):
-        r, c = divmod(int(y), 2)
-        images[i, 2 + 6 * r:6 + 6 * r, 2 + 6 * c:6 + 6 * c] = 255
+    images, labels = toy_images(64, seed=0)
     d = tmp_path / "toy"
     d.mkdir()
     md5 = {}
