@@ -156,9 +156,14 @@ class TorchUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+TEXT_FIELDS = ("text_cond", "vocab_size", "text_len", "text_dim", "text_layers", "text_heads", "text_channels")
+
+
 def from_config(cfg):
-    """A TorchUNet for a minidiff UNetConfig."""
-    return TorchUNet(**cfg.asdict())
+    """A TorchUNet for a minidiff UNetConfig (the reference has no text conditioning)."""
+    if cfg.text_cond:
+        raise ValueError("the PyTorch reference U-Net has no text conditioning")
+    return TorchUNet(**{k: v for k, v in cfg.asdict().items() if k not in TEXT_FIELDS})
 
 
 def load_minidiff_params(tmodel, params):
