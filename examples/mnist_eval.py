@@ -46,10 +46,10 @@ def conditions(model, meta, split, n):
     templates of the prompt split in turn."""
     labels = np.arange(n) % 10
     if model.config.num_classes:
-        return labels, labels, None
+        return labels, labels
     prompts = class_prompts(meta["config"]["train"]["dataset"], split)
     texts = [prompts[c][(i // 10) % len(prompts[c])] for i, c in enumerate(labels)]
-    return labels, encode_prompts(load_tokenizer(meta), texts, model.config.text_len), texts
+    return labels, encode_prompts(load_tokenizer(meta), texts, model.config.text_len)
 
 
 def main(argv=None):
@@ -112,7 +112,7 @@ def main(argv=None):
                 sampler, steps = parse_sampler(name)
                 for split in (a.prompts.split(",") if model.config.text_cond else ["-"]):
                     for w in ([float(g) for g in a.guidance.split(",")] if conditional else [None]):
-                        labels, y, _ = conditions(model, meta, split, a.num_images) if conditional else (None,) * 3
+                        labels, y = conditions(model, meta, split, a.num_images) if conditional else (None, None)
                         t0 = time.perf_counter()
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
                                         guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size)

@@ -403,8 +403,8 @@ class Concat(Layer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Embedding table:  y = W[idx].  Its gradient adds each row of dout into the row it was read from,
-# written as onehot(idx)^T @ dout so one code path serves NumPy and CuPy.
+# Embedding table:  y = W[idx].  Its gradient adds each row of dout into the row it was read from
+# (a scatter-add: repeated indices accumulate; shared with the text encoder's token table).
 
 class Embedding(Layer):
     def __init__(self, num_embeddings, dim, rng, dtype=np.float32):
@@ -415,12 +415,18 @@ class Embedding(Layer):
         self.save(idx)
         return self.params["weight"][idx]       # (N, dim)
 
-    def backward(self, dout):                   # dout (N, dim)
-        xp = array_module(dout)
-        idx = self.cache
-        onehot = (idx[:, None] == xp.arange(self.params["weight"].shape[0])[None, :]).astype(dout.dtype)
-        self.grads["weight"] += onehot.T @ dout
+    def backward(self, dout):                   # dout (N, dim): row idx[i] of the table receives dout[i]
+        scatter_add(self.grads["weight"], self.cache, dout)
         return None                             # integer input: no gradient
+
+
+def scatter_add(a, idx, values):
+    """a[idx[i]] += values[i], repeated indices accumulating (np.add.at; cupyx.scatter_add on the GPU)."""
+    if array_module(a) is np:
+        np.add.at(a, idx, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(a, idx, values)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .layers import Layer, Linear, SiLU, softmax
+from .layers import Layer, Linear, SiLU, scatter_add, softmax
 
 _TOKEN = re.compile(r"[a-z]+|[0-9]|[\u4e00-\u9fff]")
 
@@ -249,15 +249,6 @@ class TransformerBlock(Layer):
 
 # ----------------------------------------------------------------------------------------------------
 # Text encoder:  h = LN(blocks(E_tok[ids] + E_pos[:L]));  c = sum_l m_l h_l / sum_l m_l,  m = (ids != PAD)
-
-def scatter_add(a, idx, values):
-    """a[idx[i]] += values[i], repeated indices accumulating (np.add.at; cupyx.scatter_add on the GPU)."""
-    if array_module(a) is np:
-        np.add.at(a, idx, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(a, idx, values)
-
 
 class TextEncoder(Layer):
     def __init__(self, vocab_size, max_len, dim, num_layers, num_heads, rng, dtype=np.float32):

@@ -182,6 +182,7 @@ class UNet(Model):
                                                              cfg.text_layers, cfg.text_heads, rng, dtype))
             self.text_proj = self.add("text_proj", Linear(cfg.text_dim, temb_dim if cfg.text_cond == "add"
                                                           else cfg.text_channels, rng, dtype))
+            self.text_cat = self.add("text_cat", Concat()) if cfg.text_cond == "concat" else None
         self.emb_act = self.add("emb_act", SiLU())                   # SiLU(temb), shared by every ResBlock's temb_proj
 
         cin = cfg.in_channels + (cfg.text_channels if cfg.text_cond == "concat" else 0)
@@ -305,7 +306,7 @@ class UNet(Model):
             temb = temb + self.text_proj.forward(self.text_enc.forward(y))
         elif self.cfg.text_cond == "concat":                                               # article 3.3
             c = self.text_proj.forward(self.text_enc.forward(y))                           # (B, text_channels)
-            x = xp.concatenate([x, xp.broadcast_to(c[:, None, None, :], x.shape[:3] + c.shape[1:])], axis=3)
+            x = self.text_cat.forward(x, xp.broadcast_to(c[:, None, None, :], x.shape[:3] + c.shape[1:]))
         emb = self.emb_act.forward(temb)
 
         h = self.conv_in.forward(x)
@@ -380,8 +381,7 @@ class UNet(Model):
         if self.cfg.text_cond == "add":
             self.text_enc.backward(self.text_proj.backward(dtemb))
         elif self.cfg.text_cond == "concat":                       # the broadcast's adjoint sums over the pixels
-            k = self.cfg.in_channels
-            self.text_enc.backward(self.text_proj.backward(dx[..., k:].sum(axis=(1, 2))))
-            dx = dx[..., :k]
+            dx, dc = self.text_cat.backward(dx)
+            self.text_enc.backward(self.text_proj.backward(dc.sum(axis=(1, 2))))
         self.temb_fc1.backward(self.temb_act.backward(self.temb_fc2.backward(dtemb)))
         return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))                               # NHWC -> NCHW
