@@ -121,7 +121,7 @@ def main(argv=None):
                         save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
                         judge(images, labels, dict(sampler=name, guidance=w, prompts=None if split == "-" else split,
                                                    seconds_per_image=sec))
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, OSError) as e:   # OSError: a missing or unreadable .npy
         sys.exit(f"error: {e}")
     if "bound" in results:
         b = results["bound"]

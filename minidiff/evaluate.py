@@ -47,6 +47,8 @@ def bound(model, schedule, x0, exact_images=4, mc_images=1000, seed=0, batch_siz
 
 def sample_quality(classifier, images, reference_feats, labels=None):
     """Quality of generated images (N, 1, 28, 28) in [-1, 1] against real-image features (M, D)."""
+    if labels is not None and np.shape(labels) != (len(images),):
+        raise ValueError(f"labels must have one class per image, shape ({len(images)},), got {np.shape(labels)}")
     pred, probs, feats = predict(classifier, np.asarray(images, dtype=np.float32))
     out = dict(n=len(images), frechet=frechet_distance(feats, reference_feats),
                confidence=float(probs.max(axis=1).mean()), class_entropy=class_histogram_entropy(pred))

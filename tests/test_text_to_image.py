@@ -220,6 +220,12 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     assert [(r["prompts"], r["guidance"]) for r in rows] == [("train", 0), ("train", 3), ("held_out", 0),
                                                              ("held_out", 3)]
     assert all(0 <= r["prompted_accuracy"] <= 1 for r in rows)
+    np.save(tmp_path / "l_short.npy", y[:3].astype(np.int64))
+    with pytest.raises(SystemExit, match="labels must have one class per image"):
+        mod.main([str(tmp_path / "s.npy"), "--labels", str(tmp_path / "l_short.npy")] + common)
+    (tmp_path / "bad.npy").write_bytes(b"not a numpy file")
+    with pytest.raises(SystemExit, match="error:"):
+        mod.main([str(tmp_path / "bad.npy")] + common)
     with pytest.raises(SystemExit, match="unknown sampler"):
         mod.main([str(tmp_path / "uncond" / "checkpoint.npz"), "--samplers", "ddim", "--bpd-mc", "0",
                   "--bpd-exact", "0"] + common)
