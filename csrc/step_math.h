@@ -188,11 +188,15 @@ struct StepCoefs {
 // One element of the fused step; eps_u is read only when k.has_uncond.
 //   eps    = eps_u + w (eps_c - eps_u)                     classifier-free guidance (Ho & Salimans)
 //   x0     = a x_t - b eps  [clamped to [-1, 1]]           DDPM eq. 15, DDIM eq. 12's "predicted x_0"
+//   eps    = (a x_t - x0) / b   only when clipped and guided with w > 1: eps re-derived from the clipped x_0
 //   x_prev = c_x0 x0 + c_xt x_t + c_eps eps + sigma z      DDPM eq. 7 / DDIM eq. 12
 MD_HD float step_one(const StepCoefs& k, float x_t, float eps_c, float eps_u, float z, float* x0_out) {
-    const float eps = k.has_uncond ? eps_u + k.guidance * (eps_c - eps_u) : eps_c;
+    float eps = k.has_uncond ? eps_u + k.guidance * (eps_c - eps_u) : eps_c;
     float x0 = k.a * x_t - k.b * eps;
-    if (k.clip) x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);  // like np.clip: NaN stays NaN
+    if (k.clip) {
+        x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);  // like np.clip: NaN stays NaN
+        if (k.has_uncond && k.guidance > 1.0f) eps = (k.a * x_t - x0) / k.b;
+    }
     *x0_out = x0;
     return k.c_x0 * x0 + k.c_xt * x_t + k.c_eps * eps + k.sigma * z;
 }

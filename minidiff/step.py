@@ -14,7 +14,9 @@ Notation (index t = 0 .. T-1 stands for the paper's t + 1, see minidiff/schedule
 `fused_step` does the same arithmetic in one pass (csrc/step_math.h): guidance, x_0 prediction,
 clipping, the posterior combination and the Philox noise, with the scalars from `ddpm_coefficients`
 or `ddim_coefficients`. Every step can be written as
-    x_{t-1} = c_x0 * x0 + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps.
+    x_{t-1} = c_x0 * x0 + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps,
+where, with clipping and guidance w > 1, eps is re-derived from the clipped x0: eps = (a * x_t - x0) / b
+(only DDIM uses eps; c_eps = 0 for DDPM).
 """
 import math
 from collections import namedtuple
@@ -140,10 +142,19 @@ def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncon
     ab_t = float(schedule.alphas_cumprod[t])
     ab_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
 
-    # 1. "predicted x_0" (DDIM eq. 12, first term): (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)
-    x0 = float(schedule.sqrt_recip_alphas_cumprod[t]) * x_t - float(schedule.sqrt_recipm1_alphas_cumprod[t]) * eps
+    # 1. "predicted x_0" (DDIM eq. 12, first term): (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t) = a x_t - b eps
+    a = float(schedule.sqrt_recip_alphas_cumprod[t])
+    b = float(schedule.sqrt_recipm1_alphas_cumprod[t])
+    x0 = a * x_t - b * eps
     if clip_sample:
-        x0 = x0.clip(-1.0, 1.0)  # as diffusers: the direction term below keeps the model's eps (not re-derived)
+        x0 = x0.clip(-1.0, 1.0)
+        if eps_uncond is not None and np.float32(guidance) > 1.0:  # w > 1 in float32, as the kernel compares
+            # Guidance w > 1 extrapolates past the conditional eps; its size grows with w and, kept as is, drives
+            # x_t off the data (measured in README, text-to-image). So re-derive eps from the clipped x_0 (as GLIDE
+            # does): eps = (a x_t - x0) / b, the direction from the clipped x_0 to x_t. Otherwise (w <= 1, an
+            # interpolation, or no guidance) keep the model's eps as diffusers does: REFERENCE_RUNS.md found
+            # re-deriving it worse for an unconditional model.
+            eps = (a * x_t - x0) / b
 
     # 2. sigma_t(eta) (DDIM eq. 16)
     sigma, dir_var = _ddim_sigma(ab_t, ab_prev, eta)
@@ -202,7 +213,8 @@ def _check_array(x, name, ref, xp):
 
 def fused_step(x_t, eps, coefs, *, seed=None, step=None, clip_sample=True, eps_uncond=None, guidance=1.0, z=None,
                out=None, x0_out=None, threads=0):
-    """x_{t-1} in one pass: guidance, x0 = a x_t - b eps (clipped), c_x0 x0 + c_xt x_t + c_eps eps + sigma z.
+    """x_{t-1} in one pass: guidance, x0 = a x_t - b eps (clipped; then, if w > 1, eps = (a x_t - x0) / b),
+    c_x0 x0 + c_xt x_t + c_eps eps + sigma z.
 
     NumPy arrays run the C++ kernel (OpenMP, `threads` = 0: all cores), CuPy arrays the CUDA kernel on
     the current stream of their device (not synchronised). All arrays: float32, C-contiguous, same shape

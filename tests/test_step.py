@@ -63,6 +63,33 @@ def test_clipping_bounds_x0():
     np.testing.assert_array_equal(x0, np.clip(raw, -1, 1))
 
 
+def test_guided_ddim_rederives_eps_from_the_clipped_x0():
+    # With guidance, eps_u + w (eps_c - eps_u) grows with w and x0 gets clipped; the direction term then uses
+    # the eps that takes the clipped x0 to x_t: eps' = (x_t - sqrt(ab_t) x0c) / sqrt(1 - ab_t).
+    # Without guidance, or with w <= 1 (an interpolation), the step keeps the network's eps.
+    _, eps, x_t = _noisy(t=900)
+    eps_u, eps_c, w = eps, 2 * eps, 3.0
+    guided = eps_u + w * (eps_c - eps_u)
+    ab_t, ab_prev = SCHEDULE.alphas_cumprod[900], SCHEDULE.alphas_cumprod[800]
+    got, x0c = ddim_step(SCHEDULE, x_t, eps_c, 900, 800, 0.0, None, eps_uncond=eps_u, guidance=w, return_x0=True)
+    _, raw = ddim_step(SCHEDULE, x_t, guided, 900, 800, 0.0, None, clip_sample=False, return_x0=True)
+    assert (np.abs(raw) > 1).mean() > 0.3 and np.array_equal(x0c, np.clip(raw, -1, 1))
+    eps_rederived = (x_t - math.sqrt(ab_t) * x0c) / math.sqrt(1 - ab_t)
+    np.testing.assert_allclose(got, math.sqrt(ab_prev) * x0c + math.sqrt(1 - ab_prev) * eps_rederived,
+                               rtol=1e-9, atol=1e-9)
+    kept = ddim_step(SCHEDULE, x_t, guided, 900, 800, 0.0, None)  # the same eps, given as unguided
+    np.testing.assert_allclose(kept, math.sqrt(ab_prev) * x0c + math.sqrt(1 - ab_prev) * guided, rtol=1e-9, atol=1e-9)
+    assert np.abs(kept - got).max() > 0.1
+    for v in (0.0, 0.5, 1.0):
+        np.testing.assert_allclose(ddim_step(SCHEDULE, x_t, eps_c, 900, 800, 0.0, None, eps_uncond=eps_u, guidance=v),
+                                   ddim_step(SCHEDULE, x_t, eps_u + v * (eps_c - eps_u), 900, 800, 0.0, None),
+                                   rtol=1e-12)
+    # unclipped, re-deriving changes nothing: guided and unguided steps agree
+    np.testing.assert_allclose(ddim_step(SCHEDULE, x_t, eps_c, 900, 800, 0.0, None, clip_sample=False,
+                                         eps_uncond=eps_u, guidance=w),
+                               ddim_step(SCHEDULE, x_t, guided, 900, 800, 0.0, None, clip_sample=False), rtol=1e-12)
+
+
 @pytest.mark.parametrize("t", [1, 500, T - 1])
 def test_ddim_eta1_one_step_is_ddpm_posterior(t):
     # DDIM eq. 16 with eta = 1 and t_prev = t - 1 gives beta-tilde_t, and (unclipped) the same mean as DDPM eq. 7.
