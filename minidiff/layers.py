@@ -129,15 +129,18 @@ def col2im(dcols, x_shape, kh, kw, stride, padding):
 
 
 def pad_flat(x, p):
-    """x (B, H, W, C) -> (buf, m): the zero-padded image flattened to rows, buf (m + B*(H+2p)*(W+2p) + m, C),
-    with m zero rows before and after so that every kernel tap's shifted window is a contiguous slice."""
+    """x (B, H, W, C) -> (buf, m): x zero-padded and flattened to rows for the shifted matmuls.
+    Each image row is followed by p zero pixels and each image by p zero rows, so the grid is
+    (B, H + p, W + p) and neighbours share their padding: the p zeros after row r are also the left
+    padding of row r + 1, the p zero rows after image b the top padding of image b + 1 (p*(W+p) + p = m
+    zero rows before the first image and after the last stand in for the rest). Against padding every
+    side (H + 2p) x (W + 2p), this is 7% fewer rows at 28x28, 12% at 14x14, 21% at 7x7, p = 1."""
     xp = array_module(x)
     B, H, W, C = x.shape
-    Wp = W + 2 * p
-    m = p * Wp + p                              # largest |row offset| of a tap
-    P = B * (H + 2 * p) * Wp
+    m = p * (W + p) + p                         # largest |row offset| of a tap
+    P = B * (H + p) * (W + p)
     buf = xp.zeros((P + 2 * m, C), dtype=x.dtype)
-    buf[m:m + P].reshape(B, H + 2 * p, Wp, C)[:, p:p + H, p:p + W, :] = x
+    buf[m:m + P].reshape(B, H + p, W + p, C)[:, :H, :W, :] = x
     return buf, m
 
 
@@ -191,8 +194,8 @@ class Conv2d(Layer):
       * im2col (any kernel, stride, padding): gather the kh*kw shifted copies of x into one matrix, then one
         matmul (the readable reference);
       * shifted matmuls (stride 1, 'same' padding: the U-Net's 3x3 convs): on the padded image flattened
-        to rows, the input under tap (i, j) of output pixel r is row r + off(i, j), off = (i - p) * (W + 2p)
-        + (j - p), so  y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T  is a sum of matmuls on
+        to rows (pad_flat: rows of W + p pixels), the input under tap (i, j) of output pixel r is row
+        r + off(i, j), off = (i - p) * (W + p) + (j - p), so  y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T  is a sum of matmuls on
         contiguous slices (shifted_matmul), computed on the padded grid whose border rows are then dropped.
         Its backward uses the same slices:  dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad  and
         dx_pad = sum_taps (dy_pad shifted by -off) @ W[:, :, i, j]  (a convolution with the flipped kernel).
@@ -214,7 +217,7 @@ class Conv2d(Layer):
     def _offsets(self, W):
         """Row offset of tap (i, j) in the flattened padded image, taps in (i, j) order."""
         k, p = self.k, self.padding
-        return [(i - p) * (W + 2 * p) + (j - p) for i in range(k) for j in range(k)]
+        return [(i - p) * (W + p) + (j - p) for i in range(k) for j in range(k)]
 
     def forward(self, x):                       # x (B, H, W, Cin)
         B, H, W, _ = x.shape
@@ -222,10 +225,10 @@ class Conv2d(Layer):
         wt = self._wtaps()                      # (kh, kw, Cin, Cout)
         cout = wt.shape[-1]
         if self.shifted:
-            xbuf, m = pad_flat(x, p)            # (m + P + m, Cin), P = B*(H+2p)*(W+2p)
+            xbuf, m = pad_flat(x, p)            # (m + P + m, Cin), P = B*(H+p)*(W+p)
             self.save((x.shape, xbuf, m))
             out = shifted_matmul(xbuf, m, self._offsets(W), wt.reshape(k * k, -1, cout))   # (P, Cout)
-            out = out.reshape(B, H + 2 * p, W + 2 * p, cout)[:, p:p + H, p:p + W, :]       # drop the border
+            out = out.reshape(B, H + p, W + p, cout)[:, :H, :W, :]                         # drop the padding
             return out + self.params["bias"]    # (B, H, W, Cout), contiguous
         Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
         self.save(x)                            # im2col is recomputed in backward: 9x less memory held
@@ -242,14 +245,14 @@ class Conv2d(Layer):
             x_shape, xbuf, m = self.cache
             B, H, W, cin = x_shape
             P = xbuf.shape[0] - 2 * m
-            dbuf, _ = pad_flat(dout, p)         # (m + P + m, Cout), zero on the border rows
+            dbuf, _ = pad_flat(dout, p)         # (m + P + m, Cout), zero on the padding rows
             dy = dbuf[m:m + P]                  # (P, Cout)
             self.grads["bias"] += dy.sum(axis=0)
             offsets = self._offsets(W)
             dw = shifted_matmul_t(xbuf, m, offsets, dy)                                     # (kh*kw, Cin, Cout)
             self.grads["weight"] += dw.reshape(k, k, cin, cout).transpose(3, 2, 0, 1)
             dx = shifted_matmul(dbuf, m, [-off for off in offsets], wt.reshape(k * k, cin, cout).transpose(0, 2, 1))
-            return dx.reshape(B, H + 2 * p, W + 2 * p, cin)[:, p:p + H, p:p + W, :]       # dx (B, H, W, Cin)
+            return dx.reshape(B, H + p, W + p, cin)[:, :H, :W, :]                           # dx (B, H, W, Cin)
         x = self.cache
         dout = dout.reshape(-1, cout)           # (B*Ho*Wo, Cout)
         self.grads["bias"] += dout.sum(axis=0)

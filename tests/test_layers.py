@@ -93,15 +93,16 @@ def test_conv2d_gradcheck(k, stride, padding):
     assert_small(gradcheck(lyr, [x], lyr.forward, lyr.backward))
 
 
-@pytest.mark.parametrize("cin,cout", [(3, 4), (4, 3)])
-def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout):
+@pytest.mark.parametrize("cin,cout,k", [(3, 4, 3), (4, 3, 3), (4, 3, 5)])
+def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout, k):
     """The shifted-matmul path, cut into many small row blocks (ROWS = 7), in both of its forms (gather when
-    the output is wider than the input, accumulate otherwise), gives the im2col path's output and gradients."""
+    the output is wider than the input, accumulate otherwise), on pad_flat's shared-padding layout (p = 1
+    and p = 2), gives the im2col path's output and gradients."""
     import minidiff.layers as layers
     monkeypatch.setattr(layers, "ROWS", 7)
     rng = np.random.default_rng(17)
-    a = Conv2d(cin, cout, 3, rng, padding=1, dtype=np.float64)
-    b = Conv2d(cin, cout, 3, rng, padding=1, dtype=np.float64)
+    a = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
+    b = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
     b.params = {k: v.copy() for k, v in a.params.items()}
     b.shifted = False
     assert a.shifted
