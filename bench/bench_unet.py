@@ -8,6 +8,9 @@ Each measurement runs in its own subprocess so its peak resident memory (ru_maxr
 subprocess uses all of the machine's cores (OpenBLAS threads for NumPy, torch.set_num_threads for PyTorch).
 A training step is forward, MSE loss against a fixed noise target, backward and an Adam update. Each
 measurement warms up with one step, then times whole steps until --seconds have passed (at least 2).
+On a shared machine the speed drifts by tens of percent within minutes, so each case runs --rounds times,
+minidiff and PyTorch back to back in each round: the table shows the median images/s of each and the
+median of the per-round ratios, with their range.
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ import resource
 import subprocess
 import sys
 import time
+from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -86,6 +90,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channels", type=int, default=32, help="base channels C (32 is the default model)")
     ap.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="measurements of each case (medians are shown)")
     ap.add_argument("--only", choices=["minidiff", "torch"], help="run one implementation")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -104,17 +109,20 @@ def main():
     print(f"U-Net C={args.channels}, float32, {os.cpu_count()} threads, load average before: "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"| measure | batch | minidiff img/s | minidiff peak MB |"
-          + (" torch img/s | torch peak MB | ratio |" if "torch" in impls else ""))
+          + (" torch img/s | torch peak MB | ratio (range) |" if "torch" in impls else ""))
     print("| --- | --- | --- | --- |" + (" --- | --- | --- |" if "torch" in impls else ""))
     for mode, batch in CASES:
-        r = {impl: run_case(impl, mode, batch, args.channels, args.seconds) for impl in impls}
-        m = r.get("minidiff")
+        rounds = [{impl: run_case(impl, mode, batch, args.channels, args.seconds) for impl in impls}
+                  for _ in range(max(1, args.rounds))]
         row = f"| {'training step' if mode == 'train' else 'forward'} | {batch} |"
-        row += f" {m['images_per_s']:.1f} | {m['peak_mb']:.0f} |" if m else " - | - |"
-        if "torch" in r:
-            tr = r["torch"]
-            row += f" {tr['images_per_s']:.1f} | {tr['peak_mb']:.0f} |"
-            row += f" {m['images_per_s'] / tr['images_per_s']:.2f} |" if m else " - |"
+        for impl in ["minidiff", "torch"] if "torch" in impls else ["minidiff"]:
+            row += (f" {median([r[impl]['images_per_s'] for r in rounds]):.1f} |"
+                    f" {max(r[impl]['peak_mb'] for r in rounds):.0f} |" if impl in impls else " - | - |")
+        if len(impls) == 2:
+            ratios = sorted(r["minidiff"]["images_per_s"] / r["torch"]["images_per_s"] for r in rounds)
+            row += f" {median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) |"
+        elif "torch" in impls:
+            row += " - |"
         print(row, flush=True)
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
