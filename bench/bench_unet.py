@@ -3,6 +3,7 @@
     python bench/bench_unet.py                     # C = 32: forward at batch 64 and 256, train step at 64 and 128
     python bench/bench_unet.py --channels 64 --seconds 10
     python bench/bench_unet.py --only minidiff     # without PyTorch
+    python bench/bench_unet.py --rounds 5          # more rounds on a noisy machine
 
 Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own; the
 subprocess uses all of the machine's cores (OpenBLAS threads for NumPy, torch.set_num_threads for PyTorch).
