@@ -122,7 +122,7 @@ class ResBlock(Layer):
     def backward(self, dout):                   # -> (dx, demb)
         dh = self.norm2.backward(self.act2.backward(self.dropout.backward(self.conv2.backward(dout))))
         B, H, W, C = dh.shape
-        demb = self.temb_proj.backward(dh.reshape(B, H * W, C).sum(axis=1))
+        demb = self.temb_proj.backward(array_module(dh).einsum("bnc->bc", dh.reshape(B, H * W, C)))
         dx = self.norm1.backward(self.act1.backward(self.conv1.backward(dh)))
         dx += self.skip.backward(dout) if self.skip else dout
         return dx, demb
