@@ -195,8 +195,9 @@ class Conv2d(Layer):
         matmul (the readable reference);
       * shifted matmuls (stride 1, 'same' padding: the U-Net's 3x3 convs): on the padded image flattened
         to rows (pad_flat: rows of W + p pixels), the input under tap (i, j) of output pixel r is row
-        r + off(i, j), off = (i - p) * (W + p) + (j - p), so  y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T  is a sum of matmuls on
-        contiguous slices (shifted_matmul), computed on the padded grid whose border rows are then dropped.
+        r + off(i, j), off = (i - p) * (W + p) + (j - p), so  y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T
+        is a sum of matmuls on contiguous slices (shifted_matmul), computed on the padded grid whose padding
+        rows are then dropped.
         Its backward uses the same slices:  dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad  and
         dx_pad = sum_taps (dy_pad shifted by -off) @ W[:, :, i, j]  (a convolution with the flipped kernel).
       The shifted form avoids writing and re-reading a 9x copy of every input; both forms are tested against
@@ -390,7 +391,8 @@ class Upsample2x(Layer):
 
     def backward(self, dout):                   # dout (B, 2H, 2W, C)
         B, H2, W2, C = dout.shape
-        return array_module(dout).einsum("bhiwjc->bhwc", dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C))   # dx (B, H, W, C)
+        d = dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C)
+        return array_module(dout).einsum("bhiwjc->bhwc", d)   # dx (B, H, W, C): each pixel sums its 2x2 copies
 
 
 # ----------------------------------------------------------------------------------------------------

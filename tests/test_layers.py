@@ -103,7 +103,7 @@ def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout, k
     rng = np.random.default_rng(17)
     a = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
     b = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
-    b.params = {k: v.copy() for k, v in a.params.items()}
+    b.params = {name: v.copy() for name, v in a.params.items()}
     b.shifted = False
     assert a.shifted
     x, d = rng.standard_normal((2, 5, 6, cin)), rng.standard_normal((2, 5, 6, cout))
