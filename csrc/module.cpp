@@ -103,8 +103,14 @@ void normal_cuda(uintptr_t out, int64_t n, uint64_t seed, uint64_t step, uintptr
 
 }  // namespace
 
+namespace md {
+void bind_nn(py::module_& m);  // nn_module.cpp: the network's CPU kernels
+}
+
 PYBIND11_MODULE(_core, m) {
-    m.doc() = "minidiff native kernels: the fused sampling step and the Philox4x32-10 normal generator";
+    m.doc() = "minidiff native kernels: the fused sampling step, the Philox4x32-10 normal generator and the "
+              "network's CPU kernels (3x3 convolution, GroupNorm + SiLU, SiLU)";
+    md::bind_nn(m);
     m.attr("ABI_VERSION") = MINIDIFF_ABI_VERSION;
     m.def("has_cuda", []() {
 #ifdef MINIDIFF_WITH_CUDA

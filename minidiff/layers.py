@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import array_module
 
 
@@ -70,7 +71,19 @@ def _uniform(rng, shape, bound, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Linear:  y = x W^T + b
+# Linear:  y = x W^T + b   (also the matrix product of the 1x1 and the im2col convolutions)
+
+@kernels.reference
+def linear(x, weight, bias):
+    """x (N, in) @ weight (out, in)^T + bias (out,) -> (N, out)."""
+    return x @ weight.T + bias
+
+
+@kernels.reference
+def linear_backward(x, weight, dout):
+    """(dx = dout W (N, in), dweight = dout^T x (out, in)) for dout (N, out)."""
+    return dout @ weight, dout.T @ x
+
 
 class Linear(Layer):
     def __init__(self, in_features, out_features, rng, dtype=np.float32):
@@ -81,13 +94,13 @@ class Linear(Layer):
 
     def forward(self, x):                       # x (N, in)
         self.save(x)
-        return x @ self.params["weight"].T + self.params["bias"]   # (N, out)
+        return linear(x, self.params["weight"], self.params["bias"])   # (N, out)
 
     def backward(self, dout):                   # dout (N, out)
-        x = self.cache
-        self.grads["weight"] += dout.T @ x      # (out, in)
+        dx, dw = linear_backward(self.cache, self.params["weight"], dout)
+        self.grads["weight"] += dw              # (out, in)
         self.grads["bias"] += dout.sum(axis=0)
-        return dout @ self.params["weight"]     # dx (N, in)
+        return dx                               # (N, in)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,23 +157,33 @@ def pad_flat(x, p):
     return buf, m
 
 
-ROWS = 1024  # rows per block in shifted_matmul: the kh*kw partial products of a block stay in cache
+ROWS = 1024  # rows per block in shifted_matmul on the CPU: the kh*kw partial products of a block stay in cache
+
+# How the shifted matmuls run, per array module. "blocked" (the CPU): blocks of ROWS output rows, each the sum of
+# the T products of its shifted slices (or, when the output is wider than the input, N > K, one product of the T
+# slices gathered side by side); blocking keeps the T passes over a block in cache, ~1.7x faster than
+# whole-array passes for 28x28 batches. "whole" (the GPU): the T shifted slices of all rows gathered side by side
+# (a flat im2col of T*K columns) and ONE product, so a convolution is a handful of kernel launches instead of
+# (rows / ROWS) x T small ones. Both run on either module (the tests check "whole" on NumPy).
+SHIFTED_FORM = {"numpy": "blocked", "cupy": "whole"}
+
+
+def _shifted_form(xp):
+    return SHIFTED_FORM["numpy" if xp is np else "cupy"]
 
 
 def shifted_matmul(buf, m, offsets, w):
-    """sum_t buf[m + off_t : m + off_t + P] @ w[t]  for buf (m + P + m, K), w (T, K, N) -> (P, N).
-    Computed block by block over the P output rows (ROWS at a time; a cache tiling, not a loop over
-    pixels or images), each block either by accumulating the T matmuls of its shifted slices, or, when the
-    output is wider than the input (N > K), by gathering the T slices side by side (a flat im2col of
-    T*K columns) for one matmul. Blocking keeps the T passes over each output block in cache: ~1.7x
-    faster than whole-array passes for 28x28 batches."""
+    """sum_t buf[m + off_t : m + off_t + P] @ w[t]  for buf (m + P + m, K), w (T, K, N) -> (P, N), in the form
+    SHIFTED_FORM names for the arrays' module (a cache tiling over rows, not a loop over pixels or images)."""
     xp = array_module(buf)
     P, (T, K, N) = buf.shape[0] - 2 * m, w.shape
+    whole = _shifted_form(xp) == "whole"
+    rows = P if whole else ROWS
     out = xp.empty((P, N), dtype=buf.dtype)
-    gather = N > K
-    scratch = xp.empty((ROWS, T, K) if gather else (ROWS, N), dtype=buf.dtype)
-    for r0 in range(0, P, ROWS):
-        r1 = min(P, r0 + ROWS)
+    gather = whole or N > K
+    scratch = xp.empty((rows, T, K) if gather else (rows, N), dtype=buf.dtype)
+    for r0 in range(0, P, rows):
+        r1 = min(P, r0 + rows)
         o, sc = out[r0:r1], scratch[:r1 - r0]
         if gather:
             for t, off in enumerate(offsets):
@@ -176,10 +199,17 @@ def shifted_matmul(buf, m, offsets, w):
 
 def shifted_matmul_t(buf, m, offsets, dy):
     """The weight gradient of shifted_matmul: dw[t] = (buf shifted by off_t)^T @ dy  for buf (m + P + m, K),
-    dy (P, N) -> dw (T, K, N), accumulated over blocks of ROWS rows like shifted_matmul."""
+    dy (P, N) -> dw (T, K, N): per tap, accumulated over blocks of ROWS rows ("blocked"), or one product of the
+    gathered slices ("whole")."""
     xp = array_module(buf)
     P, K, N = dy.shape[0], buf.shape[1], dy.shape[1]
-    dw = xp.zeros((len(offsets), K, N), dtype=buf.dtype)
+    T = len(offsets)
+    if _shifted_form(xp) == "whole":
+        cols = xp.empty((P, T, K), dtype=buf.dtype)
+        for t, off in enumerate(offsets):
+            cols[:, t, :] = buf[m + off:m + off + P]
+        return (cols.reshape(P, T * K).T @ dy).reshape(T, K, N)
+    dw = xp.zeros((T, K, N), dtype=buf.dtype)
     tmp = xp.empty((K, N), dtype=buf.dtype)
     for r0 in range(0, P, ROWS):
         r1 = min(P, r0 + ROWS)
@@ -189,82 +219,128 @@ def shifted_matmul_t(buf, m, offsets, dy):
     return dw
 
 
+def _same_offsets(k, W):
+    """Row offset of tap (i, j) in the flattened padded image (pad_flat, p = (k - 1) / 2), taps in (i, j) order."""
+    p = (k - 1) // 2
+    return [(i - p) * (W + p) + (j - p) for i in range(k) for j in range(k)]
+
+
+@kernels.reference
+def conv2d_same(x, weight, bias):
+    """Stride-1 'same' convolution (odd k, p = (k - 1) / 2), NHWC: x (B, H, W, Cin), weight (Cout, Cin, k, k),
+    bias (Cout,) -> (B, H, W, Cout). On the padded image flattened to rows (pad_flat: rows of W + p pixels), the
+    input under tap (i, j) of output row r is row r + off(i, j), so
+        y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T,
+    a sum of matmuls on contiguous slices (shifted_matmul), whose padding rows are then dropped."""
+    B, H, W, _ = x.shape
+    cout, cin, k, _ = weight.shape
+    p = (k - 1) // 2
+    wt = array_module(weight).ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k, cin, cout)
+    xbuf, m = pad_flat(x, p)                                                   # (m + P + m, Cin)
+    out = shifted_matmul(xbuf, m, _same_offsets(k, W), wt)                     # (P, Cout), P = B*(H+p)*(W+p)
+    return out.reshape(B, H + p, W + p, cout)[:, :H, :W, :] + bias             # drop the padding; (B, H, W, Cout)
+
+
+@kernels.reference
+def conv2d_same_backward(x, weight, dout):
+    """Gradients of conv2d_same: (dx (B, H, W, Cin), dweight (Cout, Cin, k, k)). On the same rows,
+        dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad   and   dx_pad = sum_taps (dy_pad shifted by -off) @ W[:, :, i, j]
+    (a convolution with the flipped kernel)."""
+    B, H, W, cin = x.shape
+    cout, _, k, _ = weight.shape
+    p = (k - 1) // 2
+    wt = array_module(weight).ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k, cin, cout)
+    offsets = _same_offsets(k, W)
+    xbuf, m = pad_flat(x, p)
+    dbuf, _ = pad_flat(dout, p)                 # (m + P + m, Cout), zero on the padding rows
+    dw = shifted_matmul_t(xbuf, m, offsets, dbuf[m:m + xbuf.shape[0] - 2 * m])       # (k*k, Cin, Cout)
+    dx = shifted_matmul(dbuf, m, [-off for off in offsets], wt.transpose(0, 2, 1))
+    return dx.reshape(B, H + p, W + p, cin)[:, :H, :W, :], dw.reshape(k, k, cin, cout).transpose(3, 2, 0, 1)
+
+
 class Conv2d(Layer):
     """Two ways to compute the same convolution:
       * im2col (any kernel, stride, padding): gather the kh*kw shifted copies of x into one matrix, then one
-        matmul (the readable reference);
-      * shifted matmuls (stride 1, 'same' padding: the U-Net's 3x3 convs): on the padded image flattened
-        to rows (pad_flat: rows of W + p pixels), the input under tap (i, j) of output pixel r is row
-        r + off(i, j), off = (i - p) * (W + p) + (j - p), so  y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T
-        is a sum of matmuls on contiguous slices (shifted_matmul), computed on the padded grid whose padding
-        rows are then dropped.
-        Its backward uses the same slices:  dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad  and
-        dx_pad = sum_taps (dy_pad shifted by -off) @ W[:, :, i, j]  (a convolution with the flipped kernel).
-      The shifted form avoids writing and re-reading a 9x copy of every input; both forms are tested against
-      finite differences and PyTorch."""
+        matmul (the readable general form);
+      * conv2d_same (stride 1, 'same' padding: the U-Net's 3x3 convs): shifted matmuls on the flattened padded
+        image, which avoid writing and re-reading a 9x copy of every input (and, for float32 on the CPU, the
+        native kernel registered for it in kernels.py).
+      Both forms are tested against finite differences and PyTorch, and against each other."""
 
     def __init__(self, in_channels, out_channels, kernel_size, rng, stride=1, padding=0, dtype=np.float32):
         super().__init__()
         self.k, self.stride, self.padding = kernel_size, stride, padding
-        self.shifted = stride == 1 and 2 * padding == kernel_size - 1 and kernel_size > 1
+        self.same = stride == 1 and 2 * padding == kernel_size - 1 and kernel_size > 1
         bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
         self.new_param("weight", _uniform(rng, (out_channels, in_channels, kernel_size, kernel_size), bound, dtype))
         self.new_param("bias", _uniform(rng, (out_channels,), bound, dtype))
 
-    def _wtaps(self):
-        w = self.params["weight"]               # (Cout, Cin, kh, kw)
-        return array_module(w).ascontiguousarray(w.transpose(2, 3, 1, 0))   # (kh, kw, Cin, Cout)
-
-    def _offsets(self, W):
-        """Row offset of tap (i, j) in the flattened padded image, taps in (i, j) order."""
-        k, p = self.k, self.padding
-        return [(i - p) * (W + p) + (j - p) for i in range(k) for j in range(k)]
+    def _wmat(self):
+        """The weight as the (Cout, kh*kw*Cin) matrix of im2col's column order (i, j, c)."""
+        w = self.params["weight"]
+        return array_module(w).ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
 
     def forward(self, x):                       # x (B, H, W, Cin)
+        w, b = self.params["weight"], self.params["bias"]
+        self.save(x)                            # backward recomputes the padded copy / im2col: less memory held
+        if self.same:
+            return conv2d_same(x, w, b)         # (B, H, W, Cout)
         B, H, W, _ = x.shape
         k, s, p = self.k, self.stride, self.padding
-        wt = self._wtaps()                      # (kh, kw, Cin, Cout)
-        cout = wt.shape[-1]
-        if self.shifted:
-            xbuf, m = pad_flat(x, p)            # (m + P + m, Cin), P = B*(H+p)*(W+p)
-            self.save((x.shape, xbuf, m))
-            out = shifted_matmul(xbuf, m, self._offsets(W), wt.reshape(k * k, -1, cout))   # (P, Cout)
-            out = out.reshape(B, H + p, W + p, cout)[:, :H, :W, :]                         # drop the padding
-            return out + self.params["bias"]    # (B, H, W, Cout), contiguous
         Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-        self.save(x)                            # im2col is recomputed in backward: 9x less memory held
-        out = im2col(x, k, k, s, p) @ wt.reshape(-1, cout)     # (B*Ho*Wo, Cout)
-        out += self.params["bias"]
-        return out.reshape(B, Ho, Wo, cout)     # (B, Ho, Wo, Cout)
+        out = linear(im2col(x, k, k, s, p), self._wmat(), b)      # (B*Ho*Wo, Cout)
+        return out.reshape(B, Ho, Wo, -1)       # (B, Ho, Wo, Cout)
 
     def backward(self, dout):                   # dout (B, Ho, Wo, Cout)
         xp = array_module(dout)
+        x, w = self.cache, self.params["weight"]
+        self.grads["bias"] += xp.einsum("bhwc->c", dout)   # db = sum of dout over images and pixels
+        if self.same:
+            dx, dw = conv2d_same_backward(x, w, dout)
+            self.grads["weight"] += dw
+            return dx                           # (B, H, W, Cin)
         k, s, p = self.k, self.stride, self.padding
         cout = dout.shape[-1]
-        wt = self._wtaps()                      # (kh, kw, Cin, Cout)
-        self.grads["bias"] += xp.einsum("bhwc->c", dout)   # db = sum of dout over images and pixels
-        if self.shifted:
-            x_shape, xbuf, m = self.cache
-            B, H, W, cin = x_shape
-            P = xbuf.shape[0] - 2 * m
-            dbuf, _ = pad_flat(dout, p)         # (m + P + m, Cout), zero on the padding rows
-            dy = dbuf[m:m + P]                  # (P, Cout)
-            offsets = self._offsets(W)
-            dw = shifted_matmul_t(xbuf, m, offsets, dy)                                     # (kh*kw, Cin, Cout)
-            self.grads["weight"] += dw.reshape(k, k, cin, cout).transpose(3, 2, 0, 1)
-            dx = shifted_matmul(dbuf, m, [-off for off in offsets], wt.reshape(k * k, cin, cout).transpose(0, 2, 1))
-            return dx.reshape(B, H + p, W + p, cin)[:, :H, :W, :]                           # dx (B, H, W, Cin)
-        x = self.cache
-        dout = dout.reshape(-1, cout)           # (B*Ho*Wo, Cout)
-        dw = im2col(x, k, k, s, p).T @ dout     # (kh*kw*Cin, Cout)
-        self.grads["weight"] += dw.reshape(k, k, -1, cout).transpose(3, 2, 0, 1)
-        dcols = dout @ wt.reshape(-1, cout).T   # (B*Ho*Wo, kh*kw*Cin)
+        dcols, dw = linear_backward(im2col(x, k, k, s, p), self._wmat(), dout.reshape(-1, cout))
+        self.grads["weight"] += dw.reshape(cout, k, k, -1).transpose(0, 3, 1, 2)
         return col2im(dcols, x.shape, k, k, s, p)   # dx (B, H, W, Cin)
 
 
 # ----------------------------------------------------------------------------------------------------
+# SiLU:  y = x * sigmoid(x);  dy/dx = s * (1 + x * (1 - s)), s = sigmoid(x).
+# The elementwise chains below are plain expressions so that, on CuPy, each compiles into one fused kernel
+# (kernels.py); on the CPU the native kernels registered for silu, silu_backward and group_norm replace them.
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) computed as (1 + tanh(x / 2)) / 2: no overflow for large |x|, one transcendental."""
+    return 0.5 + 0.5 * array_module(x).tanh(0.5 * x)
+
+
+@kernels.reference
+def silu(x):
+    return x * sigmoid(x)
+
+
+@kernels.reference
+def silu_backward(x, dout):
+    """dx = dout * s * (1 + x * (1 - s)), s = sigmoid(x) recomputed from the input (the forward keeps only x)."""
+    s = sigmoid(x)
+    return dout * s * (1.0 + x * (1.0 - s))
+
+
+class SiLU(Layer):
+    def forward(self, x):
+        self.save(x)
+        return silu(x)
+
+    def backward(self, dout):
+        return silu_backward(self.cache, dout)
+
+
+# ----------------------------------------------------------------------------------------------------
 # GroupNorm (NHWC), affine:  xhat = (x - mu_g) / sqrt(var_g + eps) over each (sample, group of C/G
-# channels, all pixels);  y = xhat * gamma + beta.
+# channels, all pixels);  y = xhat * gamma + beta;  optionally followed by SiLU (GroupNormSiLU: the
+# pre-activation in front of every ResBlock convolution, one pass instead of two).
 # Written with per-(sample, channel) sums over the pixels, so each pass over the big array is a plain
 # reduction along one axis or one fused multiply-add, instead of reductions over two strided axes:
 #   forward:  mu_g = sum x / n,  var_g = sum x^2 / n - mu_g^2  (n = H*W*C/G);  y = a x + b per (sample, channel)
@@ -272,10 +348,78 @@ class Conv2d(Layer):
 #   backward: with dxhat = gamma dy,  dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)),
 #             where both group means come from the per-channel sums S_dy = sum dy and S_dyx = sum dy x:
 #             sum_pixels dy xhat = rstd (S_dyx - mu S_dy).  So dx = A dy + B x + C per (sample, channel).
+#             With SiLU, dy is the gradient reaching the normalised output: dout SiLU'(a x + b), recomputed.
 # Sums over pixels are written einsum("bnc->bc", x): the same numbers as x.sum(axis=1), 2-3x faster in
 # NumPy for 32-64 channels (the same holds for the convolutions' bias gradients, "bhwc->c").
 
+def _group_mean(s, num_groups, n):
+    """(B, C) per-channel sums -> (B, C): the mean over each channel's group, repeated per channel."""
+    B, C = s.shape
+    g = s.reshape(B, num_groups, C // num_groups).sum(axis=2, keepdims=True) / n    # (B, G, 1)
+    return array_module(s).broadcast_to(g, (B, num_groups, C // num_groups)).reshape(B, C)
+
+
+@kernels.reference
+def scale_shift(x, a, b):
+    return x * a + b
+
+
+@kernels.reference
+def scale_shift_silu(x, a, b):
+    return silu(x * a + b)
+
+
+@kernels.reference
+def scale_shift_silu_backward(x, a, b, dout):
+    """The gradient reaching h = a x + b when y = SiLU(h): dout SiLU'(h)."""
+    return silu_backward(x * a + b, dout)
+
+
+@kernels.reference
+def group_norm_combine(dy, x, A, Bx, Cc):
+    return dy * A + x * Bx + Cc
+
+
+@kernels.reference
+def group_norm(x, gamma, beta, num_groups, eps, silu=False):
+    """x (B, H, W, C) -> (y, mean (B, C), rstd (B, C)), y = [SiLU](gamma xhat + beta)."""
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    xr = x.reshape(B, H * W, C)
+    n = H * W * (C // num_groups)               # elements per group
+    mean = _group_mean(xp.einsum("bnc->bc", xr), num_groups, n)                             # mu (B, C)
+    var = _group_mean(xp.einsum("bnc,bnc->bc", xr, xr), num_groups, n) - mean * mean        # (B, C), biased
+    rstd = 1.0 / xp.sqrt(xp.maximum(var, 0.0) + eps)                                       # (B, C)
+    a = rstd * gamma                                                                        # (B, C)
+    b = beta - a * mean
+    y = (scale_shift_silu if silu else scale_shift)(xr, a[:, None, :], b[:, None, :])
+    return y.reshape(B, H, W, C), mean, rstd
+
+
+@kernels.reference
+def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, silu=False):
+    """-> (dx (B, H, W, C), dgamma (C,), dbeta (C,)) of group_norm."""
+    xp = array_module(dout)
+    B, H, W, C = dout.shape
+    n = H * W * (C // num_groups)
+    dyr, xr = dout.reshape(B, H * W, C), x.reshape(B, H * W, C)
+    if silu:                                    # the gradient reaching the normalised output
+        a = rstd * gamma
+        dyr = scale_shift_silu_backward(xr, a[:, None, :], (beta - a * mean)[:, None, :], dyr)
+    s_dy = xp.einsum("bnc->bc", dyr)                             # (B, C): sum over pixels of dy
+    s_dyxhat = rstd * (xp.einsum("bnc,bnc->bc", dyr, xr) - mean * s_dy)   # (B, C): sum of dy * xhat
+    k1 = _group_mean(gamma * s_dy, num_groups, n)                # mean_g(dxhat)
+    k2 = _group_mean(gamma * s_dyxhat, num_groups, n)            # mean_g(dxhat * xhat)
+    A = rstd * gamma                                             # dx = A dy + Bx x + Cc
+    Bx = -rstd * rstd * k2
+    Cc = rstd * (rstd * k2 * mean - k1)
+    dx = group_norm_combine(dyr, xr, A[:, None, :], Bx[:, None, :], Cc[:, None, :])
+    return dx.reshape(B, H, W, C), s_dyxhat.sum(axis=0), s_dy.sum(axis=0)
+
+
 class GroupNorm(Layer):
+    silu = False                                # GroupNormSiLU: followed by SiLU
+
     def __init__(self, num_groups, num_channels, eps=1e-5, dtype=np.float32):
         super().__init__()
         if num_channels % num_groups:
@@ -284,77 +428,23 @@ class GroupNorm(Layer):
         self.new_param("weight", np.ones(num_channels, dtype=dtype))   # gamma (C,)
         self.new_param("bias", np.zeros(num_channels, dtype=dtype))    # beta (C,)
 
-    def _group_mean(self, s, n):
-        """(B, C) per-channel sums -> (B, C): the mean over each channel's group, repeated per channel."""
-        B, C = s.shape
-        g = s.reshape(B, self.G, C // self.G).sum(axis=2, keepdims=True) / n    # (B, G, 1)
-        return array_module(s).broadcast_to(g, (B, self.G, C // self.G)).reshape(B, C)
-
     def forward(self, x):                       # x (B, H, W, C)
-        xp = array_module(x)
-        B, H, W, C = x.shape
-        xr = x.reshape(B, H * W, C)
-        n = H * W * (C // self.G)               # elements per group
-        mean = self._group_mean(xp.einsum("bnc->bc", xr), n)                         # mu (B, C)
-        var = self._group_mean(xp.einsum("bnc,bnc->bc", xr, xr), n) - mean * mean    # (B, C), biased
-        rstd = 1.0 / xp.sqrt(xp.maximum(var, 0.0) + self.eps)                       # (B, C)
-        a = rstd * self.params["weight"]                                             # (B, C)
-        b = self.params["bias"] - a * mean
+        y, mean, rstd = group_norm(x, self.params["weight"], self.params["bias"], self.G, self.eps, self.silu)
         self.save((x, mean, rstd))
-        y = xr * a[:, None, :]
-        y += b[:, None, :]
-        return y.reshape(B, H, W, C)            # (B, H, W, C)
+        return y                                # (B, H, W, C)
 
     def backward(self, dout):                   # dout (B, H, W, C)
-        xp = array_module(dout)
         x, mean, rstd = self.cache
-        B, H, W, C = dout.shape
-        n = H * W * (C // self.G)
-        gamma = self.params["weight"]
-        dyr, xr = dout.reshape(B, H * W, C), x.reshape(B, H * W, C)
-        s_dy = xp.einsum("bnc->bc", dyr)                         # (B, C): sum over pixels of dy
-        s_dyxhat = rstd * (xp.einsum("bnc,bnc->bc", dyr, xr) - mean * s_dy)   # (B, C): sum of dy * xhat
-        self.grads["weight"] += s_dyxhat.sum(axis=0)
-        self.grads["bias"] += s_dy.sum(axis=0)
-        k1 = self._group_mean(gamma * s_dy, n)                   # mean_g(dxhat)
-        k2 = self._group_mean(gamma * s_dyxhat, n)               # mean_g(dxhat * xhat)
-        A = rstd * gamma                                         # dx = A dy + Bx x + Cc
-        Bx = -rstd * rstd * k2
-        Cc = rstd * (rstd * k2 * mean - k1)
-        dx = dyr * A[:, None, :]
-        dx += xr * Bx[:, None, :]
-        dx += Cc[:, None, :]
-        return dx.reshape(B, H, W, C)
+        dx, dgamma, dbeta = group_norm_backward(dout, x, self.params["weight"], self.params["bias"], mean, rstd,
+                                                self.G, self.silu)
+        self.grads["weight"] += dgamma
+        self.grads["bias"] += dbeta
+        return dx
 
 
-# ----------------------------------------------------------------------------------------------------
-# SiLU:  y = x * sigmoid(x);  dy/dx = s * (1 + x * (1 - s)), s = sigmoid(x).
-
-def sigmoid(x):
-    """1 / (1 + exp(-x)) computed as (1 + tanh(x / 2)) / 2: no overflow for large |x|, one transcendental,
-    and the arithmetic in place (these elementwise passes run on one core)."""
-    xp = array_module(x)
-    s = xp.multiply(x, 0.5)
-    xp.tanh(s, out=s)
-    s *= 0.5
-    s += 0.5
-    return s
-
-
-class SiLU(Layer):
-    def forward(self, x):
-        s = sigmoid(x)
-        self.save((x, s))
-        return x * s
-
-    def backward(self, dout):                   # dx = dout * s * (1 + x * (1 - s))
-        x, s = self.cache
-        g = 1.0 - s
-        g *= x
-        g += 1.0
-        g *= s
-        g *= dout
-        return g
+class GroupNormSiLU(GroupNorm):
+    """SiLU(GroupNorm(x)) in one layer (the parameters are GroupNorm's)."""
+    silu = True
 
 
 # ----------------------------------------------------------------------------------------------------

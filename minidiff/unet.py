@@ -30,8 +30,8 @@ import json
 import numpy as np
 
 from .backend import array_module
-from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNorm, Layer, Linear, Model, SiLU, Upsample2x,
-                     timestep_embedding)
+from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNormSiLU, Layer, Linear, Model, SiLU,
+                     Upsample2x, timestep_embedding)
 from .text import TextEncoder, Tokenizer
 
 TEXT_CONDITIONING = (None, "add", "concat")
@@ -102,28 +102,26 @@ class UNetConfig:
 class ResBlock(Layer):
     def __init__(self, cin, cout, temb_dim, dropout, rng, dtype):
         super().__init__()
-        self.norm1 = self.add("norm1", GroupNorm(NUM_GROUPS, cin, dtype=dtype))
-        self.act1 = self.add("act1", SiLU())
+        self.norm1 = self.add("norm1", GroupNormSiLU(NUM_GROUPS, cin, dtype=dtype))      # GroupNorm then SiLU
         self.conv1 = self.add("conv1", Conv2d(cin, cout, 3, rng, padding=1, dtype=dtype))
         self.temb_proj = self.add("temb_proj", Linear(temb_dim, cout, rng, dtype=dtype))
-        self.norm2 = self.add("norm2", GroupNorm(NUM_GROUPS, cout, dtype=dtype))
-        self.act2 = self.add("act2", SiLU())
+        self.norm2 = self.add("norm2", GroupNormSiLU(NUM_GROUPS, cout, dtype=dtype))
         self.dropout = self.add("dropout", Dropout(dropout))
         self.conv2 = self.add("conv2", Conv2d(cout, cout, 3, rng, padding=1, dtype=dtype))
         self.skip = self.add("skip", Conv2d(cin, cout, 1, rng, dtype=dtype)) if cin != cout else None
 
     def forward(self, x, emb, rng=None):        # x (B, H, W, cin), emb = SiLU(temb) (B, 4C)
-        h = self.conv1.forward(self.act1.forward(self.norm1.forward(x)))
+        h = self.conv1.forward(self.norm1.forward(x))
         h += self.temb_proj.forward(emb)[:, None, None, :]         # per-channel time shift (h is a fresh array)
-        h = self.conv2.forward(self.dropout.forward(self.act2.forward(self.norm2.forward(h)), rng))
+        h = self.conv2.forward(self.dropout.forward(self.norm2.forward(h), rng))
         h += self.skip.forward(x) if self.skip else x
         return h                                # (B, H, W, cout)
 
     def backward(self, dout):                   # -> (dx, demb)
-        dh = self.norm2.backward(self.act2.backward(self.dropout.backward(self.conv2.backward(dout))))
+        dh = self.norm2.backward(self.dropout.backward(self.conv2.backward(dout)))
         B, H, W, C = dh.shape
         demb = self.temb_proj.backward(array_module(dh).einsum("bnc->bc", dh.reshape(B, H * W, C)))
-        dx = self.norm1.backward(self.act1.backward(self.conv1.backward(dh)))
+        dx = self.norm1.backward(self.conv1.backward(dh))
         dx += self.skip.backward(dout) if self.skip else dout
         return dx, demb
 
@@ -228,8 +226,7 @@ class UNet(Model):
             self.up.append(lv)
 
         # output
-        self.norm_out = self.add("norm_out", GroupNorm(NUM_GROUPS, ch, dtype=dtype))
-        self.act_out = self.add("act_out", SiLU())
+        self.norm_out = self.add("norm_out", GroupNormSiLU(NUM_GROUPS, ch, dtype=dtype))
         self.conv_out = self.add("conv_out", Conv2d(ch, cfg.in_channels, 3, rng, padding=1, dtype=dtype))
 
         # DDPM init: zero the last conv of every ResBlock, every attention projection and conv_out
@@ -333,7 +330,7 @@ class UNet(Model):
             if lv.resample:
                 h = lv.resample.forward(h)
 
-        h = self.conv_out.forward(self.act_out.forward(self.norm_out.forward(h)))
+        h = self.conv_out.forward(self.norm_out.forward(h))
         return xp.ascontiguousarray(h.transpose(0, 3, 1, 2))                                # NHWC -> NCHW
 
     def backward(self, dout):
@@ -342,7 +339,7 @@ class UNet(Model):
             raise RuntimeError("UNet.backward needs a forward pass in training mode (model.train(True))")
         xp = array_module(dout)
         dh = xp.ascontiguousarray(dout.transpose(0, 2, 3, 1))
-        dh = self.norm_out.backward(self.act_out.backward(self.conv_out.backward(dh)))
+        dh = self.norm_out.backward(self.conv_out.backward(dh))
 
         demb = 0.0
         dskips = []                             # filled in the order the skips were pushed

@@ -93,19 +93,22 @@ def test_conv2d_gradcheck(k, stride, padding):
     assert_small(gradcheck(lyr, [x], lyr.forward, lyr.backward))
 
 
+@pytest.mark.parametrize("form", ["blocked", "whole"])
 @pytest.mark.parametrize("cin,cout,k", [(3, 4, 3), (4, 3, 3), (4, 3, 5)])
-def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout, k):
-    """The shifted-matmul path, cut into many small row blocks (ROWS = 7), in both of its forms (gather when
-    the output is wider than the input, accumulate otherwise), on pad_flat's shared-padding layout (p = 1
-    and p = 2), gives the im2col path's output and gradients."""
+def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout, k, form):
+    """The shifted-matmul path in the CPU's form (cut into many small row blocks, ROWS = 7, gathering when the
+    output is wider than the input, accumulating otherwise) and in the GPU's form (all rows, gathered, one
+    product), on pad_flat's shared-padding layout (p = 1 and p = 2), gives the im2col path's output and
+    gradients, and passes the finite-difference check."""
     import minidiff.layers as layers
     monkeypatch.setattr(layers, "ROWS", 7)
+    monkeypatch.setitem(layers.SHIFTED_FORM, "numpy", form)
     rng = np.random.default_rng(17)
     a = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
     b = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
     b.params = {name: v.copy() for name, v in a.params.items()}
-    b.shifted = False
-    assert a.shifted
+    b.same = False
+    assert a.same
     x, d = rng.standard_normal((2, 5, 6, cin)), rng.standard_normal((2, 5, 6, cout))
     np.testing.assert_allclose(a.forward(x), b.forward(x), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(a.backward(d), b.backward(d), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,14 @@
+// nn_avx2.cpp: nn_isa.h compiled for avx2 (8 floats a vector; CMakeLists.txt sets this file's -m flags).
+#include "nn_kernels.h"
+
+namespace md {
+namespace avx2 {
+#define MD_VW 8
+#define MD_ACC 12
+#include "nn_isa.h"
+}  // namespace avx2
+
+const NNKernels nn_avx2 = {"avx2", MD_VW, MD_ACC, avx2::silu_forward, avx2::silu_backward, avx2::gn_moments,
+                            avx2::gn_apply, avx2::gn_backward_sums, avx2::gn_backward_apply, avx2::conv_tiles,
+                            avx2::conv_wgrad};
+}  // namespace md

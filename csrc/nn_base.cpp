@@ -1,0 +1,14 @@
+// nn_base.cpp: nn_isa.h compiled for base (4 floats a vector; CMakeLists.txt sets this file's -m flags).
+#include "nn_kernels.h"
+
+namespace md {
+namespace base {
+#define MD_VW 4
+#define MD_ACC 12
+#include "nn_isa.h"
+}  // namespace base
+
+const NNKernels nn_base = {"base", MD_VW, MD_ACC, base::silu_forward, base::silu_backward, base::gn_moments,
+                            base::gn_apply, base::gn_backward_sums, base::gn_backward_apply, base::conv_tiles,
+                            base::conv_wgrad};
+}  // namespace md

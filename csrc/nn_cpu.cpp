@@ -1,0 +1,420 @@
+// nn_cpu.cpp: drivers of the network's CPU kernels: they lay out the arguments (padding, weight packing),
+// split the work over OpenMP threads and call one instruction set's inner loops (nn_isa.h), chosen when the
+// module loads from what the CPU supports (set_cpu_isa overrides it, for tests and benchmarks).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "nn_kernels.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace md {
+
+// ------------------------------------------------------------------------------------------------ instruction set
+static bool cpu_has(const char* name) {
+#if defined(MD_HAVE_X86_ISAS)
+    __builtin_cpu_init();
+    if (!std::strcmp(name, "avx512"))
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!std::strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return !std::strcmp(name, "base");
+}
+
+static const NNKernels* by_name(const char* name) {
+#if defined(MD_HAVE_X86_ISAS)
+    if (!std::strcmp(name, "avx512")) return &nn_avx512;
+    if (!std::strcmp(name, "avx2")) return &nn_avx2;
+#endif
+    if (!std::strcmp(name, "base")) return &nn_base;
+    return nullptr;
+}
+
+static const char* const ISAS[] = {"avx512", "avx2", "base"};
+
+static const NNKernels* best() {
+    for (const char* name : ISAS)
+        if (by_name(name) && cpu_has(name)) return by_name(name);
+    return &nn_base;
+}
+
+static const NNKernels* isa = best();
+
+const char* cpu_isa() { return isa->name; }
+
+bool set_cpu_isa(const char* name) {
+    if (!std::strcmp(name, "auto")) { isa = best(); return true; }
+    if (!by_name(name) || !cpu_has(name)) return false;
+    isa = by_name(name);
+    return true;
+}
+
+const char* const* cpu_isas_available(int* n) {
+    static const char* list[3];
+    static int count = -1;
+    if (count < 0) {
+        count = 0;
+        for (const char* name : ISAS)
+            if (by_name(name) && cpu_has(name)) list[count++] = name;
+    }
+    *n = count;
+    return list;
+}
+
+// ------------------------------------------------------------------------------------------------ threads, scratch
+static int num_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Run f(i0, i1) on [0, n) split into one contiguous range per thread (a single range below `min_per_thread`
+// items per thread: starting threads would cost more than it saves).
+template <class F>
+static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
+    int nt = num_threads();
+    if (nt > 1 && n < min_per_thread * nt) nt = (int)(n / min_per_thread > 1 ? n / min_per_thread : 1);
+    if (nt <= 1) { f(0, n, 0); return; }
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int i = omp_get_thread_num(), k = omp_get_num_threads();
+#else
+        const int i = 0, k = 1;
+#endif
+        f(n * i / k, n * (i + 1) / k, i);
+    }
+}
+
+// Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
+// time); one set per calling thread.
+struct Scratch {
+    std::vector<float> xbuf, dybuf, wpack, wgrad;
+    float* get(std::vector<float>& v, size_t n) {
+        if (v.size() < n) v.resize(n);
+        return v.data();
+    }
+};
+static thread_local Scratch scratch;
+
+// ------------------------------------------------------------------------------------------------ SiLU
+static const int64_t ELEMWISE_MIN = 1 << 15;   // elements per thread worth starting a thread for
+
+void silu_forward(const float* x, float* y, int64_t n) {
+    parallel_ranges(n, ELEMWISE_MIN, [&](int64_t i0, int64_t i1, int) { isa->silu_forward(x + i0, y + i0, i1 - i0); });
+}
+
+void silu_backward(const float* x, const float* dout, float* dx, int64_t n) {
+    parallel_ranges(n, ELEMWISE_MIN, [&](int64_t i0, int64_t i1, int) {
+        isa->silu_backward(x + i0, dout + i0, dx + i0, i1 - i0);
+    });
+}
+
+// ------------------------------------------------------------------------------------------------ GroupNorm
+// Per-channel coefficients are tiled to L = lcm(C, vw) floats, so the inner loops walk whole vectors.
+static int64_t period(int64_t C, int64_t vw) {
+    int64_t a = C, b = vw;
+    while (b) { const int64_t t = a % b; a = b; b = t; }
+    return C / a * vw;
+}
+
+static void tile_to(float* dst, const float* src, int64_t C, int64_t L) {
+    for (int64_t j = 0; j < L; ++j) dst[j] = src[j % C];
+}
+
+// sums over the L positions of each channel, then over each group's channels
+static void fold(const double* s, int64_t C, int64_t L, double* per_channel) {
+    for (int64_t c = 0; c < C; ++c) per_channel[c] = 0.0;
+    for (int64_t j = 0; j < L; ++j) per_channel[j % C] += s[j];
+}
+
+static void group_mean(const double* per_channel, int64_t C, int64_t G, double count, double* out) {
+    const int64_t cg = C / G;
+    for (int64_t g = 0; g < G; ++g) {
+        double s = 0.0;
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) s += per_channel[c];
+        for (int64_t c = g * cg; c < (g + 1) * cg; ++c) out[c] = s / count;
+    }
+}
+
+void group_norm_forward(const float* x, const float* gamma, const float* beta, int64_t B, int64_t npix, int64_t C,
+                        int64_t G, float eps, int silu, float* y, float* mean, float* rstd) {
+    const int64_t L = period(C, isa->vw), n = npix * C;
+    const double count = (double)npix * (double)(C / G);
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
+        std::vector<double> s1(L), s2(L), c1(C), c2(C), m1(C), m2(C);
+        std::vector<float> at(L), bt(L), a(C), bb(C);
+        for (int64_t b = b0; b < b1; ++b) {
+            std::fill(s1.begin(), s1.end(), 0.0);
+            std::fill(s2.begin(), s2.end(), 0.0);
+            isa->gn_moments(x + b * n, n, L, s1.data(), s2.data());
+            fold(s1.data(), C, L, c1.data());
+            fold(s2.data(), C, L, c2.data());
+            group_mean(c1.data(), C, G, count, m1.data());   // mu_g
+            group_mean(c2.data(), C, G, count, m2.data());   // E[x^2] over the group
+            for (int64_t c = 0; c < C; ++c) {
+                const double var = m2[c] - m1[c] * m1[c];
+                const float mu = (float)m1[c], r = (float)(1.0 / std::sqrt((var > 0.0 ? var : 0.0) + eps));
+                mean[b * C + c] = mu;
+                rstd[b * C + c] = r;
+                a[c] = r * gamma[c];                          // y = a x + b, as layers.group_norm forms it
+                bb[c] = beta[c] - a[c] * mu;
+            }
+            tile_to(at.data(), a.data(), C, L);
+            tile_to(bt.data(), bb.data(), C, L);
+            isa->gn_apply(x + b * n, at.data(), bt.data(), n, L, silu, y + b * n);
+        }
+    });
+}
+
+void group_norm_backward(const float* dout, const float* x, const float* gamma, const float* beta, const float* mean,
+                         const float* rstd, int64_t B, int64_t npix, int64_t C, int64_t G, int silu, float* dx,
+                         float* dgamma, float* dbeta) {
+    const int64_t L = period(C, isa->vw), n = npix * C;
+    const double count = (double)npix * (double)(C / G);
+    const int nt = num_threads();
+    std::vector<double> dg((size_t)nt * C, 0.0), db((size_t)nt * C, 0.0);   // per-thread partial sums
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int tid) {
+        std::vector<double> s1(L), s2(L), sdy(C), sdyx(C), k1(C), k2(C), t1(C), t2(C);
+        std::vector<float> at(L), bt(L), At(L), Bt(L), Ct(L), a(C), bb(C), A(C), Bx(C), Cc(C);
+        for (int64_t b = b0; b < b1; ++b) {
+            const float* mu = mean + b * C;
+            const float* r = rstd + b * C;
+            for (int64_t c = 0; c < C; ++c) {
+                a[c] = r[c] * gamma[c];
+                bb[c] = beta[c] - a[c] * mu[c];
+            }
+            tile_to(at.data(), a.data(), C, L);
+            tile_to(bt.data(), bb.data(), C, L);
+            std::fill(s1.begin(), s1.end(), 0.0);
+            std::fill(s2.begin(), s2.end(), 0.0);
+            isa->gn_backward_sums(x + b * n, dout + b * n, at.data(), bt.data(), n, L, silu, s1.data(), s2.data());
+            fold(s1.data(), C, L, sdy.data());               // S_dy = sum over pixels of dh
+            fold(s2.data(), C, L, sdyx.data());              // S_dyx = sum of dh x
+            for (int64_t c = 0; c < C; ++c) {
+                const double s_dyxhat = r[c] * (sdyx[c] - mu[c] * sdy[c]);   // sum of dh xhat
+                dg[(size_t)tid * C + c] += s_dyxhat;
+                db[(size_t)tid * C + c] += sdy[c];
+                t1[c] = gamma[c] * sdy[c];
+                t2[c] = gamma[c] * s_dyxhat;
+            }
+            group_mean(t1.data(), C, G, count, k1.data());   // mean_g(dxhat)
+            group_mean(t2.data(), C, G, count, k2.data());   // mean_g(dxhat xhat)
+            for (int64_t c = 0; c < C; ++c) {                // dx = A dh + Bx x + Cc
+                A[c] = (float)(r[c] * gamma[c]);
+                Bx[c] = (float)(-(double)r[c] * r[c] * k2[c]);
+                Cc[c] = (float)(r[c] * ((double)r[c] * k2[c] * mu[c] - k1[c]));
+            }
+            tile_to(At.data(), A.data(), C, L);
+            tile_to(Bt.data(), Bx.data(), C, L);
+            tile_to(Ct.data(), Cc.data(), C, L);
+            isa->gn_backward_apply(x + b * n, dout + b * n, at.data(), bt.data(), At.data(), Bt.data(), Ct.data(), n,
+                                   L, silu, dx + b * n);
+        }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+        double g = 0.0, d = 0.0;
+        for (int t = 0; t < nt; ++t) { g += dg[(size_t)t * C + c]; d += db[(size_t)t * C + c]; }
+        dgamma[c] = (float)g;
+        dbeta[c] = (float)d;
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ 3x3 convolution
+// The shared-padding grid of layers.pad_flat with p = 1: image b, row h, column w is grid row
+// (b (H + 1) + h)(W + 1) + w; row H and column W of each image are zero padding; m = W + 2 zero rows before
+// the first image and after the last stand in for the rest. Tap (i, j) of output row p reads row
+// p + (i - 1)(W + 1) + (j - 1).
+
+struct Grid {
+    int64_t H, W, Wp, P, m, slack;
+    Grid(int64_t B, int64_t H_, int64_t W_, int64_t acc) : H(H_), W(W_), Wp(W_ + 1) {
+        P = B * (H + 1) * Wp;
+        m = Wp + 1;
+        slack = 2 * acc;                 // a last tile may read past the grid: zero rows there
+    }
+    int64_t rows() const { return m + P + m + slack; }
+    void offsets(int64_t* off) const {
+        for (int i = 0; i < 3; ++i)
+            for (int j = 0; j < 3; ++j) off[i * 3 + j] = (i - 1) * Wp + (j - 1);
+    }
+};
+
+// x (B, H, W, C) -> buf (rows, C) on the grid, every element written once (pixels copied, padding zeroed).
+static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, std::vector<float>& store) {
+    float* buf = scratch.get(store, (size_t)(g.rows() * C));
+    std::memset(buf, 0, sizeof(float) * g.m * C);
+    std::memset(buf + (g.m + g.P) * C, 0, sizeof(float) * (g.m + g.slack) * C);
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) {
+            float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * C;
+            for (int64_t h = 0; h < g.H; ++h) {
+                std::memcpy(img + h * g.Wp * C, x + (b * g.H + h) * g.W * C, sizeof(float) * g.W * C);
+                std::memset(img + (h * g.Wp + g.W) * C, 0, sizeof(float) * C);
+            }
+            std::memset(img + g.H * g.Wp * C, 0, sizeof(float) * g.Wp * C);
+        }
+    });
+    return buf;
+}
+
+// Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
+template <class Task>
+static void plan_blocks(Task& t, int64_t NP, int64_t vw, int acc) {
+    const int nbv = (int)(NP / vw), nbmax = acc >= 24 ? 4 : 3;
+    const int nblocks = (nbv + nbmax - 1) / nbmax;
+    t.nblocks = nblocks;
+    for (int i = 0, start = 0; i < nblocks; ++i) {
+        const int v = nbv / nblocks + (i < nbv % nblocks ? 1 : 0);
+        t.block_start[i] = start;
+        t.block_vectors[i] = v;
+        start += v;
+    }
+}
+
+static int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+// out = conv(xbuf, packed weights) (+ bias) on the grid; wp is (9, K, NP)
+static void run_conv(const float* xbuf, const Grid& g, int64_t K, const float* wp, int64_t N, const float* bias,
+                     float* out) {
+    ConvTask t;
+    t.xbuf = xbuf; t.m = g.m; t.P = g.P; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 9;
+    g.offsets(t.off);
+    t.bias = bias; t.out = out; t.H = g.H; t.W = g.W;
+    t.rows_per_tile = isa->acc;
+    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    const int64_t tiles = (g.P + t.rows_per_tile - 1) / t.rows_per_tile;
+    parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+}
+
+void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t B, int64_t H, int64_t W,
+                     int64_t K, int64_t N, float* out) {
+    const Grid g(B, H, W, isa->acc);
+    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
+    const int64_t NP = round_up(N, isa->vw);
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * K * NP));     // wp[t, k, n] = weight[n, k, i, j]
+    for (int t = 0; t < 9; ++t)
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t n = 0; n < NP; ++n) wp[(t * K + k) * NP + n] = n < N ? weight[(n * K + k) * 9 + t] : 0.0f;
+    run_conv(xbuf, g, K, wp, N, bias, out);
+}
+
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
+                      int64_t K, int64_t N, float* dx, float* dweight) {
+    const Grid g(B, H, W, isa->acc);
+    const float* dybuf = pad_grid(dout, B, g, N, scratch.dybuf);
+
+    // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
+    const int64_t KP = round_up(K, isa->vw);
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * N * KP));
+    for (int t = 0; t < 9; ++t)
+        for (int64_t n = 0; n < N; ++n)
+            for (int64_t k = 0; k < KP; ++k) wp[(t * N + n) * KP + k] = k < K ? weight[(n * K + k) * 9 + (8 - t)] : 0.0f;
+    run_conv(dybuf, g, N, wp, K, nullptr, dx);
+
+    // dW[n, k, i, j] = sum over grid rows p of xbuf[p + off(i, j), k] dy[p, n]: rows split over threads, each
+    // into its own (9, K, NP) partial sum, added up at the end
+    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
+    WGradTask t;
+    t.xbuf = xbuf; t.m = g.m; t.K = K; t.dy = dybuf + g.m * N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
+    g.offsets(t.off);
+    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    const int nt = num_threads();
+    const size_t part = (size_t)(9 * K * t.NP);
+    float* partial = scratch.get(scratch.wgrad, part * nt);
+    std::memset(partial, 0, sizeof(float) * part * nt);
+    parallel_ranges(g.P, 256, [&](int64_t p0, int64_t p1, int tid) { isa->conv_wgrad(t, p0, p1, partial + part * tid); });
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            for (int tap = 0; tap < 9; ++tap) {
+                float s = 0.0f;
+                for (int th = 0; th < nt; ++th) s += partial[part * th + (tap * K + k) * t.NP + n];
+                dweight[(n * K + k) * 9 + tap] = s;
+            }
+}
+
+// ------------------------------------------------------------------------------------------------ matrix products
+// The same micro-kernels with one tap (T = 1) and plain rows. The kernels read whole tiles of rows and, in the
+// weight gradient, whole vectors past a row's end (into the next row); the arrays here have no slack after
+// their last row, so the last rows go through a zero-padded copy.
+
+static ConvTask plain_task(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
+                           float* out) {
+    ConvTask t;
+    t.xbuf = x; t.m = 0; t.P = M; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 1; t.off[0] = 0;
+    t.bias = bias; t.out = out; t.H = 0; t.W = 0;
+    t.rows_per_tile = isa->acc;
+    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    return t;
+}
+
+// out (M, N) = x (M, K) @ wp (K, NP) (+ bias)
+static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
+                       float* out) {
+    const int64_t acc = isa->acc, main = M / acc * acc, tail = M - main;
+    if (main) {
+        const ConvTask t = plain_task(x, main, K, wp, N, bias, out);
+        parallel_ranges(main / acc, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+    }
+    if (tail) {
+        float* xt = scratch.get(scratch.xbuf, (size_t)(acc * K));
+        std::memcpy(xt, x + main * K, sizeof(float) * tail * K);
+        std::memset(xt + tail * K, 0, sizeof(float) * (acc - tail) * K);
+        isa->conv_tiles(plain_task(xt, tail, K, wp, N, bias, out + main * N), 0, 1);
+    }
+}
+
+void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
+                    float* out) {
+    const int64_t NP = round_up(N, isa->vw);
+    float* wp = scratch.get(scratch.wpack, (size_t)(K * NP));          // wp[k, n] = weight[n, k]
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < NP; ++n) wp[k * NP + n] = n < N ? weight[n * K + k] : 0.0f;
+    run_matmul(x, M, K, wp, N, bias, out);
+}
+
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
+                     float* dx, float* dweight) {
+    const int64_t KP = round_up(K, isa->vw);
+    float* wp = scratch.get(scratch.wpack, (size_t)(N * KP));          // dx = dout @ weight: wp[n, k] = weight[n, k]
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < KP; ++k) wp[n * KP + k] = k < K ? weight[n * K + k] : 0.0f;
+    run_matmul(dout, M, N, wp, K, nullptr, dx);
+
+    // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
+    // from padded copies
+    WGradTask t;
+    t.xbuf = x; t.m = 0; t.K = K; t.dy = dout; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1; t.off[0] = 0;
+    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    const int nt = num_threads();
+    const size_t part = (size_t)(K * t.NP);
+    float* partial = scratch.get(scratch.wgrad, part * nt);
+    std::memset(partial, 0, sizeof(float) * part * nt);
+    if (M > 1)
+        parallel_ranges(M - 1, 256, [&](int64_t p0, int64_t p1, int tid) { isa->conv_wgrad(t, p0, p1, partial + part * tid); });
+    if (M > 0) {
+        const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
+        float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
+        std::memset(xl, 0, sizeof(float) * 2 * pad);
+        std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
+        std::memcpy(xl + pad, dout + (M - 1) * N, sizeof(float) * N);
+        WGradTask last = t;
+        last.xbuf = xl;
+        last.dy = xl + pad;
+        isa->conv_wgrad(last, 0, 1, partial);
+    }
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k) {
+            float s = 0.0f;
+            for (int th = 0; th < nt; ++th) s += partial[part * th + k * t.NP + n];
+            dweight[n * K + k] = s;
+        }
+}
+
+}  // namespace md

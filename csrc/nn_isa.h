@@ -1,0 +1,292 @@
+// nn_isa.h: the inner loops of the network's CPU kernels (nn_cpu.cpp drives them), written once in plain C++
+// with GCC vector extensions and compiled once per instruction set: nn_avx512.cpp (16 floats a vector),
+// nn_avx2.cpp (8) and nn_base.cpp (4: SSE2 on x86-64, NEON on arm64), each with its own -m flags and inside
+// its own namespace, so the three copies never mix (nn_cpu.cpp picks one at run time, by what the CPU
+// supports). This header must not include anything (it is included inside a namespace) and must not call
+// inline library templates: those could be emitted once for all three instruction sets.
+//
+// The readable reference of every function here is in minidiff/layers.py (named in each comment); the
+// tests compare the two on random inputs.
+//
+// Before including: MD_VW (floats per vector) and MD_ACC (accumulator vectors the register file holds in a
+// micro-kernel tile: 24 of AVX-512's 32 registers, 12 of AVX2's or SSE's 16).
+
+typedef float vf __attribute__((vector_size(MD_VW * 4)));
+typedef float vfu __attribute__((vector_size(MD_VW * 4), aligned(4)));   // the same, at any address
+typedef int vi __attribute__((vector_size(MD_VW * 4)));
+
+static inline vf load(const float* p) { return *(const vfu*)p; }
+static inline void store(float* p, vf v) { *(vfu*)p = v; }
+static inline vf splat(float s) { return (vf){} + s; }
+// the first n lanes only (n < MD_VW): the ragged end of a channel row
+static inline void store_n(float* p, vf v, int n) { for (int l = 0; l < n; ++l) p[l] = v[l]; }
+static inline vf load_n(const float* p, int n) { vf v = {}; for (int l = 0; l < n; ++l) v[l] = p[l]; return v; }
+static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ------------------------------------------------------------------------------------------------------------
+// exp and sigmoid, lane by lane (Cephes expf: x = n ln 2 + r, |r| <= ln2 / 2, degree-6 polynomial, 2^n
+// built in the exponent bits; about 1 ulp). Reference: layers.sigmoid (NumPy's tanh form, same values to
+// float32 rounding).
+static inline vf vexp(vf x) {
+    x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));                 // e^x stays a normal float
+    const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;   // round(x / ln 2), 1.5 * 2^23 trick
+    vf r = x - n * 0.693359375f;                                    // ln 2 in two parts (Cody-Waite)
+    r = r + n * 2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;    // 2^n
+    return p * (vf)bits;
+}
+
+static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+
+// SiLU y = x s and its derivative dy/dx = s (1 + x (1 - s)), s = sigmoid(x). Reference: layers.silu,
+// layers.silu_backward.
+static inline vf vsilu(vf x) { return x * vsigmoid(x); }
+static inline vf vsilu_grad(vf x, vf dout) {
+    const vf s = vsigmoid(x);
+    return dout * s * (1.0f + x * (1.0f - s));
+}
+
+void silu_forward(const float* x, float* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + MD_VW <= n; i += MD_VW) store(y + i, vsilu(load(x + i)));
+    if (i < n) store_n(y + i, vsilu(load_n(x + i, (int)(n - i))), (int)(n - i));
+}
+
+void silu_backward(const float* x, const float* dout, float* dx, int64_t n) {
+    int64_t i = 0;
+    for (; i + MD_VW <= n; i += MD_VW) store(dx + i, vsilu_grad(load(x + i), load(dout + i)));
+    if (i < n) {
+        const int k = (int)(n - i);
+        store_n(dx + i, vsilu_grad(load_n(x + i, k), load_n(dout + i, k)), k);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// GroupNorm (+ SiLU) on one image, NHWC: x is (npix, C) contiguous. Per-channel coefficients come tiled to a
+// period L = lcm(C, MD_VW) floats (coef[j] = c[j mod C]), so the flat array is walked a vector at a time
+// whatever C is. Reference: layers.group_norm, layers.group_norm_backward.
+
+// Per-channel sums over the pixels of x and of x^2, added into s1, s2 (double, L entries each, folded to
+// channels by the caller). Float vector sums flushed to double every 64 vectors keep the sums accurate.
+void gn_moments(const float* x, int64_t n, int64_t L, double* s1, double* s2) {
+    const int64_t nv = L / MD_VW;
+    for (int64_t q = 0; q < nv; ++q) {                 // lane group q: flat offsets q*VW + j*L
+        for (int64_t start = q * MD_VW; start < n; start += 64 * L) {
+            vf a1 = {}, a2 = {};
+            const int64_t stop = imin(n, start + 64 * L);
+            int64_t i = start;
+            for (; i + MD_VW <= stop; i += L) {
+                const vf xv = load(x + i);
+                a1 += xv;
+                a2 += xv * xv;
+            }
+            if (i < stop) {                            // the ragged end (n not a multiple of the vector width)
+                const int k = (int)(stop - i);
+                const vf xv = load_n(x + i, k);
+                a1 += xv;
+                a2 += xv * xv;
+            }
+            for (int l = 0; l < MD_VW; ++l) { s1[q * MD_VW + l] += a1[l]; s2[q * MD_VW + l] += a2[l]; }
+        }
+    }
+}
+
+// y = x a + b (then SiLU when silu), a and b tiled to L.
+void gn_apply(const float* x, const float* a, const float* b, int64_t n, int64_t L, int silu, float* y) {
+    for (int64_t base = 0; base < n; base += L) {
+        const int64_t m = imin(L, n - base);
+        int64_t j = 0;
+        for (; j + MD_VW <= m; j += MD_VW) {
+            const vf h = load(x + base + j) * load(a + j) + load(b + j);
+            store(y + base + j, silu ? vsilu(h) : h);
+        }
+        if (j < m) {
+            const int k = (int)(m - j);
+            const vf h = load_n(x + base + j, k) * load(a + j) + load(b + j);
+            store_n(y + base + j, silu ? vsilu(h) : h, k);
+        }
+    }
+}
+
+// The gradient reaching the normalised output: dh = dout, or with SiLU dh = dout SiLU'(x a + b) (recomputed:
+// the forward pass keeps only x). Backward pass 1 sums dh and dh x per channel; pass 2 writes
+// dx = A dh + Bx x + Cc.
+static inline vf gn_dh(vf x, vf dout, vf a, vf b, int silu) { return silu ? vsilu_grad(x * a + b, dout) : dout; }
+
+void gn_backward_sums(const float* x, const float* dout, const float* a, const float* b, int64_t n, int64_t L,
+                      int silu, double* s1, double* s2) {
+    const int64_t nv = L / MD_VW;
+    for (int64_t q = 0; q < nv; ++q) {                 // lane group q, as in moments()
+        const vf av = load(a + q * MD_VW), bv = load(b + q * MD_VW);
+        for (int64_t start = q * MD_VW; start < n; start += 64 * L) {
+            vf a1 = {}, a2 = {};
+            const int64_t stop = imin(n, start + 64 * L);
+            int64_t i = start;
+            for (; i + MD_VW <= stop; i += L) {
+                const vf xv = load(x + i);
+                const vf dh = gn_dh(xv, load(dout + i), av, bv, silu);
+                a1 += dh;
+                a2 += dh * xv;
+            }
+            if (i < stop) {                            // lanes past the end hold x = dout = 0, so dh = 0
+                const int k = (int)(stop - i);
+                const vf xv = load_n(x + i, k);
+                const vf dh = gn_dh(xv, load_n(dout + i, k), av, bv, silu);
+                a1 += dh;
+                a2 += dh * xv;
+            }
+            for (int l = 0; l < MD_VW; ++l) { s1[q * MD_VW + l] += a1[l]; s2[q * MD_VW + l] += a2[l]; }
+        }
+    }
+}
+
+void gn_backward_apply(const float* x, const float* dout, const float* a, const float* b, const float* A,
+                       const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx) {
+    for (int64_t base = 0; base < n; base += L) {
+        const int64_t m = imin(L, n - base);
+        int64_t j = 0;
+        for (; j + MD_VW <= m; j += MD_VW) {
+            const vf xv = load(x + base + j);
+            const vf dh = gn_dh(xv, load(dout + base + j), load(a + j), load(b + j), silu);
+            store(dx + base + j, load(A + j) * dh + load(Bx + j) * xv + load(Cc + j));
+        }
+        if (j < m) {
+            const int k = (int)(m - j);
+            const vf xv = load_n(x + base + j, k);
+            const vf dh = gn_dh(xv, load_n(dout + base + j, k), load(a + j), load(b + j), silu);
+            store_n(dx + base + j, load(A + j) * dh + load(Bx + j) * xv + load(Cc + j), k);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.shifted_matmul and
+// layers.conv2d_same), and the plain matrix product (T = 1: layers.linear), with a register-blocked
+// micro-kernel. For the convolution, rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
+// output row p reads input rows p + off[t] for the 9 taps t. A tile is R rows x NB vectors of output
+// channels; its R * NB accumulators stay in registers through all taps and all K input channels (the
+// reduction), each step a broadcast input value times a vector of weights.
+
+// Output rows p0 .. p0 + R of channel block [n0, n0 + NB * VW): accumulate, then write the rows that are real
+// pixels (not padding) to out, adding the bias.
+template <int R, int NB>
+static void conv_tile(const ConvTask& a, int64_t p0, int64_t n0) {
+    vf acc[R][NB];
+    for (int r = 0; r < R; ++r)
+        for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
+    const int64_t K = a.K;
+    for (int t = 0; t < a.T; ++t) {
+        const float* xt = a.xbuf + (a.m + p0 + a.off[t]) * K;
+        const float* wt = a.w + t * K * a.NP + n0;
+        for (int64_t k = 0; k < K; ++k) {
+            vf wv[NB];
+#pragma GCC unroll 4
+            for (int nb = 0; nb < NB; ++nb) wv[nb] = load(wt + k * a.NP + nb * MD_VW);
+#pragma GCC unroll 24
+            for (int r = 0; r < R; ++r) {
+                const vf xv = splat(xt[r * K + k]);
+#pragma GCC unroll 4
+                for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * wv[nb];
+            }
+        }
+    }
+    // which pixel is row p0: image img, row h, column w of the padded grid (h == H or w == W: padding)
+    const int64_t Wp = a.W + 1, HWp = (a.H + 1) * Wp;      // (plain rows, W = 0: unused)
+    int64_t img = p0 / HWp, h = (p0 % HWp) / Wp, w = p0 % Wp;
+    vf bias[NB];
+    for (int nb = 0; nb < NB; ++nb) {
+        const int64_t c = n0 + nb * MD_VW;
+        bias[nb] = !a.bias ? (vf){} : c + MD_VW <= a.N ? load(a.bias + c) : load_n(a.bias + c, (int)(a.N - c));
+    }
+    for (int r = 0; r < R && p0 + r < a.P; ++r) {
+        if (a.W == 0 || (h < a.H && w < a.W)) {
+            float* o = a.out + (a.W == 0 ? p0 + r : (img * a.H + h) * a.W + w) * a.N;
+            for (int nb = 0; nb < NB; ++nb) {
+                const int64_t c = n0 + nb * MD_VW;
+                if (c + MD_VW <= a.N) store(o + c, acc[r][nb] + bias[nb]);
+                else if (c < a.N) store_n(o + c, acc[r][nb] + bias[nb], (int)(a.N - c));
+            }
+        }
+        if (++w == Wp) { w = 0; if (++h == a.H + 1) { h = 0; ++img; } }
+    }
+}
+
+// Row tiles [tile0, tile1) of every channel block. Channel blocks hold up to NBMAX vectors; R = MD_ACC / NB.
+void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+        for (int blk = 0; blk < a.nblocks; ++blk) {
+            const int64_t n0 = a.block_start[blk] * MD_VW;
+            const int nb = a.block_vectors[blk];
+            const int64_t p0 = tile * a.rows_per_tile;
+            // each channel block uses its own R = MD_ACC / nb rows; a tile of the task covers rows_per_tile rows
+            // (a multiple of every R used), so the loop below steps through it in that block's R.
+            switch (nb) {
+            case 1: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC) conv_tile<MD_ACC, 1>(a, p, n0); break;
+            case 2: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 2) conv_tile<MD_ACC / 2, 2>(a, p, n0); break;
+            case 3: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 3) conv_tile<MD_ACC / 3, 3>(a, p, n0); break;
+#if MD_ACC >= 24
+            default: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 4) conv_tile<MD_ACC / 4, 4>(a, p, n0); break;
+#else
+            default: break;
+#endif
+            }
+        }
+    }
+}
+
+// The weight gradient: dw[t, k, n] += sum_p xbuf[m + p + off[t], k] * dy[p, n] over rows p in [p0, p1) (dy is
+// zero on padding rows; rows of N floats, so a last vector past N reads the next row: those lanes land in
+// dw's padding columns, never read). A tile is R input channels x NB vectors of output channels; rows go in
+// chunks that stay in L1 while the 9 taps and all tiles pass over them. dw is (9, K, NP), this thread's own.
+template <int R, int NB>
+static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, int64_t c0, int64_t c1, float* dw) {
+    vf acc[R][NB];
+    float* d = dw + (t * a.K + k0) * a.NP + n0;
+    for (int r = 0; r < R; ++r)
+        for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
+    const float* xt = a.xbuf + (a.m + a.off[t]) * a.K + k0;
+    for (int64_t p = c0; p < c1; ++p) {
+        vf dv[NB];
+#pragma GCC unroll 4
+        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(a.dy + p * a.N + n0 + nb * MD_VW);
+#pragma GCC unroll 24
+        for (int r = 0; r < R; ++r) {
+            const vf xv = splat(xt[p * a.K + r]);
+#pragma GCC unroll 4
+            for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * dv[nb];
+        }
+    }
+    for (int r = 0; r < R && k0 + r < a.K; ++r)
+        for (int nb = 0; nb < NB; ++nb) store(d + r * a.NP + nb * MD_VW, load(d + r * a.NP + nb * MD_VW) + acc[r][nb]);
+}
+
+void conv_wgrad(const WGradTask& a, int64_t p0, int64_t p1, float* dw) {
+    const int64_t CHUNK = 128;
+    for (int64_t c0 = p0; c0 < p1; c0 += CHUNK) {
+        const int64_t c1 = imin(p1, c0 + CHUNK);
+        for (int t = 0; t < a.T; ++t) {
+            for (int blk = 0; blk < a.nblocks; ++blk) {
+                const int64_t n0 = a.block_start[blk] * MD_VW;
+                switch (a.block_vectors[blk]) {
+                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, c0, c1, dw); break;
+                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, c0, c1, dw); break;
+                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, c0, c1, dw); break;
+#if MD_ACC >= 24
+                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, c0, c1, dw); break;
+#else
+                default: break;
+#endif
+                }
+            }
+        }
+    }
+}

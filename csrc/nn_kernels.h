@@ -1,0 +1,89 @@
+// nn_kernels.h: the network's CPU kernels (3x3 convolution, GroupNorm with SiLU, SiLU), float32, NHWC.
+// nn_cpu.cpp holds the drivers (argument layout, padding, weight packing, threads); nn_isa.h the inner loops,
+// compiled once per instruction set (nn_avx512.cpp, nn_avx2.cpp, nn_base.cpp). The readable reference of each
+// kernel is the function of minidiff/layers.py named beside it; minidiff/kernels.py registers the kernels for
+// those functions, and tests/test_kernels.py checks that each equals its reference.
+#pragma once
+#include <cstdint>
+
+namespace md {
+
+// A sum of T shifted matrix products, out[p] = sum_t xbuf[m + p + off[t]] @ w[t] (+ bias): the 3x3 stride-1
+// convolution over the shared-padding grid (layers.pad_flat; T = 9, output rows p of the padded grid
+// (B, H + 1, W + 1)), or a plain matrix product (T = 1, W = 0: every row is an output row).
+struct ConvTask {
+    const float* xbuf;          // input rows of K floats; row m + p + off[t] is read for output row p
+    int64_t m, P, K;            // leading rows, output rows, input channels
+    const float* w;             // (T, K, NP) packed weights, zero past N
+    int64_t NP, N;              // output channels rounded up to the vector width, and as they are
+    int T;
+    int64_t off[9];             // row offset of each tap
+    const float* bias;          // (N,) or null
+    float* out;                 // grid: (B, H, W, N), only real pixels are written; plain (W = 0): (P, N)
+    int64_t H, W;
+    int64_t rows_per_tile;      // rows a work item covers (the instruction set's accumulator count)
+    int nblocks;                // output channels go in blocks of block_vectors[i] vectors from block_start[i]
+    int block_start[64], block_vectors[64];
+};
+
+// The weight gradient of that product: dw[t, k, n] = sum_p xbuf[m + p + off[t], k] dy[p, n].
+struct WGradTask {
+    const float* xbuf;          // as in ConvTask
+    int64_t m, K;
+    const float* dy;            // (P, N): output gradient (on the grid: zero on padding rows)
+    int64_t N, NP;
+    int T;
+    int64_t off[9];
+    int nblocks;
+    int block_start[64], block_vectors[64];
+};
+
+// One instruction set's inner loops (nn_isa.h).
+struct NNKernels {
+    const char* name;
+    int vw;                     // floats per vector
+    int acc;                    // accumulator vectors in a micro-kernel tile
+    void (*silu_forward)(const float* x, float* y, int64_t n);
+    void (*silu_backward)(const float* x, const float* dout, float* dx, int64_t n);
+    void (*gn_moments)(const float* x, int64_t n, int64_t L, double* s1, double* s2);
+    void (*gn_apply)(const float* x, const float* a, const float* b, int64_t n, int64_t L, int silu, float* y);
+    void (*gn_backward_sums)(const float* x, const float* dout, const float* a, const float* b, int64_t n,
+                             int64_t L, int silu, double* s1, double* s2);
+    void (*gn_backward_apply)(const float* x, const float* dout, const float* a, const float* b, const float* A,
+                              const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx);
+    void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
+    void (*conv_wgrad)(const WGradTask& a, int64_t p0, int64_t p1, float* dw);
+};
+
+extern const NNKernels nn_base;
+#if defined(MD_HAVE_X86_ISAS)
+extern const NNKernels nn_avx2, nn_avx512;
+#endif
+
+// ---- drivers (nn_cpu.cpp): OpenMP over images, row tiles or row ranges; all threads of the machine.
+const char* cpu_isa();                         // the instruction set in use
+bool set_cpu_isa(const char* name);            // "avx512", "avx2", "base" or "auto"; false if the CPU lacks it
+const char* const* cpu_isas_available(int* n); // the ones this CPU can run, best first
+
+void silu_forward(const float* x, float* y, int64_t n);
+void silu_backward(const float* x, const float* dout, float* dx, int64_t n);
+// x (B, npix, C) -> y, mean (B, C), rstd (B, C)
+void group_norm_forward(const float* x, const float* gamma, const float* beta, int64_t B, int64_t npix, int64_t C,
+                        int64_t G, float eps, int silu, float* y, float* mean, float* rstd);
+// -> dx (B, npix, C), dgamma (C), dbeta (C) (written, not accumulated)
+void group_norm_backward(const float* dout, const float* x, const float* gamma, const float* beta, const float* mean,
+                         const float* rstd, int64_t B, int64_t npix, int64_t C, int64_t G, int silu, float* dx,
+                         float* dgamma, float* dbeta);
+// x (B, H, W, K), weight (N, K, 3, 3), bias (N,) or null -> out (B, H, W, N)
+void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t B, int64_t H, int64_t W,
+                     int64_t K, int64_t N, float* out);
+// dout (B, H, W, N) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3) (written)
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
+                      int64_t K, int64_t N, float* dx, float* dweight);
+// x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
+void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
+// dout (M, N) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
+                     float* dx, float* dweight);
+
+}  // namespace md

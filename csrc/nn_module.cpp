@@ -1,0 +1,235 @@
+// nn_module.cpp: Python bindings of the network's CPU kernels (nn_kernels.h), part of minidiff._core.
+// Every array is checked here (dtype, C-contiguity, shapes), so bad input is a TypeError or ValueError, never a
+// crash; minidiff/kernels.py calls these only for inputs the kernels take and uses the references otherwise.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "nn_kernels.h"
+
+namespace py = pybind11;
+
+namespace md {
+namespace {
+
+using Shape = std::vector<py::ssize_t>;
+
+std::string shape_str(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// A C-contiguous float32 array of `ndim` dimensions (any ndim when -1).
+py::array arr(const py::handle& h, const char* name, int ndim) {
+    if (!py::isinstance<py::array>(h)) throw py::type_error(std::string(name) + " must be a NumPy array");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(std::string(name) + " must be float32 (the kernels' type), got " +
+                             std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + " must be C-contiguous");
+    if (ndim >= 0 && a.ndim() != ndim)
+        throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                              shape_str(a));
+    return a;
+}
+
+void same_shape(const py::array& a, const char* an, const py::array& b, const char* bn) {
+    bool same = a.ndim() == b.ndim();
+    for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
+    if (!same)
+        throw py::value_error(std::string(an) + " has shape " + shape_str(a) + " but " + bn + " has shape " +
+                              shape_str(b));
+}
+
+void vector_of(const py::array& a, const char* name, py::ssize_t n) {
+    if (a.ndim() != 1 || a.shape(0) != n)
+        throw py::value_error(std::string(name) + " must have shape (" + std::to_string(n) + ",), got " + shape_str(a));
+}
+
+const float* ptr(const py::array& a) { return static_cast<const float*>(a.data()); }
+
+py::array_t<float> empty(const Shape& shape) { return py::array_t<float>(shape); }
+
+// ---- SiLU (layers.silu, layers.silu_backward)
+py::array py_silu_forward(py::handle x_) {
+    py::array x = arr(x_, "x", -1);
+    py::array_t<float> y = empty(Shape(x.shape(), x.shape() + x.ndim()));
+    {
+        py::gil_scoped_release nogil;
+        md::silu_forward(ptr(x), y.mutable_data(), x.size());
+    }
+    return y;
+}
+
+py::array py_silu_backward(py::handle x_, py::handle dout_) {
+    py::array x = arr(x_, "x", -1), dout = arr(dout_, "dout", -1);
+    same_shape(dout, "dout", x, "x");
+    py::array_t<float> dx = empty(Shape(x.shape(), x.shape() + x.ndim()));
+    {
+        py::gil_scoped_release nogil;
+        md::silu_backward(ptr(x), ptr(dout), dx.mutable_data(), x.size());
+    }
+    return dx;
+}
+
+// ---- GroupNorm with optional SiLU (layers.group_norm, layers.group_norm_backward); x is (B, npix, C)
+void check_groups(py::ssize_t C, int64_t G) {
+    if (G < 1 || C % G) throw py::value_error(std::to_string(C) + " channels do not split into " + std::to_string(G) +
+                                              " groups");
+}
+
+py::tuple py_group_norm_forward(py::handle x_, py::handle gamma_, py::handle beta_, int64_t G, double eps, bool silu) {
+    py::array x = arr(x_, "x", 3), gamma = arr(gamma_, "gamma", 1), beta = arr(beta_, "beta", 1);
+    const py::ssize_t B = x.shape(0), npix = x.shape(1), C = x.shape(2);
+    vector_of(gamma, "gamma", C);
+    vector_of(beta, "beta", C);
+    check_groups(C, G);
+    py::array_t<float> y = empty({B, npix, C}), mean = empty({B, C}), rstd = empty({B, C});
+    {
+        py::gil_scoped_release nogil;
+        md::group_norm_forward(ptr(x), ptr(gamma), ptr(beta), B, npix, C, G, (float)eps, silu, y.mutable_data(),
+                               mean.mutable_data(), rstd.mutable_data());
+    }
+    return py::make_tuple(y, mean, rstd);
+}
+
+py::tuple py_group_norm_backward(py::handle dout_, py::handle x_, py::handle gamma_, py::handle beta_, py::handle mean_,
+                              py::handle rstd_, int64_t G, bool silu) {
+    py::array dout = arr(dout_, "dout", 3), x = arr(x_, "x", 3), gamma = arr(gamma_, "gamma", 1);
+    py::array beta = arr(beta_, "beta", 1), mean = arr(mean_, "mean", 2), rstd = arr(rstd_, "rstd", 2);
+    same_shape(dout, "dout", x, "x");
+    const py::ssize_t B = x.shape(0), npix = x.shape(1), C = x.shape(2);
+    vector_of(gamma, "gamma", C);
+    vector_of(beta, "beta", C);
+    if (mean.shape(0) != B || mean.shape(1) != C) throw py::value_error("mean must have shape (B, C)");
+    same_shape(rstd, "rstd", mean, "mean");
+    check_groups(C, G);
+    py::array_t<float> dx = empty({B, npix, C}), dgamma = empty({C}), dbeta = empty({C});
+    {
+        py::gil_scoped_release nogil;
+        md::group_norm_backward(ptr(dout), ptr(x), ptr(gamma), ptr(beta), ptr(mean), ptr(rstd), B, npix, C, G, silu,
+                                dx.mutable_data(), dgamma.mutable_data(), dbeta.mutable_data());
+    }
+    return py::make_tuple(dx, dgamma, dbeta);
+}
+
+// ---- 3x3 stride-1 'same' convolution, NHWC (layers.conv2d_same, layers.conv2d_same_backward)
+void check_conv(const py::array& x, const py::array& weight) {
+    if (weight.shape(2) != 3 || weight.shape(3) != 3)
+        throw py::value_error("weight must be (Cout, Cin, 3, 3), got " + shape_str(weight));
+    if (weight.shape(1) != x.shape(3))
+        throw py::value_error("weight expects " + std::to_string(weight.shape(1)) + " input channels but x has " +
+                              std::to_string(x.shape(3)));
+}
+
+py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_) {
+    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4);
+    check_conv(x, weight);
+    const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
+    py::array bias;                             // keeps the bias array alive while the kernel runs
+    const float* bias_ptr = nullptr;
+    if (!bias_.is_none()) {
+        bias = arr(bias_, "bias", 1);
+        vector_of(bias, "bias", N);
+        bias_ptr = ptr(bias);
+    }
+    py::array_t<float> out = empty({B, H, W, N});
+    {
+        py::gil_scoped_release nogil;
+        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, B, H, W, K, N, out.mutable_data());
+    }
+    return out;
+}
+
+py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_) {
+    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr(dout_, "dout", 4);
+    check_conv(x, weight);
+    const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
+    if (dout.shape(0) != B || dout.shape(1) != H || dout.shape(2) != W || dout.shape(3) != N)
+        throw py::value_error("dout must have shape (B, H, W, Cout) = (" + std::to_string(B) + ", " +
+                              std::to_string(H) + ", " + std::to_string(W) + ", " + std::to_string(N) + "), got " +
+                              shape_str(dout));
+    py::array_t<float> dx = empty({B, H, W, K}), dweight = empty({N, K, 3, 3});
+    {
+        py::gil_scoped_release nogil;
+        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), B, H, W, K, N, dx.mutable_data(), dweight.mutable_data());
+    }
+    return py::make_tuple(dx, dweight);
+}
+
+// ---- x @ weight^T + bias (layers.linear, layers.linear_backward)
+py::array py_linear_forward(py::handle x_, py::handle weight_, py::handle bias_) {
+    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2);
+    const py::ssize_t M = x.shape(0), K = x.shape(1), N = weight.shape(0);
+    if (weight.shape(1) != K)
+        throw py::value_error("weight has " + std::to_string(weight.shape(1)) + " input features but x has " +
+                              std::to_string(K));
+    py::array bias;
+    const float* bias_ptr = nullptr;
+    if (!bias_.is_none()) {
+        bias = arr(bias_, "bias", 1);
+        vector_of(bias, "bias", N);
+        bias_ptr = ptr(bias);
+    }
+    py::array_t<float> out = empty({M, N});
+    {
+        py::gil_scoped_release nogil;
+        md::linear_forward(ptr(x), ptr(weight), bias_ptr, M, K, N, out.mutable_data());
+    }
+    return out;
+}
+
+py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_) {
+    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2), dout = arr(dout_, "dout", 2);
+    const py::ssize_t M = x.shape(0), K = x.shape(1), N = weight.shape(0);
+    if (weight.shape(1) != K)
+        throw py::value_error("weight has " + std::to_string(weight.shape(1)) + " input features but x has " +
+                              std::to_string(K));
+    if (dout.shape(0) != M || dout.shape(1) != N)
+        throw py::value_error("dout must have shape (" + std::to_string(M) + ", " + std::to_string(N) + "), got " +
+                              shape_str(dout));
+    py::array_t<float> dx = empty({M, K}), dweight = empty({N, K});
+    {
+        py::gil_scoped_release nogil;
+        md::linear_backward(ptr(x), ptr(weight), ptr(dout), M, K, N, dx.mutable_data(), dweight.mutable_data());
+    }
+    return py::make_tuple(dx, dweight);
+}
+
+}  // namespace
+
+void bind_nn(py::module_& m) {
+    m.def("cpu_isa", &md::cpu_isa, "The instruction set the network kernels use: avx512, avx2 or base.");
+    m.def("set_cpu_isa", [](const std::string& name) {
+        if (!md::set_cpu_isa(name.c_str()))
+            throw py::value_error("instruction set '" + name + "' is unknown or not supported by this CPU");
+        return std::string(md::cpu_isa());
+    }, py::arg("name"), "Use another instruction set's kernels ('auto': the best this CPU supports).");
+    m.def("cpu_isas", []() {
+        int n = 0;
+        const char* const* names = md::cpu_isas_available(&n);
+        py::list out;
+        for (int i = 0; i < n; ++i) out.append(names[i]);
+        return out;
+    }, "The instruction sets this CPU can run, best first.");
+    m.def("silu_forward", &py_silu_forward, py::arg("x"));
+    m.def("silu_backward", &py_silu_backward, py::arg("x"), py::arg("dout"));
+    m.def("group_norm_forward", &py_group_norm_forward, py::arg("x"), py::arg("gamma"), py::arg("beta"),
+          py::arg("num_groups"), py::arg("eps"), py::arg("silu"), "x (B, npix, C) -> (y, mean (B, C), rstd (B, C))");
+    m.def("group_norm_backward", &py_group_norm_backward, py::arg("dout"), py::arg("x"), py::arg("gamma"),
+          py::arg("beta"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("silu"),
+          "-> (dx, dgamma, dbeta)");
+    m.def("conv3x3_forward", &py_conv3x3_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
+          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or None -> (B, H, W, Cout)");
+    m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
+          "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
+    m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
+          "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
+    m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
+          "-> (dx (M, K), dweight (N, K))");
+}
+
+}  // namespace md

@@ -1,0 +1,237 @@
+"""The fast paths of kernels.py against the readable references they replace.
+
+Every native CPU kernel (csrc/nn_*.cpp) is compared with its NumPy reference on random float32 inputs of several
+shapes (odd sizes, channel counts that are not multiples of any vector width, one pixel, one channel), for every
+instruction set this CPU can run (AVX-512, AVX2, SSE2). The backward kernels of the linear operations
+(convolution, matrix product) also pass the adjoint identity <A x, y> = <x, A^T y> in float32. The whole U-Net
+gives the same output and gradients both ways. Bad arrays given to the kernels directly are clear errors.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minidiff import _native, kernels, layers
+from minidiff.unet import UNet, UNetConfig
+from test_layers import rel_error
+
+STATUS = _native.native_status()
+needs_cpu = pytest.mark.skipif(not STATUS["cpu_kernel"], reason=f"native extension unavailable: {STATUS['reason']}")
+TOL = 2e-6                                      # float32: the sums run in another order, exp is ~1 ulp
+
+
+def _isas():
+    return _native.core.cpu_isas() if STATUS["cpu_kernel"] else []
+
+
+@pytest.fixture(params=["avx512", "avx2", "base"])
+def isa(request):
+    """Run the test with each instruction set's kernels this CPU supports; back to the best one afterwards."""
+    if request.param not in _isas():
+        pytest.skip(f"this CPU (or build) has no {request.param}")
+    _native.core.set_cpu_isa(request.param)
+    yield request.param
+    _native.core.set_cpu_isa("auto")
+
+
+def both(fn, *args):
+    """(fast, reference) results of a registered function."""
+    fast = fn(*args)
+    with kernels.use_reference():
+        ref = fn(*args)
+    return fast, ref
+
+
+def assert_close(fast, ref, tol=TOL):
+    fast, ref = (fast, ref) if isinstance(fast, tuple) else ((fast,), (ref,))
+    assert len(fast) == len(ref)
+    for f, r in zip(fast, ref):
+        assert f.shape == r.shape and f.dtype == np.float32
+        assert rel_error(f, r) < tol, rel_error(f, r)
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+CONV_SHAPES = [(2, 5, 7, 3, 5), (3, 28, 28, 32, 32), (2, 7, 7, 64, 64), (2, 14, 14, 24, 48), (1, 28, 28, 1, 24),
+               (2, 28, 28, 24, 1), (2, 6, 6, 128, 64), (1, 3, 3, 17, 35), (1, 1, 1, 9, 9), (4, 2, 9, 40, 72)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,H,W,cin,cout", CONV_SHAPES)
+def test_conv2d_same_kernel_matches_reference(isa, B, H, W, cin, cout):
+    rng = np.random.default_rng(H * 100 + cin)
+    x, w, b = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3, scale=0.3), rand(rng, cout)
+    dout = rand(rng, B, H, W, cout)
+    assert_close(*both(layers.conv2d_same, x, w, b))
+    assert_close(*both(layers.conv2d_same_backward, x, w, dout))
+
+
+@needs_cpu
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 5), (100, 64, 32), (3136, 64, 64), (50, 288, 32), (13, 17, 129),
+                                   (64, 32, 128), (25, 1, 40)])
+def test_linear_kernel_matches_reference(isa, M, K, N):
+    rng = np.random.default_rng(M + K + N)
+    x, w, b, dout = rand(rng, M, K), rand(rng, N, K), rand(rng, N), rand(rng, M, N)
+    assert_close(*both(layers.linear, x, w, b))
+    assert_close(*both(layers.linear_backward, x, w, dout))
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,H,W,C,G", [(2, 7, 7, 64, 8), (3, 28, 28, 24, 8), (2, 13, 1, 40, 8), (1, 3, 5, 16, 2),
+                                       (2, 14, 14, 96, 8), (1, 1, 2, 8, 4)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_kernel_matches_reference(isa, B, H, W, C, G, silu):
+    rng = np.random.default_rng(C + H)
+    x = rand(rng, B, H, W, C, scale=2.0) + 0.5
+    gamma, beta, dout = rand(rng, C) + 1.0, rand(rng, C), rand(rng, B, H, W, C)
+    fast, ref = both(layers.group_norm, x, gamma, beta, G, 1e-5, silu)
+    assert_close(fast, ref)
+    _, mean, rstd = ref
+    assert_close(*both(layers.group_norm_backward, dout, x, gamma, beta, mean, rstd, G, silu), tol=5e-6)
+
+
+@needs_cpu
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 1000, 100003])
+def test_silu_kernel_matches_reference(isa, n):
+    rng = np.random.default_rng(n)
+    x, dout = rand(rng, n, scale=6.0), rand(rng, n)
+    x[:3] = [-200.0, 200.0, 0.0][:n]            # far tails: no overflow, the right limits
+    assert_close(*both(layers.silu, x))
+    assert_close(*both(layers.silu_backward, x, dout))
+    y = layers.silu(x)
+    assert np.all(np.isfinite(y)) and abs(y[0]) < 1e-30
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,H,W,cin,cout", [(2, 5, 7, 3, 5), (2, 14, 14, 24, 48), (1, 3, 3, 17, 35)])
+def test_conv_kernel_backward_is_the_adjoint(isa, B, H, W, cin, cout):
+    """For y = conv(x, W) (no bias), <y, d> = <x, dx(d)> = <W, dW(d)>: the backward kernel is the exact adjoint
+    of the forward kernel, to float32 rounding."""
+    rng = np.random.default_rng(5)
+    x, w, d = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3), rand(rng, B, H, W, cout)
+    y = layers.conv2d_same(x, w, np.zeros(cout, np.float32))
+    dx, dw = layers.conv2d_same_backward(x, w, d)
+    yd = np.vdot(y.astype(np.float64), d)
+    assert np.vdot(x.astype(np.float64), dx) == pytest.approx(yd, rel=1e-5)
+    assert np.vdot(w.astype(np.float64), dw) == pytest.approx(yd, rel=1e-5)
+
+
+@needs_cpu
+def test_linear_kernel_backward_is_the_adjoint(isa):
+    rng = np.random.default_rng(6)
+    x, w, d = rand(rng, 37, 19), rand(rng, 23, 19), rand(rng, 37, 23)
+    yd = np.vdot(layers.linear(x, w, np.zeros(23, np.float32)).astype(np.float64), d)
+    dx, dw = layers.linear_backward(x, w, d)
+    assert np.vdot(x.astype(np.float64), dx) == pytest.approx(yd, rel=1e-5)
+    assert np.vdot(w.astype(np.float64), dw) == pytest.approx(yd, rel=1e-5)
+
+
+@needs_cpu
+def test_whole_unet_same_both_ways():
+    """The class-conditional C = 32 U-Net with random weights (none zero): output, input gradient and every
+    parameter gradient agree between the native kernels and the references."""
+    from test_unet import randomize
+    m = UNet(UNetConfig(num_classes=10), seed=0)
+    rng = np.random.default_rng(3)
+    randomize(m, rng, scale=0.1)
+    x, t, y, d = rand(rng, 3, 1, 28, 28), np.array([0, 500, 999]), np.array([2, 10, 7]), rand(rng, 3, 1, 28, 28)
+    runs = []
+    for reference in (False, True):
+        with kernels.use_reference(reference):
+            m.zero_grad()
+            out = m.forward(x, t, y)
+            runs.append((out, m.backward(d), {k: g.copy() for k, g in m.grads.items()}))
+    (o1, dx1, g1), (o2, dx2, g2) = runs
+    assert rel_error(o1, o2) < 1e-5 and rel_error(dx1, dx2) < 1e-5
+    errors = {k: rel_error(g1[k], g2[k]) for k in g1 if not k.endswith("k.bias")}   # k.bias: exactly 0 (test_unet)
+    bad = {k: e for k, e in errors.items() if e > 1e-4}
+    assert len(errors) > 250 and not bad, bad
+
+
+# ------------------------------------------------------------------------------------------ registry and switch
+def test_every_fast_path_names_a_reference():
+    import minidiff.optim  # noqa: F401  (registers its references)
+    import minidiff.train  # noqa: F401
+    table = kernels._numpy_table()
+    assert set(table) <= set(kernels._references), set(table) - set(kernels._references)
+    assert set(kernels.FUSED) <= set(kernels._references), set(kernels.FUSED) - set(kernels._references)
+    if STATUS["cpu_kernel"]:
+        assert {"layers.conv2d_same", "layers.conv2d_same_backward", "layers.group_norm", "layers.group_norm_backward",
+                "layers.silu", "layers.silu_backward", "layers.linear", "layers.linear_backward"} <= set(table)
+    st = kernels.status()
+    assert st["reference_only"] is False and st["numpy"] == sorted(table)
+
+
+@needs_cpu
+def test_switch_runs_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setitem(kernels._tables, "numpy", {"layers.silu": lambda x: calls.append(1) or np.zeros_like(x)})
+    x = np.ones(5, np.float32)
+    assert not layers.silu(x).any() and calls == [1]              # the registered fast path
+    with kernels.use_reference():
+        assert layers.silu(x)[0] == pytest.approx(0.7310586) and calls == [1]
+    assert layers.silu.reference(x)[0] == pytest.approx(0.7310586)
+
+
+def test_environment_switch():
+    code = "from minidiff import kernels; print(kernels.status()['reference_only'])"
+    for value, expected in (("1", "True"), ("0", "False")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                             env=dict(os.environ, MINIDIFF_REFERENCE=value))
+        assert out.stdout.strip() == expected, out.stderr
+
+
+def test_float64_and_other_kernel_sizes_run_the_reference():
+    """Gradient checks run in float64: the float32 kernels decline and the reference runs (bit for bit)."""
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 6, 6, 3)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    fast, ref = both(layers.conv2d_same, x, w, b)
+    assert fast.dtype == np.float64 and np.array_equal(fast, ref)
+    x32, w5 = x.astype(np.float32), rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    fast, ref = both(layers.conv2d_same, x32, w5, b.astype(np.float32))     # 5x5: no native kernel
+    assert np.array_equal(fast, ref)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@needs_cpu
+def test_kernels_reject_bad_arrays_clearly():
+    core = _native.core
+    x, w = np.zeros((2, 5, 5, 3), np.float32), np.zeros((4, 3, 3, 3), np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        core.conv3x3_forward(x.astype(np.float64), w, None)
+    with pytest.raises(TypeError, match="NumPy array"):
+        core.conv3x3_forward(x.tolist(), w, None)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        core.conv3x3_forward(np.zeros((2, 5, 10, 3), np.float32)[:, :, ::2], w, None)
+    with pytest.raises(ValueError, match="input channels"):
+        core.conv3x3_forward(np.zeros((2, 5, 5, 4), np.float32), w, None)
+    with pytest.raises(ValueError, match="3, 3"):
+        core.conv3x3_forward(x, np.zeros((4, 3, 5, 5), np.float32), None)
+    with pytest.raises(ValueError, match="bias"):
+        core.conv3x3_forward(x, w, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="dimensions"):
+        core.conv3x3_forward(x[0], w, None)
+    with pytest.raises(ValueError, match="dout"):
+        core.conv3x3_backward(x, w, np.zeros((2, 5, 5, 3), np.float32))
+    with pytest.raises(ValueError, match="groups"):
+        core.group_norm_forward(np.zeros((2, 4, 12), np.float32), np.ones(12, np.float32), np.zeros(12, np.float32),
+                                8, 1e-5, True)
+    with pytest.raises(ValueError, match="gamma"):
+        core.group_norm_forward(np.zeros((2, 4, 16), np.float32), np.ones(8, np.float32), np.zeros(16, np.float32),
+                                8, 1e-5, True)
+    with pytest.raises(ValueError, match="shape"):
+        core.group_norm_backward(np.zeros((2, 4, 16), np.float32), np.zeros((2, 5, 16), np.float32),
+                                 np.ones(16, np.float32), np.zeros(16, np.float32), np.zeros((2, 16), np.float32),
+                                 np.ones((2, 16), np.float32), 8, False)
+    with pytest.raises(ValueError, match="shape"):
+        core.silu_backward(np.zeros(5, np.float32), np.zeros(6, np.float32))
+    with pytest.raises(ValueError, match="input features"):
+        core.linear_forward(np.zeros((3, 4), np.float32), np.zeros((5, 3), np.float32), None)
+    with pytest.raises(ValueError, match="dout"):
+        core.linear_backward(np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="not supported|unknown"):
+        core.set_cpu_isa("sse9")
