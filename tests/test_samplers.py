@@ -100,3 +100,17 @@ def test_sampler_options_are_checked():
                        (dict(sampler="dpmsolver++", backend="cuda"), "unknown backend")]:
         with pytest.raises(ValueError, match=match):
             sample(model, SCHEDULE, 2, progress=False, **bad)
+
+
+def test_eval_command_parses_dpmsolver_names():
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "examples" / "mnist_eval.py"
+    spec = importlib.util.spec_from_file_location("mnist_eval", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_sampler("dpmsolver++20") == ("dpmsolver++", 20)
+    assert mod.parse_sampler("ddim50") == ("ddim", 50) and mod.parse_sampler("ddpm") == ("ddpm", None)
+    for bad in ("dpmsolver++", "dpmsolver++0", "dpmsolver20", "dpmsolver++-3", "ddim", "ddim++20"):
+        with pytest.raises(ValueError, match="dpmsolver\\+\\+S"):
+            mod.parse_sampler(bad)
