@@ -195,11 +195,12 @@ def _alpha_sigma_lambda(schedule, t):
 
 def _dpmpp_second_order(t_prev, t_last):
     """Whether the step into t_prev uses the previous x_0 (second order). It cannot on the first step (no previous
-    x_0), and does not on the last two steps (lower_order_final, as diffusers and the DPM-Solver code do): into
-    t_prev = -1, where lambda = +inf makes r = 0; and into t_prev = 0, the grid's last noisy time (sigma_0 = 0.01),
-    whose lambda interval is long (with the linear schedule lambda_0 = 4.6 against lambda_111 = 0.97 at S = 10) and
-    r small, so the linear extrapolation of x_0 would run far past the two x_0 it is drawn through (measured on
-    Gaussian data in tests/test_step.py)."""
+    x_0), and does not on the last two. The DPM-Solver code and diffusers make the final ODE step first order
+    (lower_order_final); on our grids that is the step into t_prev = 0, the last noisy time (sigma_0 = 0.01), whose
+    lambda interval is long (linear schedule: lambda_0 = 4.6 against lambda_111 = 0.97 at S = 10) and r small, so the
+    line through the last two x_0 would be extrapolated far past them (README and tests/test_samplers.py measure it
+    on Gaussian data). The step after it, into t_prev = -1 (the DPM-Solver code's denoise_to_zero), has lambda = +inf
+    and r = 0, where only the first order is defined: it returns x_0."""
     return t_last is not None and t_prev > 0
 
 
