@@ -5,7 +5,7 @@
 #include "step_math.h"
 
 // Bumped whenever a signature the Python side calls changes; minidiff/_native.py checks it.
-#define MINIDIFF_ABI_VERSION 1
+#define MINIDIFF_ABI_VERSION 2
 
 namespace md {
 

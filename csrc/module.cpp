@@ -29,24 +29,26 @@ py::array checked(const py::handle& h, const char* name, int64_t n, bool writeab
     return a;
 }
 
-md::StepCoefs make_coefs(double a, double b, double c_x0, double c_xt, double c_eps, double sigma, double guidance,
-                         bool clip, bool has_uncond) {
+md::StepCoefs make_coefs(double a, double b, double c_x0, double c_x0prev, double c_xt, double c_eps, double sigma,
+                         double guidance, bool clip, bool has_uncond) {
     md::StepCoefs k;
-    k.a = (float)a; k.b = (float)b; k.c_x0 = (float)c_x0; k.c_xt = (float)c_xt; k.c_eps = (float)c_eps;
+    k.a = (float)a; k.b = (float)b;
+    k.c_x0 = (float)c_x0; k.c_x0prev = (float)c_x0prev; k.c_xt = (float)c_xt; k.c_eps = (float)c_eps;
     k.sigma = (float)sigma; k.guidance = (float)guidance; k.clip = clip ? 1 : 0; k.has_uncond = has_uncond ? 1 : 0;
     return k;
 }
 
-void step_cpu(py::handle x_t, py::handle eps, py::handle eps_uncond, py::handle z, py::handle out, py::handle x0_out,
-              double a, double b, double c_x0, double c_xt, double c_eps, double sigma, double guidance, bool clip,
-              uint64_t seed, uint64_t step, int threads) {
+void step_cpu(py::handle x_t, py::handle eps, py::handle eps_uncond, py::handle z, py::handle x0_prev, py::handle out,
+              py::handle x0_out, double a, double b, double c_x0, double c_x0prev, double c_xt, double c_eps,
+              double sigma, double guidance, bool clip, uint64_t seed, uint64_t step, int threads) {
     py::array xa = checked(x_t, "x_t", -1, false);
     const int64_t n = xa.size();
     py::array ea = checked(eps, "eps", n, false), oa = checked(out, "out", n, true);
-    py::array ua, za, x0a;
+    py::array ua, za, pa, x0a;
     md::StepArgs args{};
     if (!eps_uncond.is_none()) { ua = checked(eps_uncond, "eps_uncond", n, false); args.eps_u = (const float*)ua.data(); }
     if (!z.is_none()) { za = checked(z, "z", n, false); args.z = (const float*)za.data(); }
+    if (!x0_prev.is_none()) { pa = checked(x0_prev, "x0_prev", n, false); args.x0_prev = (const float*)pa.data(); }
     if (!x0_out.is_none()) { x0a = checked(x0_out, "x0_out", n, true); args.x0_out = (float*)x0a.mutable_data(); }
     args.x_t = (const float*)xa.data();
     args.eps_c = (const float*)ea.data();
@@ -54,7 +56,7 @@ void step_cpu(py::handle x_t, py::handle eps, py::handle eps_uncond, py::handle 
     args.n = n;
     args.seed = seed;
     args.step = step;
-    args.k = make_coefs(a, b, c_x0, c_xt, c_eps, sigma, guidance, clip, args.eps_u != nullptr);
+    args.k = make_coefs(a, b, c_x0, c_x0prev, c_xt, c_eps, sigma, guidance, clip, args.eps_u != nullptr);
     py::gil_scoped_release nogil;
     md::step_cpu(args, threads);
 }
@@ -75,9 +77,9 @@ void raise_if(const char* err) {
     if (err) throw std::runtime_error(std::string("minidiff CUDA kernel launch failed: ") + err);
 }
 
-void step_cuda(uintptr_t x_t, uintptr_t eps, uintptr_t eps_uncond, uintptr_t z, uintptr_t out, uintptr_t x0_out,
-               int64_t n, double a, double b, double c_x0, double c_xt, double c_eps, double sigma, double guidance,
-               bool clip, uint64_t seed, uint64_t step, uintptr_t stream) {
+void step_cuda(uintptr_t x_t, uintptr_t eps, uintptr_t eps_uncond, uintptr_t z, uintptr_t x0_prev, uintptr_t out,
+               uintptr_t x0_out, int64_t n, double a, double b, double c_x0, double c_x0prev, double c_xt, double c_eps,
+               double sigma, double guidance, bool clip, uint64_t seed, uint64_t step, uintptr_t stream) {
     if (n < 0) throw py::value_error("n must be >= 0");
     if (n > 0 && (!x_t || !eps || !out)) throw py::value_error("x_t, eps and out must be non-null device pointers");
     md::StepArgs args{};
@@ -85,12 +87,13 @@ void step_cuda(uintptr_t x_t, uintptr_t eps, uintptr_t eps_uncond, uintptr_t z, 
     args.eps_c = (const float*)eps;
     args.eps_u = (const float*)eps_uncond;  // 0 = none
     args.z = (const float*)z;               // 0 = generate
+    args.x0_prev = (const float*)x0_prev;   // 0 = none
     args.out = (float*)out;
     args.x0_out = (float*)x0_out;           // 0 = not wanted
     args.n = n;
     args.seed = seed;
     args.step = step;
-    args.k = make_coefs(a, b, c_x0, c_xt, c_eps, sigma, guidance, clip, eps_uncond != 0);
+    args.k = make_coefs(a, b, c_x0, c_x0prev, c_xt, c_eps, sigma, guidance, clip, eps_uncond != 0);
     raise_if(md::step_cuda(args, stream));
 }
 
@@ -127,16 +130,18 @@ PYBIND11_MODULE(_core, m) {
         const md::U32x4 r = md::philox4x32_10(c, key[0], key[1]);
         return std::array<uint32_t, 4>{r.x[0], r.x[1], r.x[2], r.x[3]};
     }, py::arg("counter"), py::arg("key"), "One Philox4x32-10 block (for known-answer tests).");
-    m.def("step_cpu", &step_cpu, py::arg("x_t"), py::arg("eps"), py::arg("eps_uncond"), py::arg("z"), py::arg("out"),
-          py::arg("x0_out"), py::arg("a"), py::arg("b"), py::arg("c_x0"), py::arg("c_xt"), py::arg("c_eps"),
-          py::arg("sigma"), py::arg("guidance"), py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("threads"),
+    m.def("step_cpu", &step_cpu, py::arg("x_t"), py::arg("eps"), py::arg("eps_uncond"), py::arg("z"),
+          py::arg("x0_prev"), py::arg("out"), py::arg("x0_out"), py::arg("a"), py::arg("b"), py::arg("c_x0"),
+          py::arg("c_x0prev"), py::arg("c_xt"), py::arg("c_eps"), py::arg("sigma"), py::arg("guidance"),
+          py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("threads"),
           "Fused sampling step on C-contiguous float32 NumPy arrays (see minidiff.step.fused_step).");
     m.def("normal_cpu", &normal_cpu, py::arg("seed"), py::arg("step"), py::arg("n"), py::arg("threads") = 0,
           "n float32 standard normals from Philox4x32-10 (equal to minidiff.philox.philox_normal).");
 #ifdef MINIDIFF_WITH_CUDA
-    m.def("step_cuda", &step_cuda, py::arg("x_t"), py::arg("eps"), py::arg("eps_uncond"), py::arg("z"), py::arg("out"),
-          py::arg("x0_out"), py::arg("n"), py::arg("a"), py::arg("b"), py::arg("c_x0"), py::arg("c_xt"), py::arg("c_eps"),
-          py::arg("sigma"), py::arg("guidance"), py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("stream"),
+    m.def("step_cuda", &step_cuda, py::arg("x_t"), py::arg("eps"), py::arg("eps_uncond"), py::arg("z"),
+          py::arg("x0_prev"), py::arg("out"), py::arg("x0_out"), py::arg("n"), py::arg("a"), py::arg("b"),
+          py::arg("c_x0"), py::arg("c_x0prev"), py::arg("c_xt"), py::arg("c_eps"), py::arg("sigma"),
+          py::arg("guidance"), py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("stream"),
           "Fused sampling step on device pointers (0 = absent), launched on `stream`, not synchronised.");
     m.def("normal_cuda", &normal_cuda, py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("step"),
           py::arg("stream"), "Philox normals into a device buffer, launched on `stream`, not synchronised.");

@@ -57,6 +57,8 @@ MD_CPU_CLONES static void normal_chunk(float* z, int64_t i0, int64_t m, uint64_t
     if (m % 4) normal_block(z - i0, i0 + m, seed, step, block0 + nfull);  // the last, partial block
 }
 
+static const float ZEROS[CHUNK] = {};             // the x0_prev of steps without one (its coefficient is 0 then)
+
 MD_CPU_CLONES static void step_chunk(const StepArgs& a, int64_t i0, int64_t m) {
     alignas(64) float zbuf[CHUNK];
     const float* z = a.z ? a.z + i0 : zbuf;
@@ -66,17 +68,24 @@ MD_CPU_CLONES static void step_chunk(const StepArgs& a, int64_t i0, int64_t m) {
     }
     const StepCoefs k = a.k;
     const float *x_t = a.x_t + i0, *eps_c = a.eps_c + i0, *eps_u = a.eps_u ? a.eps_u + i0 : nullptr;
+    const float* x0p = a.x0_prev ? a.x0_prev + i0 : ZEROS;
     float *out = a.out + i0, *x0_out = a.x0_out ? a.x0_out + i0 : nullptr;
     // One loop per case so each vectorises (no per-element tests of loop-invariant flags).
     float x0;
     if (eps_u && x0_out) {
-        for (int64_t j = 0; j < m; ++j) { out[j] = step_one(k, x_t[j], eps_c[j], eps_u[j], z[j], &x0); x0_out[j] = x0; }
+        for (int64_t j = 0; j < m; ++j) {
+            out[j] = step_one(k, x_t[j], eps_c[j], eps_u[j], x0p[j], z[j], &x0);
+            x0_out[j] = x0;
+        }
     } else if (eps_u) {
-        for (int64_t j = 0; j < m; ++j) out[j] = step_one(k, x_t[j], eps_c[j], eps_u[j], z[j], &x0);
+        for (int64_t j = 0; j < m; ++j) out[j] = step_one(k, x_t[j], eps_c[j], eps_u[j], x0p[j], z[j], &x0);
     } else if (x0_out) {
-        for (int64_t j = 0; j < m; ++j) { out[j] = step_one(k, x_t[j], eps_c[j], 0.0f, z[j], &x0); x0_out[j] = x0; }
+        for (int64_t j = 0; j < m; ++j) {
+            out[j] = step_one(k, x_t[j], eps_c[j], 0.0f, x0p[j], z[j], &x0);
+            x0_out[j] = x0;
+        }
     } else {
-        for (int64_t j = 0; j < m; ++j) out[j] = step_one(k, x_t[j], eps_c[j], 0.0f, z[j], &x0);
+        for (int64_t j = 0; j < m; ++j) out[j] = step_one(k, x_t[j], eps_c[j], 0.0f, x0p[j], z[j], &x0);
     }
 }
 

@@ -17,8 +17,8 @@
 //    in float64 and rounds once; this float32 version stays within ~2 ulps of r (< 1e-6, since |z| < 6).
 // Both kernels are compiled without fast-math and without FMA contraction (-ffp-contract=off,
 // nvcc --fmad=false), so the CPU and the GPU round every operation here the same way.
-// 4. The fused step (see step_one below; DDPM eq. 15 / DDIM eq. 12 and the coefficients from
-//    minidiff/step.py's ddpm_coefficients / ddim_coefficients).
+// 4. The fused step (see step_one below; DDPM eq. 15 / DDIM eq. 12 / DPM-Solver++(2M) Algorithm 2 and the
+//    coefficients from minidiff/step.py's ddpm_coefficients / ddim_coefficients / dpmpp_2m_coefficients).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -177,6 +177,7 @@ struct StepCoefs {
     float a;         // 1 / sqrt(alpha-bar_t)
     float b;         // sqrt(1 / alpha-bar_t - 1)
     float c_x0;      // weight of the predicted x_0
+    float c_x0prev;  // weight of the previous step's x_0 (DPM-Solver++(2M) second order; 0 otherwise)
     float c_xt;      // weight of x_t
     float c_eps;     // weight of eps
     float sigma;     // standard deviation of the added noise
@@ -185,12 +186,13 @@ struct StepCoefs {
     int has_uncond;  // eps_uncond given
 };
 
-// One element of the fused step; eps_u is read only when k.has_uncond.
+// One element of the fused step; eps_u is read only when k.has_uncond, x0_prev is 0 when absent.
 //   eps    = eps_u + w (eps_c - eps_u)                     classifier-free guidance (Ho & Salimans)
 //   x0     = a x_t - b eps  [clamped to [-1, 1]]           DDPM eq. 15, DDIM eq. 12's "predicted x_0"
 //   eps    = (a x_t - x0) / b   only when clipped and guided with w > 1: eps re-derived from the clipped x_0
-//   x_prev = c_x0 x0 + c_xt x_t + c_eps eps + sigma z      DDPM eq. 7 / DDIM eq. 12
-MD_HD float step_one(const StepCoefs& k, float x_t, float eps_c, float eps_u, float z, float* x0_out) {
+//   x_prev = c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z
+//                                                          DDPM eq. 7 / DDIM eq. 12 / DPM-Solver++ Algorithm 2
+MD_HD float step_one(const StepCoefs& k, float x_t, float eps_c, float eps_u, float x0_prev, float z, float* x0_out) {
     float eps = k.has_uncond ? eps_u + k.guidance * (eps_c - eps_u) : eps_c;
     float x0 = k.a * x_t - k.b * eps;
     if (k.clip) {
@@ -198,16 +200,18 @@ MD_HD float step_one(const StepCoefs& k, float x_t, float eps_c, float eps_u, fl
         if (k.has_uncond && k.guidance > 1.0f) eps = (k.a * x_t - x0) / k.b;
     }
     *x0_out = x0;
-    return k.c_x0 * x0 + k.c_xt * x_t + k.c_eps * eps + k.sigma * z;
+    return k.c_x0 * x0 + k.c_x0prev * x0_prev + k.c_xt * x_t + k.c_eps * eps + k.sigma * z;
 }
 
-// Pointers and sizes of one fused step. eps_u, z and x0_out may be null: no guidance, generate z with
-// Philox from (seed, step), do not write x_0. out may alias x_t (each element is read before it is written).
+// Pointers and sizes of one fused step. eps_u, z, x0_prev and x0_out may be null: no guidance, generate z with
+// Philox from (seed, step), no previous x_0 (read as 0), do not write x_0. out may alias x_t (each element is
+// read before it is written).
 struct StepArgs {
     const float* x_t;    // (n,)
     const float* eps_c;  // (n,) conditional (or only) noise prediction
     const float* eps_u;  // (n,) unconditional noise prediction, or null
     const float* z;      // (n,) given noise, or null
+    const float* x0_prev;  // (n,) x_0 predicted by the previous step (DPM-Solver++(2M)), or null
     float* out;          // (n,) x_{t-1}
     float* x0_out;       // (n,) predicted x_0, or null
     int64_t n;
@@ -225,7 +229,8 @@ MD_HD void step_block(const StepArgs& a, int64_t block) {
         const int64_t i = i0 + j;
         float x0;
         const float z = a.z ? a.z[i] : g.x[j];
-        const float x_prev = step_one(a.k, a.x_t[i], a.eps_c[i], a.eps_u ? a.eps_u[i] : 0.0f, z, &x0);
+        const float x_prev = step_one(a.k, a.x_t[i], a.eps_c[i], a.eps_u ? a.eps_u[i] : 0.0f,
+                                      a.x0_prev ? a.x0_prev[i] : 0.0f, z, &x0);
         a.out[i] = x_prev;
         if (a.x0_out) a.x0_out[i] = x0;
     }

@@ -6,7 +6,8 @@
     python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
     python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
 
-For each sampler (ddpm = all T steps; ddimS = S DDIM steps, eta 0) it draws -n images and reports seconds per image,
+For each sampler (ddpm = all T steps; ddimS = S DDIM steps, eta 0; dpmsolver++S = S DPM-Solver++(2M) steps on the
+same timesteps, e.g. dpmsolver++20) it draws -n images and reports seconds per image,
 the Frechet distance to the MNIST test set in the classifier's feature space (with the floor: real training images
 at the same count), the classifier's mean confidence and the entropy of the predicted-class histogram. For class-
 or prompt-conditional checkpoints, images are drawn for the digits 0..9 in turn (with each prompt template of the
@@ -33,12 +34,15 @@ from minidiff.train import load_model, load_tokenizer
 
 
 def parse_sampler(name):
-    """"ddpm" -> ("ddpm", None); "ddim50" -> ("ddim", 50)."""
+    """"ddpm" -> ("ddpm", None); "ddim50" -> ("ddim", 50); "dpmsolver++20" -> ("dpmsolver++", 20)."""
     if name == "ddpm":
         return "ddpm", None
-    if name.startswith("ddim") and name[4:].isdigit() and int(name[4:]) > 0:
-        return "ddim", int(name[4:])
-    raise ValueError(f"unknown sampler {name!r}: use ddpm or ddimS with S the number of steps (e.g. ddim50)")
+    for sampler in ("ddim", "dpmsolver++"):
+        steps = name[len(sampler):]
+        if name.startswith(sampler) and steps.isdigit() and int(steps) > 0:
+            return sampler, int(steps)
+    raise ValueError(f"unknown sampler {name!r}: use ddpm, ddimS or dpmsolver++S with S the number of steps "
+                     f"(e.g. ddim50, dpmsolver++20)")
 
 
 def conditions(model, meta, split, n):
@@ -59,7 +63,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="mnist", help="the real images to compare with (the classifier's data set)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--labels", default=None, help=".npy of prompted classes for a .npy of samples")
-    p.add_argument("--samplers", default="ddim50", help="comma-separated: ddpm, ddim10, ddim50, ...")
+    p.add_argument("--samplers", default="ddim50", help="comma-separated: ddpm, ddim10, ddim50, dpmsolver++20, ...")
     p.add_argument("-n", "--num-images", type=int, default=256, help="samples per sampler (and guidance weight)")
     p.add_argument("--guidance", default="3", help="conditional models: comma-separated weights w")
     p.add_argument("--prompts", default="train", help="text models: comma-separated prompt splits (train, held_out)")

@@ -2,6 +2,7 @@
 
     python examples/mnist_sample.py runs/mnist/checkpoint.npz                        # DDPM, all T steps, EMA weights
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddim --steps 50 --eta 0
+    python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler dpmsolver++ --steps 20   # DPM-Solver++(2M)
     python examples/mnist_sample.py runs/mnist/checkpoint.npz -n 100 --seed 3 --out samples.png
     python examples/mnist_sample.py CKPT --class-label 7 --guidance 3                  # class-conditional models
     python examples/mnist_sample.py CKPT --prompt "a handwritten seven" --prompt "手写数字三" --guidance 3   # text
@@ -28,8 +29,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps S (DDPM always uses all T)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], default="ddpm")
+    p.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps S (DDPM always uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like")
     p.add_argument("--variance", choices=["fixed_small", "fixed_large"], default="fixed_small",
                    help="DDPM sigma_t^2: beta-tilde_t (fixed_small) or beta_t (fixed_large)")

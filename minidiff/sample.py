@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral sampling over all T steps and DDIM over S steps, driving the fused step kernel.
+"""Samplers: DDPM ancestral sampling over all T steps, DDIM and DPM-Solver++(2M) over S steps, driving the fused
+step kernel.
 
 Each reverse step asks the network for eps_theta(x_t, t) (with classifier-free guidance: the conditional and
 unconditional predictions from one batched forward pass), then one fused pass computes x_{t-1}
@@ -15,9 +16,10 @@ from tqdm.auto import tqdm
 
 from .backend import array_module, to_numpy
 from .philox import philox_normal
-from .step import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, fused_step
+from .step import (ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients, dpmpp_2m_step,
+                   fused_step)
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 BACKENDS = ("auto", "native", "numpy")
 
 
@@ -68,20 +70,24 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
            record_steps=(), progress=True, xp=np):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
-    sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t) or
-    "ddim" (``num_steps`` evenly spaced steps, stochasticity ``eta`` in [0, 1]). ``y``: class labels (N,), prompt
-    token ids (N, L) (text.encode_prompts) or None; ``guidance`` w combines eps_u + w (eps_c - eps_u). ``backend``: "native" (fused C++/CUDA kernel), "numpy"
-    (readable reference, same images) or "auto" (native when built). ``record_steps``: timestep indices at which to
-    keep the network's input x_t (returned as a dict {t: images} in a second return value when non-empty;
-    key -1 holds the final x_0)."""
+    sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t),
+    "ddim" (``num_steps`` evenly spaced steps, default 50, stochasticity ``eta`` in [0, 1]) or "dpmsolver++"
+    (DPM-Solver++(2M), deterministic, on DDIM's ``num_steps`` timesteps; eta must be 0). ``y``: class labels (N,),
+    prompt token ids (N, L) (text.encode_prompts) or None; ``guidance`` w combines eps_u + w (eps_c - eps_u).
+    ``backend``: "native" (fused C++/CUDA kernel), "numpy" (readable reference, same images) or "auto" (native
+    when built). ``record_steps``: timestep indices at which to keep the network's input x_t (returned as a dict
+    {t: images} in a second return value when non-empty; key -1 holds the final x_0)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if sampler == "dpmsolver++" and eta != 0:
+        raise ValueError(f"eta = {eta!r}: DPM-Solver++(2M) solves the deterministic ODE (eta = 0); "
+                         f"for stochastic sampling use sampler='ddim' with eta > 0 or 'ddpm'")
     if backend == "auto":
         backend = "native" if _native_available(xp) else "numpy"
     T = schedule.num_train_timesteps
-    steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, num_steps or 50)
+    steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, 50 if num_steps is None else num_steps)
     cfg = model.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
     if y is not None:
@@ -98,13 +104,23 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
             key = batch_seed(seed, b)
             yb = None if y is None else y[start:start + n]
             x = philox_normal(key, T, n * int(np.prod(shape)), xp=xp).reshape((n,) + shape)  # x_T ~ N(0, I)
+            x0_prev, t_last = None, None  # DPM-Solver++(2M): the previous step's x_0 prediction and its timestep
             for i, t in enumerate(steps):
                 t = int(t)
                 t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
                 if t in record_steps:  # the noisy input the network sees at timestep index t
                     recorded.setdefault(t, []).append(to_numpy(x))
                 eps, eps_u = predict_eps(model, x, t, yb, guidance)
-                if backend == "numpy":
+                if sampler == "dpmsolver++":
+                    if backend == "numpy":
+                        x, x0 = dpmpp_2m_step(schedule, x, eps, t, t_prev, x0_prev, t_last, clip_sample, eps_u,
+                                              guidance, return_x0=True)
+                    else:
+                        x, x0 = fused_step(x, eps, dpmpp_2m_coefficients(schedule, t, t_prev, t_last),
+                                           clip_sample=clip_sample, eps_uncond=eps_u, guidance=guidance,
+                                           x0_prev=x0_prev, x0_out=xp.empty_like(x))
+                    x0_prev, t_last = x0, t
+                elif backend == "numpy":
                     z = philox_normal(key, t, x.size, xp=xp).reshape(x.shape)
                     if sampler == "ddpm":
                         x = ddpm_step(schedule, x, eps, t, z, variance_type, clip_sample, eps_u, guidance)

@@ -1,22 +1,27 @@
 """One reverse-process step x_t -> x_{t-1}: the readable reference and the fused native kernel.
 
-DDPM (Ho et al. 2020) ancestral sampling and DDIM (Song et al. 2021), both from a noise prediction
-eps_theta(x_t, t), optionally with classifier-free guidance (Ho & Salimans 2022). Article section 4
-(the reverse process p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta)).
+DDPM (Ho et al. 2020) ancestral sampling, DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022), all from
+a noise prediction eps_theta(x_t, t), optionally with classifier-free guidance (Ho & Salimans 2022). Article
+section 4 (the reverse process p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta)).
 
 Notation (index t = 0 .. T-1 stands for the paper's t + 1, see minidiff/schedule.py):
     ab_t       alpha-bar_t              schedule.alphas_cumprod[t]
     ab_prev    alpha-bar_{t-1}          schedule.alphas_cumprod_prev[t] (DDPM), alphas_cumprod[t_prev] (DDIM)
     x0         "predicted x_0"          DDPM eq. 15, DDIM eq. 12 (pred_original_sample in diffusers)
     sigma      noise std of the step    sqrt(beta-tilde_t) or sqrt(beta_t) (DDPM); DDIM eq. 16 with eta
+DPM-Solver++ (its paper's notation; t_prev is the step's target, t_last the timestep of the step before this one):
+    alpha_t    sqrt(ab_t)                         sigma_t    sqrt(1 - ab_t)
+    lambda_t   log(alpha_t / sigma_t)             (half the log-SNR; +inf at t = -1, where ab = 1, sigma = 0)
+    h          lambda_{t_prev} - lambda_t > 0     h_last = lambda_t - lambda_{t_last},  r = h_last / h
+    x0_prev    the x_0 predicted by the previous step (from x_{t_last}); Algorithm 2's buffer Q
 
-`ddpm_step` / `ddim_step` are the reference, equation by equation, for NumPy and CuPy arrays alike.
-`fused_step` does the same arithmetic in one pass (csrc/step_math.h): guidance, x_0 prediction,
-clipping, the posterior combination and the Philox noise, with the scalars from `ddpm_coefficients`
-or `ddim_coefficients`. Every step can be written as
-    x_{t-1} = c_x0 * x0 + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps,
+`ddpm_step` / `ddim_step` / `dpmpp_2m_step` are the reference, equation by equation, for NumPy and CuPy arrays
+alike. `fused_step` does the same arithmetic in one pass (csrc/step_math.h): guidance, x_0 prediction,
+clipping, the posterior combination and the Philox noise, with the scalars from `ddpm_coefficients`,
+`ddim_coefficients` or `dpmpp_2m_coefficients`. Every step can be written as
+    x_{t-1} = c_x0 * x0 + c_x0prev * x0_prev + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps,
 where, with clipping and guidance w > 1, eps is re-derived from the clipped x0: eps = (a * x_t - x0) / b
-(only DDIM uses eps; c_eps = 0 for DDPM).
+(only DDIM uses eps; c_eps = 0 for DDPM and DPM-Solver++, which works on x0 alone; only DPM-Solver++ uses x0_prev).
 """
 import math
 from collections import namedtuple
@@ -29,9 +34,9 @@ from .philox import _check_u64
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
-StepCoefficients = namedtuple("StepCoefficients", "a b c_x0 c_xt c_eps sigma")
+StepCoefficients = namedtuple("StepCoefficients", "a b c_x0 c_xt c_eps sigma c_x0prev", defaults=(0.0,))
 StepCoefficients.__doc__ = """Scalars of one step (python floats): x0 = a x_t - b eps,
-x_{t-1} = c_x0 x0 + c_xt x_t + c_eps eps + sigma z."""
+x_{t-1} = c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z (c_x0prev: DPM-Solver++(2M) only, default 0)."""
 
 
 class NativeUnavailableError(RuntimeError, ValueError):
@@ -166,6 +171,83 @@ def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncon
     return (x_prev, x0) if return_x0 else x_prev
 
 
+def _check_dpmpp_timesteps(schedule, t, t_prev, t_last):
+    t = _check_t(schedule, t)
+    t_prev = _check_t(schedule, t_prev, "t_prev", allow_minus_one=True)
+    if t_prev >= t:
+        raise ValueError(f"t_prev ({t_prev}) must be smaller than t ({t})")
+    if t_last is not None:
+        t_last = _check_t(schedule, t_last, "t_last")
+        if t_last <= t:
+            raise ValueError(f"t_last (the previous step's timestep, {t_last}) must be larger than t ({t})")
+    return t, t_prev, t_last
+
+
+def _alpha_sigma_lambda(schedule, t):
+    """alpha_t = sqrt(ab_t), sigma_t = sqrt(1 - ab_t), lambda_t = log(alpha_t / sigma_t); at t = -1 (ab = 1)
+    alpha = 1, sigma = 0 and lambda = +inf."""
+    if t == -1:
+        return 1.0, 0.0, math.inf
+    ab = float(schedule.alphas_cumprod[t])
+    alpha, sigma = math.sqrt(ab), math.sqrt(1.0 - ab)
+    return alpha, sigma, math.log(alpha / sigma)
+
+
+def _dpmpp_second_order(t_prev, t_last):
+    """Whether the step into t_prev uses the previous x_0 (second order). It cannot on the first step (no previous
+    x_0), and does not on the last two. The DPM-Solver code and diffusers make the final ODE step first order
+    (lower_order_final); on our grids that is the step into t_prev = 0, the last noisy time (sigma_0 = 0.01), whose
+    lambda interval is long (linear schedule: lambda_0 = 4.6 against lambda_111 = 0.97 at S = 10) and r small, so the
+    line through the last two x_0 would be extrapolated far past them (README and tests/test_samplers.py measure it
+    on Gaussian data). The step after it, into t_prev = -1 (the DPM-Solver code's denoise_to_zero), has lambda = +inf
+    and r = 0, where only the first order is defined: it returns x_0."""
+    return t_last is not None and t_prev > 0
+
+
+def dpmpp_2m_step(schedule, x_t, eps, t, t_prev, x0_prev=None, t_last=None, clip_sample=True, eps_uncond=None,
+                  guidance=1.0, return_x0=False):
+    """DPM-Solver++(2M) step t -> t_prev (Lu et al. 2022, Algorithm 2; -1 means alpha-bar_prev = 1, the clean image).
+
+    The diffusion ODE in its data-prediction form, solved with the exponential integrator: the linear part in x_t
+    exactly, the integral of the predicted x_0 over lambda to second order from this step's x_0 and the previous
+    step's (x0_prev, predicted at t_last > t). Without them (the first step), and on the last two steps, it is
+    DPM-Solver++(1), which is DDIM with eta = 0. Deterministic: no noise.
+    Returns x_{t_prev}, or (x_{t_prev}, x0) with return_x0; the next step takes x0 as x0_prev and t as t_last.
+    """
+    t, t_prev, t_last = _check_dpmpp_timesteps(schedule, t, t_prev, t_last)
+    if (x0_prev is None) != (t_last is None):
+        raise ValueError("x0_prev and t_last go together: both given (second order) or both None (first step)")
+    if x0_prev is not None and x0_prev.shape != x_t.shape:
+        raise ValueError(f"x0_prev has shape {x0_prev.shape}, x_t has shape {x_t.shape}")
+    eps = _guided_eps(eps, eps_uncond, guidance)
+
+    # 1. data prediction x_theta(x_t, t) = (x_t - sigma_t eps) / alpha_t = a x_t - b eps, clipped to [-1, 1] as DDIM
+    #    clips (the simplest of the paper's thresholding methods). The update below uses x_0 alone, so a guided eps
+    #    needs no re-deriving: x_{t_prev} is already a combination of the clipped x_0 and x_t.
+    x0 = float(schedule.sqrt_recip_alphas_cumprod[t]) * x_t - float(schedule.sqrt_recipm1_alphas_cumprod[t]) * eps
+    if clip_sample:
+        x0 = x0.clip(-1.0, 1.0)
+
+    # 2. alpha, sigma, lambda = log(alpha / sigma) at both ends; the step length in lambda, h > 0 (+inf into -1)
+    alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(schedule, t)
+    alpha_prev, sigma_prev, lambda_prev = _alpha_sigma_lambda(schedule, t_prev)
+    h = lambda_prev - lambda_t
+
+    # 3. D, the x_0 integrated over the step (Algorithm 2): first order D = x0; second order the line through the
+    #    previous and this x_0 in lambda, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, r = h_last / h
+    if _dpmpp_second_order(t_prev, t_last):
+        r = (lambda_t - _alpha_sigma_lambda(schedule, t_last)[2]) / h
+        D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+    else:
+        D = x0
+
+    # 4. x_{t_prev} = sigma_prev / sigma_t x_t - alpha_prev (e^{-h} - 1) D   (Algorithm 2; the exact solution's
+    #    linear part, and alpha_prev (1 - e^{-h}) = sigma_prev int_{lambda_t}^{lambda_prev} e^lambda dlambda).
+    #    Into t_prev = -1: sigma_prev = 0 and e^{-h} = 0, so x_{-1} = x0, finite.
+    x_prev = (sigma_prev / sigma_t) * x_t - (alpha_prev * math.expm1(-h)) * D
+    return (x_prev, x0) if return_x0 else x_prev
+
+
 # --------------------------------------------------------------------------- coefficients for the kernel
 def ddpm_coefficients(schedule, t, variance_type="fixed_small"):
     """The scalars of ddpm_step at t as a StepCoefficients of python floats."""
@@ -194,6 +276,25 @@ def ddim_coefficients(schedule, t, t_prev, eta):
                             c_x0=math.sqrt(ab_prev), c_xt=0.0, c_eps=math.sqrt(dir_var), sigma=float(sigma))
 
 
+def dpmpp_2m_coefficients(schedule, t, t_prev, t_last=None):
+    """The scalars of dpmpp_2m_step from t to t_prev (t_last: the previous step's timestep, None on the first step)
+    as a StepCoefficients of python floats. With phi = alpha_prev (1 - e^{-h}), Algorithm 2's update
+    x_{t_prev} = sigma_prev / sigma_t x_t + phi D, D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, expands to
+        c_xt = sigma_prev / sigma_t,   c_x0 = phi (1 + 1/(2r)),   c_x0prev = -phi / (2r),   c_eps = sigma = 0;
+    first order (no t_last, or the last two steps): c_x0 = phi, c_x0prev = 0."""
+    t, t_prev, t_last = _check_dpmpp_timesteps(schedule, t, t_prev, t_last)
+    a, b = float(schedule.sqrt_recip_alphas_cumprod[t]), float(schedule.sqrt_recipm1_alphas_cumprod[t])
+    _, sigma_t, lambda_t = _alpha_sigma_lambda(schedule, t)
+    alpha_prev, sigma_prev, lambda_prev = _alpha_sigma_lambda(schedule, t_prev)
+    h = lambda_prev - lambda_t
+    phi = -alpha_prev * math.expm1(-h)  # alpha_prev (1 - e^{-h}); 1 into t_prev = -1
+    c_x0, c_x0prev = phi, 0.0
+    if _dpmpp_second_order(t_prev, t_last):
+        r = (lambda_t - _alpha_sigma_lambda(schedule, t_last)[2]) / h
+        c_x0, c_x0prev = phi * (1.0 + 0.5 / r), -phi * 0.5 / r
+    return StepCoefficients(a=a, b=b, c_x0=c_x0, c_xt=sigma_prev / sigma_t, c_eps=0.0, sigma=0.0, c_x0prev=c_x0prev)
+
+
 # --------------------------------------------------------------------------- the fused kernel
 def _check_array(x, name, ref, xp):
     if not all(hasattr(x, attr) for attr in ("dtype", "shape", "flags")):
@@ -212,48 +313,51 @@ def _check_array(x, name, ref, xp):
 
 
 def fused_step(x_t, eps, coefs, *, seed=None, step=None, clip_sample=True, eps_uncond=None, guidance=1.0, z=None,
-               out=None, x0_out=None, threads=0):
+               x0_prev=None, out=None, x0_out=None, threads=0):
     """x_{t-1} in one pass: guidance, x0 = a x_t - b eps (clipped; then, if w > 1, eps = (a x_t - x0) / b),
-    c_x0 x0 + c_xt x_t + c_eps eps + sigma z.
+    c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z.
 
     NumPy arrays run the C++ kernel (OpenMP, `threads` = 0: all cores), CuPy arrays the CUDA kernel on
     the current stream of their device (not synchronised). All arrays: float32, C-contiguous, same shape
-    and device. coefs: a StepCoefficients (ddpm_coefficients / ddim_coefficients). The noise z is drawn
-    from Philox with (seed, step), equal to philox.philox_normal(seed, step, x_t.size), unless z is given
-    (or sigma = 0). out (may be x_t itself) and x0_out are optional outputs. Returns x_{t-1}, or
+    and device. coefs: a StepCoefficients (ddpm_coefficients / ddim_coefficients / dpmpp_2m_coefficients).
+    The noise z is drawn from Philox with (seed, step), equal to philox.philox_normal(seed, step, x_t.size),
+    unless z is given (or sigma = 0). x0_prev: the previous step's x0 (DPM-Solver++(2M); needed when
+    c_x0prev != 0). out (may be x_t itself) and x0_out are optional outputs. Returns x_{t-1}, or
     (x_{t-1}, x0_out) when x0_out is given.
     """
     xp = array_module(x_t)
     coefs = StepCoefficients(*coefs)
-    arrays = dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, z=z, out=out, x0_out=x0_out)
+    arrays = dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, z=z, x0_prev=x0_prev, out=out, x0_out=x0_out)
     for name, a in arrays.items():
         if a is not None:
             _check_array(a, name, x_t, xp)
     if z is None and coefs.sigma != 0.0:
         if seed is None or step is None:
             raise ValueError("seed and step are required to draw the noise (or pass z)")
+    if x0_prev is None and coefs.c_x0prev != 0.0:
+        raise ValueError(f"x0_prev (the previous step's x_0 prediction) is required: c_x0prev = {coefs.c_x0prev:g}")
     seed = _check_u64(0 if seed is None else seed, "seed")
     step = _check_u64(0 if step is None else step, "step")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
         raise ValueError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
     if out is None:
         out = xp.empty_like(x_t)
-    scalars = dict(a=coefs.a, b=coefs.b, c_x0=coefs.c_x0, c_xt=coefs.c_xt, c_eps=coefs.c_eps, sigma=coefs.sigma,
-                   guidance=float(guidance), clip=bool(clip_sample), seed=seed, step=step)
+    scalars = dict(a=coefs.a, b=coefs.b, c_x0=coefs.c_x0, c_x0prev=coefs.c_x0prev, c_xt=coefs.c_xt, c_eps=coefs.c_eps,
+                   sigma=coefs.sigma, guidance=float(guidance), clip=bool(clip_sample), seed=seed, step=step)
 
     status = _native.native_status()
     if xp is np:
         if not status["cpu_kernel"]:
             raise NativeUnavailableError(f"fused_step needs the C++ kernel: {status['reason']}")
-        _native.core.step_cpu(x_t, eps, eps_uncond, z, out, x0_out, threads=int(threads), **scalars)
+        _native.core.step_cpu(x_t, eps, eps_uncond, z, x0_prev, out, x0_out, threads=int(threads), **scalars)
     else:
         if not status["cuda_kernel"]:
             raise NativeUnavailableError(f"fused_step got CuPy arrays but the CUDA kernel is unavailable: "
                                          f"{status['reason']}")
         ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731 (0 = absent)
         with x_t.device:
-            _native.core.step_cuda(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(z), ptr(out), ptr(x0_out), x_t.size,
-                                   stream=xp.cuda.get_current_stream().ptr, **scalars)
+            _native.core.step_cuda(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(z), ptr(x0_prev), ptr(out), ptr(x0_out),
+                                   x_t.size, stream=xp.cuda.get_current_stream().ptr, **scalars)
     return (out, x0_out) if x0_out is not None else out
 
 

@@ -10,7 +10,7 @@ from minidiff.backend import cupy_status
 from minidiff.philox import philox_normal
 from minidiff.schedule import NoiseSchedule
 from minidiff.step import (NativeUnavailableError, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step,
-                           fused_step)
+                           dpmpp_2m_coefficients, dpmpp_2m_step, fused_step)
 
 STATUS = _native.native_status()
 needs_cpu = pytest.mark.skipif(not STATUS["cpu_kernel"], reason=f"native extension unavailable: {STATUS['reason']}")
@@ -31,6 +31,11 @@ def _inputs(shape, seed=0, guided=False):
     return x_t, eps, eps_u
 
 
+def _x0_prev(shape, seed=1):
+    """A previous step's x_0 prediction for DPM-Solver++(2M) (beyond [-1, 1], as it is unclipped)."""
+    return np.random.default_rng(seed).uniform(-1.5, 1.5, shape).astype(np.float32)
+
+
 def _cases():
     for shape in SHAPES:
         for guided in (False, True):
@@ -44,9 +49,20 @@ def _cases():
                         yield pytest.param("ddim", dict(t=t, t_prev=t_prev, eta=eta), shape, guided, clip,
                                            id=f"ddim-eta{eta}-t{t}-{t_prev}-clip{int(clip)}-g{int(guided)}-"
                                               f"{'x'.join(map(str, shape))}")
+                # DPM-Solver++(2M): the first step (no previous x_0), second-order steps (r about 1, 1 and 10), the
+                # step into 0 and the last step to -1 (first order although a previous x_0 is given)
+                for t_last, t, t_prev in ((None, 999, 899), (999, 899, 799), (550, 500, 450),
+                                          (600, 500, 490), (111, 55, 0), (55, 0, -1), (None, 20, -1)):
+                    yield pytest.param("dpmpp_2m", dict(t=t, t_prev=t_prev, t_last=t_last), shape, guided, clip,
+                                       id=f"dpmpp2m-t{t_last}-{t}-{t_prev}-clip{int(clip)}-g{int(guided)}-"
+                                          f"{'x'.join(map(str, shape))}")
 
 
 def _reference(kind, kw, x_t, eps, z, clip, eps_u, w):
+    if kind == "dpmpp_2m":  # deterministic: z unused
+        x0_prev = None if kw["t_last"] is None else _x0_prev(x_t.shape)
+        return dpmpp_2m_step(SCHEDULE, x_t, eps, kw["t"], kw["t_prev"], x0_prev, kw["t_last"], clip_sample=clip,
+                             eps_uncond=eps_u, guidance=w, return_x0=True)
     if kind == "ddpm":
         return ddpm_step(SCHEDULE, x_t, eps, kw["t"], z, kw["variance_type"], clip_sample=clip, eps_uncond=eps_u,
                          guidance=w, return_x0=True)
@@ -55,6 +71,8 @@ def _reference(kind, kw, x_t, eps, z, clip, eps_u, w):
 
 
 def _coefs(kind, kw):
+    if kind == "dpmpp_2m":
+        return dpmpp_2m_coefficients(SCHEDULE, kw["t"], kw["t_prev"], kw["t_last"])
     if kind == "ddpm":
         return ddpm_coefficients(SCHEDULE, kw["t"], kw["variance_type"])
     return ddim_coefficients(SCHEDULE, kw["t"], kw["t_prev"], kw["eta"])
@@ -106,16 +124,19 @@ def test_cpu_kernel_matches_reference(kind, kw, shape, guided, clip):
     seed, step = 1234, kw["t"]
     z = philox_normal(seed, step, x_t.size).reshape(shape)
     ref, ref_x0 = _reference(kind, kw, x_t, eps, z, clip, eps_u, w)
+    x0_prev = _x0_prev(shape) if kw.get("t_last") is not None else None
 
     # given z: the same float32 arithmetic, so equal to ~1e-6 relative (in practice bit for bit)
     x0 = np.empty_like(x_t)
-    got, _ = fused_step(x_t, eps, coefs, clip_sample=clip, eps_uncond=eps_u, guidance=w, z=z, x0_out=x0)
+    got, _ = fused_step(x_t, eps, coefs, clip_sample=clip, eps_uncond=eps_u, guidance=w, z=z, x0_prev=x0_prev,
+                        x0_out=x0)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(x0, ref_x0, rtol=1e-6, atol=1e-6)
 
     # the kernel's own Philox noise: philox_normal to within 1e-6 (tests/test_philox.py), scaled by sigma <= 1
-    own = fused_step(x_t, eps, coefs, seed=seed, step=step, clip_sample=clip, eps_uncond=eps_u, guidance=w)
+    own = fused_step(x_t, eps, coefs, seed=seed, step=step, clip_sample=clip, eps_uncond=eps_u, guidance=w,
+                     x0_prev=x0_prev)
     np.testing.assert_allclose(own, ref, rtol=1e-6, atol=1e-6)
 
 
@@ -193,6 +214,17 @@ def test_validation_errors():
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         fused_step(x_t, eps, c, out=read_only, **kw)
+    # DPM-Solver++(2M)'s previous x_0: checked like the other arrays, and required when its coefficient is not 0
+    c2 = dpmpp_2m_coefficients(SCHEDULE, 500, 400, 600)
+    with pytest.raises(ValueError, match="x0_prev .* is required"):
+        fused_step(x_t, eps, c2)
+    with pytest.raises(TypeError, match="x0_prev must be float32"):
+        fused_step(x_t, eps, c2, x0_prev=eps.astype(np.float64))
+    with pytest.raises(ValueError, match="x0_prev has shape"):
+        fused_step(x_t, eps, c2, x0_prev=eps[:1])
+    with pytest.raises(ValueError, match="x0_prev must be C-contiguous"):
+        fused_step(x_t, eps, c2, x0_prev=np.zeros((4, 2, 12), np.float32)[:, :, ::2])
+    fused_step(x_t, eps, dpmpp_2m_coefficients(SCHEDULE, 500, 400), x0_prev=eps)  # c_x0prev = 0: allowed, unused
 
 
 @needs_cpu
@@ -200,14 +232,20 @@ def test_core_checks_arrays_itself():
     # the bindings never trust the caller: bad arrays give Python errors, not memory errors
     core = _native.core
     x = np.zeros(8, np.float32)
-    args = dict(a=1.0, b=1.0, c_x0=1.0, c_xt=0.0, c_eps=0.0, sigma=0.0, guidance=1.0, clip=True, seed=0, step=0,
-                threads=1)
+    args = dict(a=1.0, b=1.0, c_x0=1.0, c_x0prev=0.5, c_xt=0.0, c_eps=0.0, sigma=0.0, guidance=1.0, clip=True, seed=0,
+                step=0, threads=1)
     with pytest.raises(TypeError, match="float32"):
-        core.step_cpu(x, np.zeros(8), None, None, x.copy(), None, **args)
+        core.step_cpu(x, np.zeros(8), None, None, None, x.copy(), None, **args)
     with pytest.raises(ValueError, match="elements"):
-        core.step_cpu(x, np.zeros(7, np.float32), None, None, x.copy(), None, **args)
+        core.step_cpu(x, np.zeros(7, np.float32), None, None, None, x.copy(), None, **args)
     with pytest.raises(ValueError, match="C-contiguous"):
-        core.step_cpu(x, x, None, None, np.zeros(16, np.float32)[::2], None, **args)
+        core.step_cpu(x, x, None, None, None, np.zeros(16, np.float32)[::2], None, **args)
+    with pytest.raises(TypeError, match="x0_prev must be float32"):
+        core.step_cpu(x, x, None, None, np.zeros(8), x.copy(), None, **args)
+    with pytest.raises(ValueError, match="x0_prev has 7 elements"):
+        core.step_cpu(x, x, None, None, np.zeros(7, np.float32), x.copy(), None, **args)
+    with pytest.raises(ValueError, match="x0_prev must be C-contiguous"):
+        core.step_cpu(x, x, None, None, np.zeros(16, np.float32)[::2], x.copy(), None, **args)
 
 
 def test_cupy_array_without_cuda_kernel(monkeypatch):
@@ -233,19 +271,22 @@ def test_mixed_devices_rejected():
 # ------------------------------------------------------------------ CUDA kernel == C++ kernel (GPU machines)
 @pytest.mark.parametrize("kind, kw", [("ddpm", dict(t=500, variance_type="fixed_small")),
                                       ("ddpm", dict(t=0, variance_type="fixed_large")),
-                                      ("ddim", dict(t=999, t_prev=979, eta=0.5))])
+                                      ("ddim", dict(t=999, t_prev=979, eta=0.5)),
+                                      ("dpmpp_2m", dict(t=500, t_prev=450, t_last=550)),
+                                      ("dpmpp_2m", dict(t=20, t_prev=-1, t_last=None))])
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_kernel_matches_cpu(kind, kw, guided):
     import cupy
     x_t, eps, eps_u = _inputs((64, 3, 32, 32), guided=guided)
+    x0_prev = _x0_prev(x_t.shape) if kw.get("t_last") is not None else None
     coefs, w = _coefs(kind, kw), (3.0 if guided else 1.0)
-    cpu, cpu_x0 = fused_step(x_t, eps, coefs, seed=5, step=kw["t"], eps_uncond=eps_u, guidance=w,
+    cpu, cpu_x0 = fused_step(x_t, eps, coefs, seed=5, step=kw["t"], eps_uncond=eps_u, guidance=w, x0_prev=x0_prev,
                              x0_out=np.empty_like(x_t))
     g = lambda a: None if a is None else cupy.asarray(a)  # noqa: E731
     gpu, gpu_x0 = fused_step(g(x_t), g(eps), coefs, seed=5, step=kw["t"], eps_uncond=g(eps_u), guidance=w,
-                             x0_out=cupy.empty(x_t.shape, cupy.float32))
+                             x0_prev=g(x0_prev), x0_out=cupy.empty(x_t.shape, cupy.float32))
     # same header (our own log/sin/cos too), no FMA contraction on either side: expected bit for bit,
     # asserted to 1e-6 in case a compiler rounds differently
     np.testing.assert_allclose(gpu.get(), cpu, rtol=1e-6, atol=1e-6)

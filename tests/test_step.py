@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minidiff.schedule import NoiseSchedule
-from minidiff.step import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
+from minidiff.step import (ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients,
+                           dpmpp_2m_step)
 
 T = 1000
 SCHEDULE = NoiseSchedule(T)
@@ -169,6 +170,101 @@ def test_bad_arguments_raise_value_error():
         ddpm_step(SCHEDULE, x_t, eps, 5, None)
 
 
+# --------------------------------------------------------------------------- DPM-Solver++(2M)
+@pytest.mark.parametrize("t, t_prev", [(999, 899), (500, 450), (20, 0), (20, -1), (0, -1)])
+def test_dpmpp_first_order_is_ddim_eta0_without_clipping(t, t_prev):
+    # DPM-Solver++(1): sigma_prev / sigma_t x_t + alpha_prev (1 - e^{-h}) x0 is DDIM eq. 12 with eta = 0 (substitute
+    # e^{-h} = alpha_t sigma_prev / (sigma_t alpha_prev)); guided or not, as long as nothing is clipped.
+    x0, eps, x_t = _noisy(t=t)
+    eps_u = np.random.default_rng(5).standard_normal(x_t.shape)
+    for kw in (dict(), dict(eps_uncond=eps_u, guidance=3.0)):
+        ddim = ddim_step(SCHEDULE, x_t, eps, t, t_prev, 0.0, None, clip_sample=False, **kw)
+        np.testing.assert_allclose(dpmpp_2m_step(SCHEDULE, x_t, eps, t, t_prev, clip_sample=False, **kw), ddim,
+                                   rtol=1e-10, atol=1e-10)
+    if t_prev <= 0:  # the last two steps stay first order when a previous x_0 is given (lower_order_final)
+        x0_prev = np.random.default_rng(6).uniform(-1, 1, x_t.shape)
+        np.testing.assert_allclose(dpmpp_2m_step(SCHEDULE, x_t, eps, t, t_prev, x0_prev, t + 37, clip_sample=False),
+                                   ddim_step(SCHEDULE, x_t, eps, t, t_prev, 0.0, None, clip_sample=False),
+                                   rtol=1e-10, atol=1e-10)
+
+
+def test_dpmpp_2m_second_order_update_by_hand():
+    # Algorithm 2 written out: lambda = log(alpha / sigma), h = lambda_prev - lambda_t, r = h_last / h,
+    # D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev, x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^{-h} - 1) D.
+    t_last, t, t_prev = 700, 600, 450
+    _, eps, x_t = _noisy(t=t)
+    x0_prev = np.random.default_rng(7).uniform(-1, 1, x_t.shape)
+    ab = SCHEDULE.alphas_cumprod
+    lam = {k: 0.5 * math.log(ab[k] / (1 - ab[k])) for k in (t_last, t, t_prev)}
+    h, r = lam[t_prev] - lam[t], (lam[t] - lam[t_last]) / (lam[t_prev] - lam[t])
+    x0 = (x_t - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+    expected = math.sqrt((1 - ab[t_prev]) / (1 - ab[t])) * x_t - math.sqrt(ab[t_prev]) * (math.exp(-h) - 1) * D
+    got, got_x0 = dpmpp_2m_step(SCHEDULE, x_t, eps, t, t_prev, x0_prev, t_last, clip_sample=False, return_x0=True)
+    np.testing.assert_allclose(got_x0, x0, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
+    assert np.abs(got - ddim_step(SCHEDULE, x_t, eps, t, t_prev, 0.0, None, clip_sample=False)).max() > 1e-2
+    # the coefficients the kernel uses expand the same update
+    c = dpmpp_2m_coefficients(SCHEDULE, t, t_prev, t_last)
+    assert all(type(v) is float for v in c) and c.c_eps == 0.0 and c.sigma == 0.0 and c.c_x0prev < 0
+    np.testing.assert_allclose(c.c_x0 * x0 + c.c_x0prev * x0_prev + c.c_xt * x_t, expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(c.a * x_t - c.b * eps, x0, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("t_last, t, t_prev", [(None, 999, 899), (999, 899, 799), (300, 200, 100)])
+def test_dpmpp_2m_is_exact_for_one_data_point(t_last, t, t_prev):
+    # If every prediction is the same x_0 (the data is one point), the ODE's solution is
+    # x_{t_prev} = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps, and both orders land on it (D = x0).
+    x0, eps, x_t = _noisy(t=t)
+    got = dpmpp_2m_step(SCHEDULE, x_t, eps, t, t_prev, None if t_last is None else x0, t_last)
+    ab = SCHEDULE.alphas_cumprod[t_prev]
+    np.testing.assert_allclose(got, math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps, rtol=1e-9, atol=1e-9)
+
+
+def test_dpmpp_last_step_to_minus_one_is_x0_and_finite():
+    # t_prev = -1: alpha = 1, sigma = 0, lambda = +inf, so h = +inf, e^{-h} = 0: x_{-1} = x0, with no inf or NaN
+    # on the way (np.errstate raises on any), whether or not a previous x_0 is passed.
+    _, eps, x_t = _noisy(t=30)
+    x0_prev = np.random.default_rng(8).uniform(-1, 1, x_t.shape)
+    with np.errstate(all="raise"):
+        for args in ((None, None), (x0_prev, 60)):
+            got, x0 = dpmpp_2m_step(SCHEDULE, x_t, 3 * eps, 30, -1, *args, return_x0=True)
+            np.testing.assert_array_equal(got, x0)
+            assert np.abs(x0).max() == 1.0  # clipped
+    c = dpmpp_2m_coefficients(SCHEDULE, 30, -1, 60)
+    assert (c.c_x0, c.c_x0prev, c.c_xt, c.c_eps, c.sigma) == (1.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_dpmpp_clips_x0_and_needs_no_eps_rederived():
+    # The update combines the clipped x_0 and x_t only, so guidance w > 1 needs no eps re-derived (c_eps = 0).
+    _, eps, x_t = _noisy(t=900)
+    eps_u, eps_c, w = eps, 2 * eps, 3.0
+    got, x0 = dpmpp_2m_step(SCHEDULE, x_t, eps_c, 900, 800, eps_uncond=eps_u, guidance=w, return_x0=True)
+    _, raw = dpmpp_2m_step(SCHEDULE, x_t, eps_u + w * (eps_c - eps_u), 900, 800, clip_sample=False, return_x0=True)
+    assert (np.abs(raw) > 1).mean() > 0.3 and np.array_equal(x0, np.clip(raw, -1, 1))
+    c = dpmpp_2m_coefficients(SCHEDULE, 900, 800)
+    np.testing.assert_allclose(got, c.c_x0 * x0 + c.c_xt * x_t, rtol=1e-12, atol=1e-12)
+
+
+def test_dpmpp_bad_arguments_raise_value_error():
+    _, eps, x_t = _noisy()
+    x0_prev = np.zeros_like(x_t)
+    for t_prev in (500, 600, -2):
+        with pytest.raises(ValueError, match="t_prev"):
+            dpmpp_2m_step(SCHEDULE, x_t, eps, 500, t_prev)
+    for t_last in (500, 400, T, 2.5):
+        with pytest.raises(ValueError, match="t_last"):
+            dpmpp_2m_step(SCHEDULE, x_t, eps, 500, 400, x0_prev, t_last)
+        with pytest.raises(ValueError, match="t_last"):
+            dpmpp_2m_coefficients(SCHEDULE, 500, 400, t_last)
+    with pytest.raises(ValueError, match="go together"):
+        dpmpp_2m_step(SCHEDULE, x_t, eps, 500, 400, x0_prev)
+    with pytest.raises(ValueError, match="go together"):
+        dpmpp_2m_step(SCHEDULE, x_t, eps, 500, 400, None, 600)
+    with pytest.raises(ValueError, match="x0_prev has shape"):
+        dpmpp_2m_step(SCHEDULE, x_t, eps, 500, 400, x0_prev[:1], 600)
+
+
 def test_article_4_1_schedule_cannot_predict_x0():
     # beta_T = 1 makes alpha-bar_T = 0: the schedule's own error surfaces.
     sched = NoiseSchedule(10, beta_schedule="t_over_T")
@@ -177,3 +273,7 @@ def test_article_4_1_schedule_cannot_predict_x0():
         ddpm_step(sched, x, x, 9, x)
     with pytest.raises(ValueError, match="undefined"):
         ddim_coefficients(sched, 9, 5, 0.0)
+    with pytest.raises(ValueError, match="undefined"):
+        dpmpp_2m_coefficients(sched, 9, 5)
+    with pytest.raises(ValueError, match="undefined"):
+        dpmpp_2m_step(sched, x, x, 9, 5)

@@ -114,8 +114,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path, monkeypatc
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_sample_both_samplers_and_write_png(toy_data, tmp_path, sampler):
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_sample_each_sampler_and_write_png(toy_data, tmp_path, sampler):
     train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
     model, tcfg, meta = load_model(str(tmp_path / "checkpoint.npz"))
     kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, progress=False)
