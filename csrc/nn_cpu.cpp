@@ -282,19 +282,19 @@ static int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
 // out = conv(xbuf, packed weights) (+ bias) on the grid; wp is (9, K, NP)
 static void run_conv(const float* xbuf, const Grid& g, int64_t K, const float* wp, int64_t N, const float* bias,
-                     float* out) {
+                     int64_t bias_stride, const float* residual, float* out) {
     ConvTask t;
     t.xbuf = xbuf; t.m = g.m; t.P = g.P; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 9;
     g.offsets(t.off);
-    t.bias = bias; t.out = out; t.H = g.H; t.W = g.W;
+    t.bias = bias; t.bias_stride = bias_stride; t.residual = residual; t.out = out; t.H = g.H; t.W = g.W;
     t.rows_per_tile = isa->acc;
     plan_blocks(t, t.NP, isa->vw, isa->acc);
     const int64_t tiles = (g.P + t.rows_per_tile - 1) / t.rows_per_tile;
     parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
 }
 
-void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t B, int64_t H, int64_t W,
-                     int64_t K, int64_t N, float* out) {
+void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
+                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out) {
     const Grid g(B, H, W, isa->acc);
     const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
     const int64_t NP = round_up(N, isa->vw);
@@ -302,7 +302,7 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
     for (int t = 0; t < 9; ++t)
         for (int64_t k = 0; k < K; ++k)
             for (int64_t n = 0; n < NP; ++n) wp[(t * K + k) * NP + n] = n < N ? weight[(n * K + k) * 9 + t] : 0.0f;
-    run_conv(xbuf, g, K, wp, N, bias, out);
+    run_conv(xbuf, g, K, wp, N, bias, bias_stride, residual, out);
 }
 
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
@@ -316,7 +316,7 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     for (int t = 0; t < 9; ++t)
         for (int64_t n = 0; n < N; ++n)
             for (int64_t k = 0; k < KP; ++k) wp[(t * N + n) * KP + k] = k < K ? weight[(n * K + k) * 9 + (8 - t)] : 0.0f;
-    run_conv(dybuf, g, N, wp, K, nullptr, dx);
+    run_conv(dybuf, g, N, wp, K, nullptr, 0, nullptr, dx);
 
     // dW[n, k, i, j] = sum over grid rows p of xbuf[p + off(i, j), k] dy[p, n]: rows split over threads, each
     // into its own (9, K, NP) partial sum, added up at the end
@@ -348,7 +348,7 @@ static ConvTask plain_task(const float* x, int64_t M, int64_t K, const float* wp
                            float* out) {
     ConvTask t;
     t.xbuf = x; t.m = 0; t.P = M; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 1; t.off[0] = 0;
-    t.bias = bias; t.out = out; t.H = 0; t.W = 0;
+    t.bias = bias; t.bias_stride = 0; t.residual = nullptr; t.out = out; t.H = 0; t.W = 0;
     t.rows_per_tile = isa->acc;
     plan_blocks(t, t.NP, isa->vw, isa->acc);
     return t;

@@ -177,7 +177,7 @@ void gn_backward_apply(const float* x, const float* dout, const float* a, const 
 // reduction), each step a broadcast input value times a vector of weights.
 
 // Output rows p0 .. p0 + R of channel block [n0, n0 + NB * VW): accumulate, then write the rows that are real
-// pixels (not padding) to out, adding the bias.
+// pixels (not padding) to out, adding the bias (and the residual).
 template <int R, int NB>
 static void conv_tile(const ConvTask& a, int64_t p0, int64_t n0) {
     vf acc[R][NB];
@@ -202,18 +202,25 @@ static void conv_tile(const ConvTask& a, int64_t p0, int64_t n0) {
     // which pixel is row p0: image img, row h, column w of the padded grid (h == H or w == W: padding)
     const int64_t Wp = a.W + 1, HWp = (a.H + 1) * Wp;      // (plain rows, W = 0: unused)
     int64_t img = p0 / HWp, h = (p0 % HWp) / Wp, w = p0 % Wp;
-    vf bias[NB];
-    for (int nb = 0; nb < NB; ++nb) {
-        const int64_t c = n0 + nb * MD_VW;
-        bias[nb] = !a.bias ? (vf){} : c + MD_VW <= a.N ? load(a.bias + c) : load_n(a.bias + c, (int)(a.N - c));
-    }
     for (int r = 0; r < R && p0 + r < a.P; ++r) {
         if (a.W == 0 || (h < a.H && w < a.W)) {
-            float* o = a.out + (a.W == 0 ? p0 + r : (img * a.H + h) * a.W + w) * a.N;
+            const int64_t row = a.W == 0 ? p0 + r : (img * a.H + h) * a.W + w;      // output row
+            const float* bias = a.bias ? a.bias + img * a.bias_stride : nullptr;     // per image, or shared
+            const float* res = a.residual ? a.residual + row * a.N : nullptr;
+            float* o = a.out + row * a.N;
             for (int nb = 0; nb < NB; ++nb) {
                 const int64_t c = n0 + nb * MD_VW;
-                if (c + MD_VW <= a.N) store(o + c, acc[r][nb] + bias[nb]);
-                else if (c < a.N) store_n(o + c, acc[r][nb] + bias[nb], (int)(a.N - c));
+                const int k = (int)imin(MD_VW, a.N - c);   // channels of this vector that exist
+                vf v = acc[r][nb];
+                if (k == MD_VW) {
+                    if (bias) v += load(bias + c);
+                    if (res) v += load(res + c);
+                    store(o + c, v);
+                } else if (k > 0) {
+                    if (bias) v += load_n(bias + c, k);
+                    if (res) v += load_n(res + c, k);
+                    store_n(o + c, v, k);
+                }
             }
         }
         if (++w == Wp) { w = 0; if (++h == a.H + 1) { h = 0; ++img; } }

@@ -18,7 +18,9 @@ struct ConvTask {
     int64_t NP, N;              // output channels rounded up to the vector width, and as they are
     int T;
     int64_t off[9];             // row offset of each tap
-    const float* bias;          // (N,) or null
+    const float* bias;          // (N,), or (B, N) per image (bias_stride N; grid only), or null
+    int64_t bias_stride;        // 0: one bias for all images
+    const float* residual;      // added to the output (same layout as out), or null
     float* out;                 // grid: (B, H, W, N), only real pixels are written; plain (W = 0): (P, N)
     int64_t H, W;
     int64_t rows_per_tile;      // rows a work item covers (the instruction set's accumulator count)
@@ -74,9 +76,10 @@ void group_norm_forward(const float* x, const float* gamma, const float* beta, i
 void group_norm_backward(const float* dout, const float* x, const float* gamma, const float* beta, const float* mean,
                          const float* rstd, int64_t B, int64_t npix, int64_t C, int64_t G, int silu, float* dx,
                          float* dgamma, float* dbeta);
-// x (B, H, W, K), weight (N, K, 3, 3), bias (N,) or null -> out (B, H, W, N)
-void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t B, int64_t H, int64_t W,
-                     int64_t K, int64_t N, float* out);
+// x (B, H, W, K), weight (N, K, 3, 3), bias (N,) (bias_stride 0) or (B, N) (bias_stride N) or null, residual
+// (B, H, W, N) or null -> out (B, H, W, N) = conv(x) + bias (+ residual)
+void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
+                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out);
 // dout (B, H, W, N) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3) (written)
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
                       int64_t K, int64_t N, float* dx, float* dweight);

@@ -125,21 +125,28 @@ void check_conv(const py::array& x, const py::array& weight) {
                               std::to_string(x.shape(3)));
 }
 
-py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_) {
+py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_, py::handle residual_) {
     py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4);
     check_conv(x, weight);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
-    py::array bias;                             // keeps the bias array alive while the kernel runs
-    const float* bias_ptr = nullptr;
+    py::array bias, residual;                   // keep the arrays alive while the kernel runs
+    const float *bias_ptr = nullptr, *res_ptr = nullptr;
+    int64_t bias_stride = 0;
     if (!bias_.is_none()) {
-        bias = arr(bias_, "bias", 1);
-        vector_of(bias, "bias", N);
+        bias = arr(bias_, "bias", -1);
+        if (bias.ndim() == 2 && bias.shape(0) == B && bias.shape(1) == N) bias_stride = N;   // one bias per image
+        else vector_of(bias, "bias (or (B, Cout) per image)", N);
         bias_ptr = ptr(bias);
     }
     py::array_t<float> out = empty({B, H, W, N});
+    if (!residual_.is_none()) {
+        residual = arr(residual_, "residual", 4);
+        same_shape(residual, "residual", out, "the output");
+        res_ptr = ptr(residual);
+    }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, B, H, W, K, N, out.mutable_data());
+        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, bias_stride, res_ptr, B, H, W, K, N, out.mutable_data());
     }
     return out;
 }
@@ -223,7 +230,9 @@ void bind_nn(py::module_& m) {
           py::arg("beta"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("silu"),
           "-> (dx, dgamma, dbeta)");
     m.def("conv3x3_forward", &py_conv3x3_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
-          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or None -> (B, H, W, Cout)");
+          py::arg("residual") = py::none(),
+          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or (B, Cout) or None, residual (B, H, W, Cout) "
+          "or None -> conv(x) + bias (+ residual), (B, H, W, Cout)");
     m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
           "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
     m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),

@@ -126,10 +126,10 @@ def _numpy_table():
                                                      beta, _c(mean), _c(rstd), num_groups, silu)
         return dx.reshape(x.shape), dgamma, dbeta
 
-    def conv2d_same(x, weight, bias):
-        if weight.shape[2:] != (3, 3) or not _float32(x, weight, bias):
+    def conv2d_same(x, weight, bias, residual=None):
+        if weight.shape[2:] != (3, 3) or not _float32(x, weight, bias, residual):
             return NotImplemented
-        return core.conv3x3_forward(_c(x), _c(weight), bias)
+        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), None if residual is None else _c(residual))
 
     def conv2d_same_backward(x, weight, dout):
         if weight.shape[2:] != (3, 3) or not _float32(x, weight, dout):
@@ -156,7 +156,7 @@ def _numpy_table():
 # CuPy: elementwise chains fused into one kernel each, compiled from the reference function itself.
 
 FUSED = ("layers.silu", "layers.silu_backward", "layers.scale_shift", "layers.scale_shift_silu",
-         "layers.scale_shift_silu_backward", "layers.group_norm_combine")
+         "layers.scale_shift_silu_backward", "layers.group_norm_combine", "layers.bias_add", "layers.bias_residual_add")
 
 
 def _cupy_table():

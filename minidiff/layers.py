@@ -226,19 +226,33 @@ def _same_offsets(k, W):
 
 
 @kernels.reference
-def conv2d_same(x, weight, bias):
+def bias_add(y, bias):
+    return y + bias
+
+
+@kernels.reference
+def bias_residual_add(y, bias, residual):
+    return y + bias + residual
+
+
+@kernels.reference
+def conv2d_same(x, weight, bias, residual=None):
     """Stride-1 'same' convolution (odd k, p = (k - 1) / 2), NHWC: x (B, H, W, Cin), weight (Cout, Cin, k, k),
-    bias (Cout,) -> (B, H, W, Cout). On the padded image flattened to rows (pad_flat: rows of W + p pixels), the
-    input under tap (i, j) of output row r is row r + off(i, j), so
+    bias (Cout,) or one per image (B, Cout), optional residual (B, H, W, Cout) added to the output
+    -> (B, H, W, Cout). On the padded image flattened to rows (pad_flat: rows of W + p pixels), the input under
+    tap (i, j) of output row r is row r + off(i, j), so
         y_pad = sum_taps (xbuf shifted by off) @ W[:, :, i, j]^T,
-    a sum of matmuls on contiguous slices (shifted_matmul), whose padding rows are then dropped."""
+    a sum of matmuls on contiguous slices (shifted_matmul), whose padding rows are then dropped in the pass that
+    adds the bias (and the residual)."""
     B, H, W, _ = x.shape
     cout, cin, k, _ = weight.shape
     p = (k - 1) // 2
     wt = array_module(weight).ascontiguousarray(weight.transpose(2, 3, 1, 0)).reshape(k * k, cin, cout)
     xbuf, m = pad_flat(x, p)                                                   # (m + P + m, Cin)
     out = shifted_matmul(xbuf, m, _same_offsets(k, W), wt)                     # (P, Cout), P = B*(H+p)*(W+p)
-    return out.reshape(B, H + p, W + p, cout)[:, :H, :W, :] + bias             # drop the padding; (B, H, W, Cout)
+    y = out.reshape(B, H + p, W + p, cout)[:, :H, :W, :]                       # the real pixels (a view)
+    bias = bias.reshape(B, 1, 1, cout) if bias.ndim == 2 else bias
+    return bias_add(y, bias) if residual is None else bias_residual_add(y, bias, residual)   # (B, H, W, Cout)
 
 
 @kernels.reference
@@ -280,16 +294,25 @@ class Conv2d(Layer):
         w = self.params["weight"]
         return array_module(w).ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
 
-    def forward(self, x):                       # x (B, H, W, Cin)
+    def forward(self, x, shift=None, residual=None):
+        """x (B, H, W, Cin) -> (B, Ho, Wo, Cout). shift (B, Cout): added to the bias per image (the ResBlock's time
+        embedding); residual (B, Ho, Wo, Cout): added to the output. Both in the convolution's own last pass;
+        their gradients are the caller's (the pixel sums of dout per image, and dout)."""
         w, b = self.params["weight"], self.params["bias"]
+        if shift is not None:
+            b = b + shift                       # (B, Cout)
         self.save(x)                            # backward recomputes the padded copy / im2col: less memory held
         if self.same:
-            return conv2d_same(x, w, b)         # (B, H, W, Cout)
+            return conv2d_same(x, w, b, residual)   # (B, H, W, Cout)
         B, H, W, _ = x.shape
         k, s, p = self.k, self.stride, self.padding
         Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-        out = linear(im2col(x, k, k, s, p), self._wmat(), b)      # (B*Ho*Wo, Cout)
-        return out.reshape(B, Ho, Wo, -1)       # (B, Ho, Wo, Cout)
+        out = linear(im2col(x, k, k, s, p), self._wmat(), self.params["bias"]).reshape(B, Ho, Wo, -1)
+        if shift is not None:
+            out += shift[:, None, None, :]
+        if residual is not None:
+            out += residual
+        return out                              # (B, Ho, Wo, Cout)
 
     def backward(self, dout):                   # dout (B, Ho, Wo, Cout)
         xp = array_module(dout)

@@ -111,11 +111,10 @@ class ResBlock(Layer):
         self.skip = self.add("skip", Conv2d(cin, cout, 1, rng, dtype=dtype)) if cin != cout else None
 
     def forward(self, x, emb, rng=None):        # x (B, H, W, cin), emb = SiLU(temb) (B, 4C)
-        h = self.conv1.forward(self.norm1.forward(x))
-        h += self.temb_proj.forward(emb)[:, None, None, :]         # per-channel time shift (h is a fresh array)
-        h = self.conv2.forward(self.dropout.forward(self.norm2.forward(h), rng))
-        h += self.skip.forward(x) if self.skip else x
-        return h                                # (B, H, W, cout)
+        # conv1 adds the per-channel time shift W emb to its bias, conv2 adds the skip path to its output
+        h = self.conv1.forward(self.norm1.forward(x), shift=self.temb_proj.forward(emb))
+        skip = self.skip.forward(x) if self.skip else x
+        return self.conv2.forward(self.dropout.forward(self.norm2.forward(h), rng), residual=skip)   # (B, H, W, cout)
 
     def backward(self, dout):                   # -> (dx, demb)
         dh = self.norm2.backward(self.dropout.backward(self.conv2.backward(dout)))

@@ -68,6 +68,8 @@ def test_conv2d_same_kernel_matches_reference(isa, B, H, W, cin, cout):
     dout = rand(rng, B, H, W, cout)
     assert_close(*both(layers.conv2d_same, x, w, b))
     assert_close(*both(layers.conv2d_same_backward, x, w, dout))
+    # a bias per image (the ResBlock's time shift) and a residual added in the same pass
+    assert_close(*both(layers.conv2d_same, x, w, rand(rng, B, cout), rand(rng, B, H, W, cout)))
 
 
 @needs_cpu
@@ -213,6 +215,10 @@ def test_kernels_reject_bad_arrays_clearly():
         core.conv3x3_forward(x, np.zeros((4, 3, 5, 5), np.float32), None)
     with pytest.raises(ValueError, match="bias"):
         core.conv3x3_forward(x, w, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="bias"):
+        core.conv3x3_forward(x, w, np.zeros((3, 4), np.float32))
+    with pytest.raises(ValueError, match="residual"):
+        core.conv3x3_forward(x, w, None, np.zeros((2, 5, 5, 3), np.float32))
     with pytest.raises(ValueError, match="dimensions"):
         core.conv3x3_forward(x[0], w, None)
     with pytest.raises(ValueError, match="dout"):
