@@ -5,7 +5,7 @@
 #include "step_math.h"
 
 // Bumped whenever a signature the Python side calls changes; minidiff/_native.py checks it.
-#define MINIDIFF_ABI_VERSION 2
+#define MINIDIFF_ABI_VERSION 3
 
 namespace md {
 
@@ -18,6 +18,8 @@ int cpu_max_threads();
 // CUDA (step_cuda.cu): launched on `stream` (a cudaStream_t as an integer), no synchronisation.
 // Return nullptr on success, else the CUDA error string.
 const char* step_cuda(const StepArgs& a, uintptr_t stream);
+// The same with a.k, a.seed and a.step read from device memory when the kernel runs (a StepParams record).
+const char* step_cuda_params(const StepArgs& a, const StepParams* params, uintptr_t stream);
 const char* normal_cuda(float* out, int64_t n, uint64_t seed, uint64_t step, uintptr_t stream);
 
 }  // namespace md

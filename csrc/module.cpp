@@ -97,6 +97,22 @@ void step_cuda(uintptr_t x_t, uintptr_t eps, uintptr_t eps_uncond, uintptr_t z, 
     raise_if(md::step_cuda(args, stream));
 }
 
+void step_cuda_params(uintptr_t x_t, uintptr_t eps, uintptr_t eps_uncond, uintptr_t x0_prev, uintptr_t out,
+                      uintptr_t x0_out, int64_t n, uintptr_t params, uintptr_t stream) {
+    if (n < 0) throw py::value_error("n must be >= 0");
+    if (n > 0 && (!x_t || !eps || !out || !params))
+        throw py::value_error("x_t, eps, out and params must be non-null device pointers");
+    md::StepArgs args{};
+    args.x_t = (const float*)x_t;
+    args.eps_c = (const float*)eps;
+    args.eps_u = (const float*)eps_uncond;  // 0 = none
+    args.x0_prev = (const float*)x0_prev;   // 0 = none
+    args.out = (float*)out;
+    args.x0_out = (float*)x0_out;           // 0 = not wanted
+    args.n = n;
+    raise_if(md::step_cuda_params(args, (const md::StepParams*)params, stream));
+}
+
 void normal_cuda(uintptr_t out, int64_t n, uint64_t seed, uint64_t step, uintptr_t stream) {
     if (n < 0) throw py::value_error("n must be >= 0");
     if (n > 0 && !out) throw py::value_error("out must be a non-null device pointer");
@@ -124,6 +140,16 @@ PYBIND11_MODULE(_core, m) {
     }, "Whether the CUDA kernel was compiled in (says nothing about a GPU being present).");
     m.def("has_openmp", &md::cpu_has_openmp, "Whether the CPU kernel was compiled with OpenMP.");
     m.def("max_threads", &md::cpu_max_threads, "Threads the CPU kernel uses with threads=0.");
+    m.def("step_params_layout", []() {
+        md::StepParams p{};
+        auto off = [&](const void* f) { return (int64_t)((const char*)f - (const char*)&p); };
+        py::dict d;
+        d["a"] = off(&p.k.a); d["b"] = off(&p.k.b); d["c_x0"] = off(&p.k.c_x0); d["c_x0prev"] = off(&p.k.c_x0prev);
+        d["c_xt"] = off(&p.k.c_xt); d["c_eps"] = off(&p.k.c_eps); d["sigma"] = off(&p.k.sigma);
+        d["guidance"] = off(&p.k.guidance); d["clip"] = off(&p.k.clip); d["has_uncond"] = off(&p.k.has_uncond);
+        d["seed"] = off(&p.seed); d["step"] = off(&p.step); d["itemsize"] = (int64_t)sizeof(p);
+        return d;
+    }, "Byte offsets of the StepParams record (and its size): minidiff.step.STEP_PARAMS must match.");
     m.def("philox4x32_10", [](std::array<uint32_t, 4> ctr, std::array<uint32_t, 2> key) {
         md::U32x4 c;
         for (int i = 0; i < 4; ++i) c.x[i] = ctr[i];
@@ -143,6 +169,9 @@ PYBIND11_MODULE(_core, m) {
           py::arg("c_x0"), py::arg("c_x0prev"), py::arg("c_xt"), py::arg("c_eps"), py::arg("sigma"),
           py::arg("guidance"), py::arg("clip"), py::arg("seed"), py::arg("step"), py::arg("stream"),
           "Fused sampling step on device pointers (0 = absent), launched on `stream`, not synchronised.");
+    m.def("step_cuda_params", &step_cuda_params, py::arg("x_t"), py::arg("eps"), py::arg("eps_uncond"),
+          py::arg("x0_prev"), py::arg("out"), py::arg("x0_out"), py::arg("n"), py::arg("params"), py::arg("stream"),
+          "Fused sampling step whose scalars are read from a StepParams record in device memory (CUDA graphs).");
     m.def("normal_cuda", &normal_cuda, py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("step"),
           py::arg("stream"), "Philox normals into a device buffer, launched on `stream`, not synchronised.");
 #endif

@@ -22,6 +22,16 @@ __global__ void step_kernel(StepArgs a) {
         step_block(a, b);
 }
 
+__global__ void step_kernel_params(StepArgs a, const StepParams* p) {
+    a.k = p->k;
+    a.seed = p->seed;
+    a.step = p->step;
+    a.k.has_uncond = a.eps_u != nullptr;
+    const int64_t nblocks = (a.n + 3) / 4;
+    for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (int64_t)gridDim.x * blockDim.x)
+        step_block(a, b);
+}
+
 __global__ void normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t step) {
     const int64_t nblocks = (n + 3) / 4;
     for (int64_t b = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (int64_t)gridDim.x * blockDim.x)
@@ -36,6 +46,12 @@ static const char* last_error() {
 const char* step_cuda(const StepArgs& a, uintptr_t stream) {
     if (a.n == 0) return nullptr;
     step_kernel<<<grid_for((a.n + 3) / 4), THREADS_PER_BLOCK, 0, (cudaStream_t)stream>>>(a);
+    return last_error();
+}
+
+const char* step_cuda_params(const StepArgs& a, const StepParams* params, uintptr_t stream) {
+    if (a.n == 0) return nullptr;
+    step_kernel_params<<<grid_for((a.n + 3) / 4), THREADS_PER_BLOCK, 0, (cudaStream_t)stream>>>(a, params);
     return last_error();
 }
 

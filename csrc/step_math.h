@@ -219,6 +219,14 @@ struct StepArgs {
     StepCoefs k;
 };
 
+// The scalars of a step as they lie in device memory for a captured sampling step (a CUDA graph bakes kernel
+// arguments in, so a graph replayed for every timestep reads them from here; minidiff/step.py's STEP_PARAMS is
+// the same record, checked against sizeof and the offsets by tests/test_native.py).
+struct StepParams {
+    StepCoefs k;
+    uint64_t seed, step;
+};
+
 // Elements 4*block .. 4*block+3 of the step (the work of one CPU loop iteration or one CUDA thread).
 MD_HD void step_block(const StepArgs& a, int64_t block) {
     F32x4 g = {{0.0f, 0.0f, 0.0f, 0.0f}};

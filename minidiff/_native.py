@@ -4,7 +4,7 @@
 or a build from older sources) the NumPy path works and ``native_status()`` says why and how to fix it.
 """
 # Must equal MINIDIFF_ABI_VERSION in csrc/kernels.h; bump both when a binding's signature changes.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 _FIX = "build it with `pip install .` from the repository root"
 

@@ -12,16 +12,19 @@ from .schedule import extract
 
 
 def _timesteps(sched, t, x):
-    """t as an int array of shape (B,), checked against 0 <= t < T."""
+    """t as an int array of shape (B,) on x's device, checked against 0 <= t < T (on the host: timesteps already on
+    a GPU are not read back, that would stall it; train.TrainStep checks them before they go there)."""
     xp = array_module(x)
-    t = xp.asarray(t)
+    if xp is not np and array_module(t) is np:
+        t = np.asarray(t)                       # check on the host, then copy once
+    t = array_module(t).asarray(t)
     if t.ndim == 0:
-        t = xp.full((x.shape[0],), int(t))
+        t = array_module(t).full((x.shape[0],), int(t))
     if t.shape != (x.shape[0],) or t.dtype.kind not in "iu":
         raise ValueError(f"t must be an int scalar or an int array of shape ({x.shape[0]},), got {t.dtype} {t.shape}")
-    if int(t.min()) < 0 or int(t.max()) >= sched.num_train_timesteps:
+    if array_module(t) is np and (int(t.min()) < 0 or int(t.max()) >= sched.num_train_timesteps):
         raise ValueError(f"timestep out of range [0, {sched.num_train_timesteps}): {int(t.min())}..{int(t.max())}")
-    return t
+    return xp.asarray(t)
 
 
 def q_step_sample(sched, x_prev, t, noise):
@@ -39,9 +42,14 @@ def q_mean_variance(sched, x0, t):
 
 
 def q_sample(sched, x0, t, noise):
-    """Sample q(x_t | x_0) in one jump (article 4.1): x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
+    """Sample q(x_t | x_0) in one jump (article 4.1): x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps.
+    (The coefficient tables stay on x0's device: a training step indexes them there.)"""
+    xp = array_module(x0)
     t = _timesteps(sched, t, x0)
-    return extract(sched.sqrt_alphas_cumprod, t, x0) * x0 + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    a = sched.table("sqrt_alphas_cumprod", xp, x0.dtype)[t].reshape(shape)
+    b = sched.table("sqrt_one_minus_alphas_cumprod", xp, x0.dtype)[t].reshape(shape)
+    return a * x0 + b * noise
 
 
 def q_posterior(sched, x0, x_t, t):

@@ -1,6 +1,10 @@
 """Optimizer and training helpers: Adam/AdamW, EMA of weights, gradient clipping, learning-rate warm-up.
 
-All of them work in place on dicts name -> array (the model's ``params`` and ``grads``), NumPy or CuPy.
+All of them work in place on dicts name -> array (the model's ``params`` and ``grads``), NumPy or CuPy, and
+never read a value back to the host: the per-step scalars (step size, EMA decay) are computed on the host from
+counters and passed in, the gradient norm stays an array. So a whole training step can run on a GPU without a
+synchronisation, and be captured as a CUDA graph (train.TrainStep). The update of each tensor is one
+elementwise chain (adam_update, ema_update), fused into one kernel on CuPy (kernels.py).
 Their state is a flat dict of arrays and ints (``state_dict`` / ``load_state_dict``), so a checkpoint can
 store it with ``np.savez`` (no pickle).
 """
@@ -8,6 +12,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import array_module
 
 
@@ -23,6 +28,19 @@ def _check_state(kind, state, expected, prefixes):
     for k, shape in expected.items():
         if shape is not None and tuple(np.shape(state[k])) != shape:
             raise ValueError(f"{kind} state {k!r} has shape {tuple(np.shape(state[k]))}, expected {shape}")
+
+
+@kernels.reference
+def adam_update(p, g, m, v, beta1, beta2, step_size, eps_hat, decay):
+    """One Adam(W) update of one tensor, in place:
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   p <- decay p - step_size m / (sqrt(v) + eps_hat)
+    with the bias corrections folded into step_size and eps_hat (Adam.hyper), decay = 1 - lr wd."""
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    p *= decay
+    p -= step_size * (m / (array_module(v).sqrt(v) + eps_hat))
 
 
 class Adam:
@@ -41,27 +59,25 @@ class Adam:
         self.m = {k: array_module(p).zeros_like(p) for k, p in params.items()}   # first moments
         self.v = {k: array_module(p).zeros_like(p) for k, p in params.items()}   # second moments
 
-    def step(self, lr=None):
+    def hyper(self, lr=None):
+        """Count a step and return its scalars (step_size, eps_hat, decay), python floats: with the bias
+        corrections bc1 = 1 - b1^n, bc2 = 1 - b2^n,
+            m_hat / (sqrt(v_hat) + eps) = (m / bc1) / ((sqrt(v) + eps sqrt(bc2)) / sqrt(bc2)),
+        so step_size = lr sqrt(bc2) / bc1 and eps_hat = eps sqrt(bc2)."""
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
-        n, b1, b2 = self.step_count, self.beta1, self.beta2
-        # bias corrections folded into the step size and eps (Python floats: no float64 leaks)
-        bc1, bc2 = 1.0 - b1 ** n, 1.0 - b2 ** n
-        step_size = lr / bc1
-        eps_hat = self.eps * math.sqrt(bc2)                    # so that sqrt(v)/sqrt(bc2) + eps matches
+        n = self.step_count
+        bc1, bc2 = 1.0 - self.beta1 ** n, 1.0 - self.beta2 ** n
+        return lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2), 1.0 - lr * self.weight_decay
+
+    def apply(self, step_size, eps_hat, decay):
+        """The update with given scalars (python floats, or 0-d arrays on the device: a captured step reads them
+        from device memory)."""
         for k, p in self.params.items():
-            xp = array_module(p)
-            g, m, v = self.grads[k], self.m[k], self.v[k]
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            if self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
-            denom = xp.sqrt(v)
-            denom += eps_hat
-            # m_hat / (sqrt(v_hat) + eps) = (m / bc1) / ((sqrt(v) + eps sqrt(bc2)) / sqrt(bc2))
-            p -= (step_size * math.sqrt(bc2)) * (m / denom)
+            adam_update(p, self.grads[k], self.m[k], self.v[k], self.beta1, self.beta2, step_size, eps_hat, decay)
+
+    def step(self, lr=None):
+        self.apply(*self.hyper(lr))
 
     def state_dict(self):
         d = {"step_count": self.step_count}
@@ -81,6 +97,13 @@ class Adam:
             self.v[k][...] = xp.asarray(d[f"v.{k}"], dtype=p.dtype)
 
 
+@kernels.reference
+def ema_update(e, p, decay):
+    """ema <- decay ema + (1 - decay) p, in place."""
+    e *= decay
+    e += (1.0 - decay) * p
+
+
 class EMA:
     """Exponential moving average of the weights, with the usual warm-up of the decay:
         decay_n = min(max_decay, (1 + n) / (10 + n)),   ema <- decay_n ema + (1 - decay_n) p,
@@ -96,12 +119,19 @@ class EMA:
         n = self.num_updates
         return min(self.max_decay, (1.0 + n) / (10.0 + n))
 
-    def update(self, params):
+    def next_decay(self):
+        """Count an update and return its decay (what update() uses)."""
         d = self.decay()
-        for k, e in self.params.items():
-            e *= d
-            e += (1.0 - d) * params[k]
         self.num_updates += 1
+        return d
+
+    def apply(self, params, decay):
+        """The update with a given decay (a python float, or a 0-d array on the device)."""
+        for k, e in self.params.items():
+            ema_update(e, params[k], decay)
+
+    def update(self, params):
+        self.apply(params, self.next_decay())
 
     def state_dict(self):
         d = {"num_updates": self.num_updates}
@@ -119,14 +149,14 @@ class EMA:
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before
-    clipping (a Python float)."""
+    clipping as a 0-d array on the gradients' device (not read back: no host synchronisation). The scale is
+    min(1, max_norm / (norm + 1e-6)): exactly 1 below the limit."""
     gs = list(grads.values())
     xp = array_module(gs[0])
-    total = float(xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in gs)))
-    if total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for g in gs:
-            g *= scale
+    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in gs))
+    scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(gs[0].dtype)
+    for g in gs:
+        g *= scale
     return total
 
 

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from .backend import array_module, to_numpy
 from .philox import philox_normal
-from .step import (ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients, dpmpp_2m_step,
-                   fused_step)
+from .step import (STEP_PARAMS, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients,
+                   dpmpp_2m_step, fused_step, fused_step_params, step_params)
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 BACKENDS = ("auto", "native", "numpy")
@@ -65,9 +65,72 @@ def _native_available(xp):
 _warned = []
 
 
+class _GraphedStep:
+    """One sampling step of a batch on a GPU (the network on x, or on [x, x] with the conditions and the null
+    conditions under guidance, then the fused step writing x in place), captured once as a CUDA graph and replayed
+    for every timestep: before each replay the timesteps and the step's scalars (a STEP_PARAMS record) are copied,
+    device to device, into the buffers the graph reads. The first step runs eagerly, filling the graph's own memory
+    pool and kernel caches, then the same work is captured."""
+
+    def __init__(self, model, x, y, guidance):
+        import cupy
+        n = x.shape[0]
+        self.model, self.x, self.guided = model, x, y is not None and guidance != 1.0
+        if self.guided:
+            y = np.concatenate([y, model.null_condition(n)])
+        self.y = None if y is None else cupy.asarray(y)
+        self.t = cupy.zeros(2 * n if self.guided else n, np.int64)
+        self.params = cupy.zeros(STEP_PARAMS.itemsize, np.uint8)
+        self.x0_prev, self.x0_out = cupy.zeros_like(x), cupy.zeros_like(x)
+        self.stream, self.pool, self.graph = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool(), None
+        cupy.cuda.get_current_stream().synchronize()      # x, y and the buffers exist before the graph's stream runs
+
+    def _body(self):
+        n = self.x.shape[0]
+        x_in = array_module(self.x).concatenate([self.x, self.x]) if self.guided else self.x
+        eps = self.model.forward(x_in, self.t, self.y)
+        eps_c, eps_u = (eps[:n], eps[n:]) if self.guided else (eps, None)
+        fused_step_params(self.x, eps_c, self.params, eps_uncond=eps_u, x0_prev=self.x0_prev, out=self.x,
+                          x0_out=self.x0_out)
+        self.x0_prev[...] = self.x0_out                   # DPM-Solver++(2M): this step's x_0 for the next one
+
+    def step(self, t, params):
+        """t: a 0-d int64 device array, params: a (56,) uint8 device array (one STEP_PARAMS record)."""
+        import cupy
+        with self.stream:
+            self.t[...] = t
+            self.params[...] = params
+            if self.graph is not None:
+                self.graph.launch(self.stream)
+                return
+            with cupy.cuda.using_allocator(self.pool.malloc):
+                self._body()
+                self.stream.synchronize()
+                self.stream.begin_capture()
+                try:
+                    self._body()
+                finally:
+                    self.graph = self.stream.end_capture()
+
+
+def _step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample, guidance):
+    """The STEP_PARAMS record of every step of one batch (what the eager loop passes to fused_step)."""
+    recs, t_last = [], None
+    for i, t in enumerate(steps):
+        t, t_prev = int(t), int(steps[i + 1]) if i + 1 < len(steps) else -1
+        if sampler == "ddpm":
+            coefs = ddpm_coefficients(schedule, t, variance_type)
+        elif sampler == "ddim":
+            coefs = ddim_coefficients(schedule, t, t_prev, eta)
+        else:
+            coefs, t_last = dpmpp_2m_coefficients(schedule, t, t_prev, t_last), t
+        recs.append(step_params(coefs, seed=key, step=t, clip_sample=clip_sample, guidance=guidance))
+    return np.stack(recs)
+
+
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
            clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, backend="auto",
-           record_steps=(), progress=True, xp=np):
+           record_steps=(), progress=True, xp=np, cuda_graph=None):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t),
@@ -76,7 +139,9 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     prompt token ids (N, L) (text.encode_prompts) or None; ``guidance`` w combines eps_u + w (eps_c - eps_u).
     ``backend``: "native" (fused C++/CUDA kernel), "numpy" (readable reference, same images) or "auto" (native
     when built). ``record_steps``: timestep indices at which to keep the network's input x_t (returned as a dict
-    {t: images} in a second return value when non-empty; key -1 holds the final x_0)."""
+    {t: images} in a second return value when non-empty; key -1 holds the final x_0). ``cuda_graph``: on a GPU
+    with the native kernel, capture each batch's step once and replay it (_GraphedStep); None = yes there, unless
+    recording steps."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if backend not in BACKENDS:
@@ -86,6 +151,9 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
                          f"for stochastic sampling use sampler='ddim' with eta > 0 or 'ddpm'")
     if backend == "auto":
         backend = "native" if _native_available(xp) else "numpy"
+    graphed = (xp is not np and backend == "native" and not record_steps) if cuda_graph is None else bool(cuda_graph)
+    if graphed and (xp is np or backend != "native" or record_steps):
+        raise ValueError("cuda_graph needs CuPy arrays (xp=cupy), the native backend and no record_steps")
     T = schedule.num_train_timesteps
     steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, 50 if num_steps is None else num_steps)
     cfg = model.config
@@ -104,6 +172,10 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
             key = batch_seed(seed, b)
             yb = None if y is None else y[start:start + n]
             x = philox_normal(key, T, n * int(np.prod(shape)), xp=xp).reshape((n,) + shape)  # x_T ~ N(0, I)
+            if graphed:
+                out.append(_sample_graphed(model, schedule, sampler, steps, key, x, yb, variance_type, eta,
+                                           clip_sample, guidance, bar))
+                continue
             x0_prev, t_last = None, None  # DPM-Solver++(2M): the previous step's x_0 prediction and its timestep
             for i, t in enumerate(steps):
                 t = int(t)
@@ -142,3 +214,18 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     if record_steps:
         return images, {t: np.concatenate(v) for t, v in recorded.items()}
     return images
+
+
+def _sample_graphed(model, schedule, sampler, steps, key, x, y, variance_type, eta, clip_sample, guidance, bar):
+    """One batch's reverse process with a captured step (see _GraphedStep); returns the images on the host."""
+    g = _GraphedStep(model, x, y, guidance)
+    with g.stream:                                        # the step records and timesteps, copied to the device once
+        params = array_module(x).asarray(_step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample,
+                                                guidance).view(np.uint8).reshape(len(steps), -1))
+        ts = array_module(x).asarray(np.asarray(steps, dtype=np.int64))
+    for i in range(len(steps)):
+        g.step(ts[i], params[i])
+        bar.update(x.shape[0])
+    g.stream.synchronize()
+    return to_numpy(g.x)
+

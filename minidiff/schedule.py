@@ -124,6 +124,16 @@ class NoiseSchedule:
         """1 / sqrt(alpha_t), the leading factor of mu_theta in DDPM eq. 11."""
         return 1.0 / np.sqrt(self._require_positive(self.alphas, "1/sqrt(alpha_t)"))
 
+    def table(self, name, xp=np, dtype=np.float64):
+        """The coefficient table ``name`` (e.g. "sqrt_alphas_cumprod") as an array of ``dtype`` for the array module
+        ``xp``, made once and cached: on a GPU the table lives on the device, so indexing it by timesteps there
+        copies nothing from the host (train.TrainStep, diffusion.q_sample)."""
+        key = (name, xp.__name__, np.dtype(dtype).str)
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            cache[key] = xp.asarray(getattr(self, name), dtype=dtype)
+        return cache[key]
+
     def __repr__(self):
         c = self.config
         return (f"NoiseSchedule(num_train_timesteps={c['num_train_timesteps']}, beta_schedule={c['beta_schedule']!r}, "

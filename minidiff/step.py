@@ -361,6 +361,50 @@ def fused_step(x_t, eps, coefs, *, seed=None, step=None, clip_sample=True, eps_u
     return (out, x0_out) if x0_out is not None else out
 
 
+# One step's scalars as csrc/step_math.h's StepParams record lays them out (tests/test_native.py checks the offsets
+# against the compiled struct): what a CUDA graph of a sampling step reads when it is replayed.
+STEP_PARAMS = np.dtype({"names": ["a", "b", "c_x0", "c_x0prev", "c_xt", "c_eps", "sigma", "guidance", "clip",
+                                  "has_uncond", "seed", "step"],
+                        "formats": ["<f4"] * 8 + ["<i4", "<i4", "<u8", "<u8"],
+                        "offsets": [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 48], "itemsize": 56})
+
+
+def step_params(coefs, *, seed=0, step=0, clip_sample=True, guidance=1.0):
+    """A STEP_PARAMS record (a NumPy array of shape ()) of the scalars fused_step would take."""
+    coefs = StepCoefficients(*coefs)
+    rec = np.zeros((), STEP_PARAMS)
+    for name in StepCoefficients._fields:
+        rec[name] = getattr(coefs, name)
+    rec["guidance"], rec["clip"] = float(guidance), int(bool(clip_sample))
+    rec["seed"], rec["step"] = _check_u64(seed, "seed"), _check_u64(step, "step")
+    return rec
+
+
+def fused_step_params(x_t, eps, params, *, eps_uncond=None, x0_prev=None, out=None, x0_out=None):
+    """fused_step on CuPy arrays with its scalars read from ``params`` (a CuPy uint8 array holding one STEP_PARAMS
+    record: step_params(...).view(np.uint8), copied to the device) when the kernel runs, not when it is launched:
+    a CUDA graph captured once replays it for every timestep with the record rewritten in between. The noise is
+    drawn (sigma != 0); x0_prev must be given when its coefficient is not 0 (not checked: the record is on the
+    device)."""
+    xp = array_module(x_t)
+    if xp is np:
+        raise ValueError("fused_step_params is for CuPy arrays (NumPy: use fused_step)")
+    for name, a in dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, x0_prev=x0_prev, out=out, x0_out=x0_out).items():
+        if a is not None:
+            _check_array(a, name, x_t, xp)
+    if params.dtype != np.uint8 or params.size != STEP_PARAMS.itemsize or array_module(params) is not xp:
+        raise ValueError(f"params must be a device uint8 array of {STEP_PARAMS.itemsize} bytes (one STEP_PARAMS record)")
+    status = _native.native_status()
+    if not status["cuda_kernel"]:
+        raise NativeUnavailableError(f"fused_step_params needs the CUDA kernel: {status['reason']}")
+    out = xp.empty_like(x_t) if out is None else out
+    ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731 (0 = absent)
+    with x_t.device:
+        _native.core.step_cuda_params(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(x0_prev), ptr(out), ptr(x0_out),
+                                      x_t.size, params.data.ptr, xp.cuda.get_current_stream().ptr)
+    return out
+
+
 def native_normal(seed, step, n, xp=np, threads=0):
     """philox.philox_normal(seed, step, n) from the native generator: C++ for xp = numpy, CUDA for cupy
     (on the current device and stream, not synchronised)."""

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -27,7 +28,8 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import get_xp, to_numpy
+from . import _native, kernels
+from .backend import array_module, get_xp, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
 from .data import batch_indices, load_dataset, to_model_range
 from .diffusion import q_sample
@@ -37,6 +39,7 @@ from .philox import philox_normal
 from .prompts import build_tokenizer, draw_prompts, prompt_table
 from .sample import sample
 from .schedule import NoiseSchedule
+from .step import native_normal
 from .text import Tokenizer
 from .unet import UNet, UNetConfig
 
@@ -62,6 +65,7 @@ class TrainConfig:
     p_uncond: float = 0.1                # conditional models: probability of the "no condition" label / empty prompt
     seed: int = 0
     device: str = "cpu"                  # "cpu" (NumPy) or "cuda" (CuPy)
+    cuda_graphs: bool = True             # with "cuda": capture the training step once, replay it (TrainStep)
     log_every: int = 25
     sample_every: int = 500              # write a sample grid every this many steps (0: never)
     ckpt_every: int = 250                # write the checkpoint every this many steps (and at the end)
@@ -75,14 +79,123 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
 
 
+@kernels.reference
+def squared_error_sum(pred, target):
+    """sum (pred - target)^2 over every element (one fused reduction on CuPy)."""
+    d = pred - target
+    return (d * d).sum()
+
+
+@kernels.reference
+def mse_grad(pred, target, scale):
+    """d/d pred of scale/2 * sum (pred - target)^2: scale (pred - target)."""
+    return (pred - target) * scale
+
+
 def loss_simple(model, schedule, x0, t, noise, y=None, rng=None):
     """L_simple = mean ||eps - eps_theta(x_t, t)||^2 over the batch and pixels (DDPM eq. 14), with
-    x_t = q_sample(x_0, t, eps). Runs the forward pass and returns (loss, dL/d eps_theta) for the backward pass."""
+    x_t = q_sample(x_0, t, eps). Runs the forward pass and returns (loss, dL/d eps_theta) for the backward pass; the
+    loss is a 0-d array on the batch's device (reading it would stall a GPU: the caller decides when)."""
     x_t = q_sample(schedule, x0, t, noise)
     eps_pred = model.forward(x_t, t, y, rng=rng)
-    diff = eps_pred - noise
-    loss = float((diff * diff).mean())
-    return loss, diff * (2.0 / diff.size)
+    n = eps_pred.size
+    return squared_error_sum(eps_pred, noise) / n, mse_grad(eps_pred, noise, 2.0 / n)
+
+
+def training_noise(seed, step, shape, xp):
+    """The eps of training step ``step``: Philox normals keyed by the seed and counted by the step (so a resumed run
+    draws the same noise). NumPy computes them in NumPy (philox.philox_normal); on a GPU the CUDA kernel draws the
+    same numbers (to 1e-6) on the device, with nothing to copy."""
+    n = int(np.prod(shape))
+    if xp is not np and _native.native_status()["cuda_kernel"]:
+        return native_normal(TRAIN_NOISE_KEY | seed, step, n, xp=xp).reshape(shape)
+    return philox_normal(TRAIN_NOISE_KEY | seed, step, n, xp=xp).reshape(shape)
+
+
+class TrainStep:
+    """One optimizer step on fixed input buffers: x_t = q_sample(x_0, t, eps), the network, L_simple and its
+    gradient, backward, gradient clipping, Adam and EMA, with every value left where it is computed (no host
+    synchronisation). ``set_inputs`` copies a batch and the step's scalars (learning rate, bias corrections, EMA
+    decay, computed on the host from counters) into the buffers; ``run`` computes the step.
+
+    On a GPU with ``cuda_graph=True`` the first ``run`` executes eagerly (so CuPy's memory pool and kernel caches
+    serve every later call) and then captures the same work once as a CUDA graph on its own stream and memory
+    pool; every later ``run`` replays the graph: a few microseconds of launch instead of thousands of kernel
+    launches from Python. ``loss`` and ``grad_norm`` are 0-d arrays on the device, overwritten by every run."""
+
+    def __init__(self, model, opt, ema, schedule, grad_clip, x_shape, y_shape=None, cuda_graph=False):
+        xp = array_module(model.params[next(iter(model.params))])
+        self.xp, self.model, self.opt, self.ema, self.schedule = xp, model, opt, ema, schedule
+        self.grad_clip = float(grad_clip)
+        dtype = model.dtype
+        self.x0, self.noise = xp.zeros(x_shape, dtype), xp.zeros(x_shape, dtype)
+        self.t = xp.zeros(x_shape[0], np.int64)
+        self.y = None if y_shape is None else xp.zeros(y_shape, np.int64)
+        self.hyper = xp.zeros(4, dtype)          # Adam step size, eps_hat, decay; EMA decay
+        self.loss, self.grad_norm = xp.zeros((), dtype), xp.zeros((), dtype)
+        self.rng = None
+        if cuda_graph and xp is np:
+            raise ValueError("cuda_graph needs a GPU (device 'cuda')")
+        if cuda_graph and model.cfg.dropout:
+            raise ValueError("cuda_graph needs dropout = 0: the dropout masks come from the host, new every step")
+        self.cuda_graph, self.graph = cuda_graph, None
+        if cuda_graph:
+            import cupy
+            self.stream, self.pool = cupy.cuda.Stream(non_blocking=True), cupy.cuda.MemoryPool()
+
+    def set_inputs(self, x0, t, noise, y, lr, rng=None):
+        """x0, noise (B, C, H, W) and y (B,) / (B, L) on the device or the host; t (B,) ints on the host, checked
+        here (not on the device)."""
+        t = np.asarray(t)
+        T = self.schedule.num_train_timesteps
+        if t.shape != self.t.shape or t.dtype.kind not in "iu" or t.min() < 0 or t.max() >= T:
+            raise ValueError(f"t must be {self.t.shape[0]} ints in [0, {T}), got {t.dtype} {t.shape}")
+        labels = self.model.cfg.num_classes
+        if labels and not 0 <= np.min(y) <= np.max(y) <= labels:
+            raise ValueError(f"class labels must be in [0, {labels}] ({labels} = no condition)")
+        hyper = np.array(self.opt.hyper(lr) + (self.ema.next_decay(),), dtype=self.hyper.dtype)
+        for buf, value in ((self.x0, x0), (self.t, t), (self.noise, noise), (self.y, y), (self.hyper, hyper)):
+            if buf is not None:
+                self._copy(buf, value)
+        self.rng = rng
+
+    def _copy(self, buf, value):
+        buf[...] = self.xp.asarray(value)       # on the current stream (stream_context): before the step
+
+    def _body(self):
+        model, h = self.model, self.hyper
+        loss, dout = loss_simple(model, self.schedule, self.x0, self.t, self.noise, self.y, rng=self.rng)
+        model.zero_grad()
+        model.backward(dout)
+        self.grad_norm[...] = clip_grad_norm(model.grads, self.grad_clip)
+        self.opt.apply(h[0], h[1], h[2])
+        self.ema.apply(model.params, h[3])
+        self.loss[...] = loss
+
+    def stream_context(self):
+        """The stream the step runs on, as a context (a no-op without a graph): work around the step (its inputs,
+        reading its results, sample previews) goes on the same stream, in order with it."""
+        return self.stream if self.cuda_graph else contextlib.nullcontext()
+
+    def run(self):
+        if not self.cuda_graph:
+            return self._body()
+        import cupy
+        if self.graph is not None:
+            return self.graph.launch(self.stream)
+        with self.stream, cupy.cuda.using_allocator(self.pool.malloc):
+            self._body()                         # the real first step; fills the pool and the kernel caches
+            self.stream.synchronize()
+            self.stream.begin_capture()
+            try:
+                self._body()                     # recorded, not run
+            finally:
+                self.graph = self.stream.end_capture()
+
+    def synchronize(self):
+        """Wait for the step to finish (before the host reads the model, e.g. to save or sample)."""
+        if self.cuda_graph:
+            self.stream.synchronize()
 
 
 def _config_json(tcfg, mcfg):
@@ -171,52 +284,70 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                                   rng=dict(kind="stateless: batch_indices(seed, step), default_rng([seed, step]), "
                                                  "Philox(seed | 0xFFFFFFFF << 32, step)", seed=tcfg.seed)))
 
+    B = tcfg.batch_size
+    y_shape = (B,) if mcfg.num_classes else (B, mcfg.text_len) if table is not None else None
+    graph = tcfg.device == "cuda" and tcfg.cuda_graphs and not mcfg.dropout
+    if tcfg.device == "cuda" and tcfg.cuda_graphs and mcfg.dropout:
+        print("dropout > 0: the training step runs without a CUDA graph (its dropout masks come from the host)")
+    ts = TrainStep(model, opt, ema, schedule, tcfg.grad_clip, (B,) + tuple(x_all.shape[1:]), y_shape, cuda_graph=graph)
+    pending = []                                # (step, loss, grad norm, lr) of the steps not yet read back
+
+    def read_back():
+        """Read the losses of the steps since the last read (one host synchronisation), log them and stop if one is
+        not finite: nothing after a non-finite loss reaches a checkpoint."""
+        nonlocal smooth
+        if not pending:
+            return
+        values = to_numpy(xp.stack([xp.stack([loss, norm]) for _, loss, norm, _ in pending]))
+        for (s, _, _, lr), (loss, norm) in zip(pending, values.astype(np.float64)):
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss} at step {s}; stopped without saving, so {ckpt_path} keeps the last good "
+                    f"state. Try a lower learning rate (now {tcfg.lr}) or a stronger gradient clip.")
+            smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+            last = dict(step=s + 1, loss=float(loss), loss_smooth=smooth, lr=lr, grad_norm=float(norm))
+        pending.clear()
+        return last
+
     log = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a")
     bar = tqdm(total=tcfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
     model.train(True)
     smooth, t_last, s_last = None, time.perf_counter(), step
     try:
-        with _StopRequest() as stop:
+        with _StopRequest() as stop, ts.stream_context():   # one stream for everything: inputs, step, previews
             while step < tcfg.steps:
                 rng = np.random.default_rng([tcfg.seed, step])
-                idx = batch_indices(n, tcfg.batch_size, tcfg.seed, step)
-                x0 = x_all[xp.asarray(idx)]
-                t = rng.integers(0, T, size=tcfg.batch_size)
+                idx = batch_indices(n, B, tcfg.seed, step)
+                t = rng.integers(0, T, size=B)
                 y = None
                 if mcfg.num_classes:
                     # classifier-free guidance: with probability p_uncond train on the "no condition" label
-                    y = np.where(rng.random(tcfg.batch_size) < tcfg.p_uncond, mcfg.num_classes, y_all[idx])
+                    y = np.where(rng.random(B) < tcfg.p_uncond, mcfg.num_classes, y_all[idx])
                 elif table is not None:                        # a random prompt per image, or "" with p_uncond
                     y = draw_prompts(table, y_all[idx], tcfg.p_uncond, rng)
-                noise = philox_normal(TRAIN_NOISE_KEY | tcfg.seed, step, x0.size, xp=xp).reshape(x0.shape)
-                loss, dout = loss_simple(model, schedule, x0, t, noise, y, rng=rng)
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss} at step {step}; stopped without saving, so {ckpt_path} keeps the last "
-                        f"good state. Try a lower learning rate (now {tcfg.lr}) or a stronger gradient clip.")
-                model.zero_grad()
-                model.backward(dout)
-                grad_norm = clip_grad_norm(model.grads, tcfg.grad_clip)
                 lr = warmup_lr(step, tcfg.lr, tcfg.warmup_steps)
-                opt.step(lr=lr)
-                ema.update(model.params)
+                ts.set_inputs(x_all[xp.asarray(idx)], t, training_noise(tcfg.seed, step, ts.x0.shape, xp), y, lr, rng)
+                ts.run()
+                pending.append((step, ts.loss.copy(), ts.grad_norm.copy(), lr))
                 step += 1
+                if callback is not None:
+                    callback(step, ts.loss)
 
-                smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                due_ckpt = step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested
+                due_sample = tcfg.sample_every and step % tcfg.sample_every == 0
+                if step % tcfg.log_every == 0 or due_ckpt or due_sample:
+                    ts.synchronize()
+                    last = read_back()
                     now = time.perf_counter()
-                    ips = (step - s_last) * tcfg.batch_size / max(now - t_last, 1e-9)
+                    ips = (step - s_last) * B / max(now - t_last, 1e-9)
                     t_last, s_last = now, step
                     bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
-                    log.write(json.dumps(dict(step=step, loss=loss, loss_smooth=smooth, lr=lr,
-                                              grad_norm=float(grad_norm), images_per_s=ips)) + "\n")
+                    log.write(json.dumps(dict(last, images_per_s=ips)) + "\n")
                     log.flush()
                 bar.update(1)
-                if callback is not None:
-                    callback(step, loss)
-                if step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested:
+                if due_ckpt:
                     save()
-                if tcfg.sample_every and step % tcfg.sample_every == 0:
+                if due_sample:
                     write_samples(model, ema, schedule, tcfg, step, xp)
                 if stop.requested:
                     print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")

@@ -274,11 +274,15 @@ class UNet(Model):
         if y is not None:
             if cfg.num_classes is None:
                 raise ValueError("class labels y given but the UNet was built with num_classes=None")
-            y = xp.asarray(y)
+            on_host = array_module(y) is np
+            y = np.asarray(y) if on_host else y
             if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
                 raise ValueError(f"y must be an int array of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
-            if int(y.min()) < 0 or int(y.max()) > cfg.num_classes:
+            # the range is checked for labels on the host: reading labels already on a GPU would stall it
+            # (TrainStep checks them before they go there)
+            if on_host and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
                 raise ValueError(f"class labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = no condition)")
+            y = xp.asarray(y)
         elif cfg.num_classes is not None:
             y = xp.full((x.shape[0],), cfg.num_classes)           # unconditional: the "no condition" token
         return t, y

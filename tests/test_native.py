@@ -296,3 +296,41 @@ def test_cuda_kernel_matches_cpu(kind, kw, guided):
     # and the readable reference runs on CuPy as well
     np.testing.assert_allclose(philox_normal(5, 6, 10001, xp=cupy).get(), philox_normal(5, 6, 10001), rtol=0,
                                atol=1e-6)
+
+
+# ------------------------------------------------------------------ the step record a CUDA graph reads
+@needs_cpu
+def test_step_params_record_matches_the_kernel_struct():
+    """minidiff.step.STEP_PARAMS lays its fields out at the byte offsets of csrc/step_math.h's StepParams."""
+    layout = _native.core.step_params_layout()
+    assert layout.pop("itemsize") == step_mod.STEP_PARAMS.itemsize
+    assert layout == {name: step_mod.STEP_PARAMS.fields[name][1] for name in step_mod.STEP_PARAMS.names}
+
+
+@needs_cpu
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_step_records_drive_the_kernel_to_the_same_images(sampler):
+    """What a replayed GPU graph reads each step (sample._step_records) gives, fed to the CPU kernel, the images of
+    the eager sampler: the records carry the right coefficients, seeds and steps."""
+    from minidiff.sample import _step_records, ddim_timesteps, sample
+    from minidiff.unet import UNet, UNetConfig
+    sched = NoiseSchedule(20)
+    model = UNet(UNetConfig(resolution=8, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                            num_classes=3), seed=0).train(False)
+    rng = np.random.default_rng(0)
+    for p in model.params.values():
+        p[...] = rng.standard_normal(p.shape) * 0.1
+    y, w = np.array([0, 2]), 2.0
+    steps = np.arange(19, -1, -1) if sampler == "ddpm" else ddim_timesteps(20, 6)
+    kw = dict(sampler=sampler, num_steps=6, seed=3, y=y, guidance=w, progress=False)
+    want = sample(model, sched, 2, **kw)
+    from minidiff.sample import batch_seed, predict_eps
+    x = philox_normal(batch_seed(3, 0), 20, 2 * 64).reshape(2, 1, 8, 8)
+    x0_prev = np.zeros_like(x)
+    for t, rec in zip(steps, _step_records(sched, sampler, steps, batch_seed(3, 0), "fixed_small", 0.0, True, w)):
+        eps, eps_u = predict_eps(model, x, int(t), y, w)
+        coefs = step_mod.StepCoefficients(*(float(rec[f]) for f in step_mod.StepCoefficients._fields))
+        x, x0_prev = fused_step(x, eps, coefs, seed=int(rec["seed"]), step=int(rec["step"]), clip_sample=bool(rec["clip"]),
+                                eps_uncond=eps_u, guidance=float(rec["guidance"]), x0_prev=x0_prev,
+                                x0_out=np.empty_like(x))
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)

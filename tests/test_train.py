@@ -101,14 +101,64 @@ def test_resume_with_other_architecture_fails_clearly(toy_data, tmp_path):
         train(cfg, UNetConfig(**TINY), resume=True, progress=False)
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path, monkeypatch):
+class NoSync(np.ndarray):
+    """A NumPy array that refuses to become a Python number: reading a GPU array back costs a synchronisation.
+    What NumPy functions return from it (einsum, vdot...) is a NoSync too."""
+    def _refuse(self, *a, **k):
+        raise AssertionError("the training step read a value back to the host")
+    __float__ = __int__ = __bool__ = __index__ = item = tolist = _refuse
+
+    def __array_function__(self, func, types, args, kwargs):
+        out = super().__array_function__(func, types, args, kwargs)
+        return np.asarray(out).view(NoSync) if isinstance(out, (np.ndarray, np.generic)) else out
+
+
+def test_training_step_reads_nothing_back():
+    """TrainStep.run (forward, loss, backward, clipping, Adam, EMA) with every array that lives on the device made a
+    NoSync: no value is read back (on a GPU: no host synchronisation inside a step). Timesteps and labels are host
+    arrays, checked by set_inputs before they are copied."""
+    from minidiff.optim import EMA, Adam
+    from minidiff.schedule import NoiseSchedule
+    from minidiff.train import TrainStep
+    from minidiff.unet import UNet
+    model = UNet(UNetConfig(**dict(TINY, num_classes=4)), seed=0)
+    for _, layer in model.named_layers():
+        for k in layer.params:
+            layer.params[k], layer.grads[k] = layer.params[k].view(NoSync), layer.grads[k].view(NoSync)
+    model._collect()
+    opt, ema = Adam(model.params, model.grads, lr=1e-3), EMA(model.params)
+    ts = TrainStep(model, opt, ema, NoiseSchedule(50), 1.0, (3, 1, 14, 14), (3,))
+    for name in ("x0", "noise", "hyper", "loss", "grad_norm"):
+        setattr(ts, name, getattr(ts, name).view(NoSync))
+    rng = np.random.default_rng(0)
+    before = model.params["conv_in.weight"].copy()
+    for _ in range(2):
+        ts.set_inputs(rng.standard_normal((3, 1, 14, 14)), np.array([0, 7, 49]), rng.standard_normal((3, 1, 14, 14)),
+                      np.array([0, 4, 2]), 1e-3)
+        ts.run()
+    assert type(ts.loss) is NoSync and not np.array_equal(np.asarray(model.params["conv_in.weight"]), before)
+    with pytest.raises(ValueError, match="class labels"):
+        ts.set_inputs(ts.x0, np.array([0, 7, 49]), ts.noise, np.array([0, 5, 2]), 1e-3)
+    with pytest.raises(ValueError, match="ints in"):
+        ts.set_inputs(ts.x0, np.array([0, 7, 50]), ts.noise, np.array([0, 4, 2]), 1e-3)
+
+
+@pytest.mark.parametrize("ckpt_every", [1, 100])
+def test_nan_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path, monkeypatch, ckpt_every):
+    """The loss is read back only every log_every steps (or before a checkpoint or a sample grid); a non-finite
+    one then stops training, naming its step, before anything is written from the non-finite state."""
     mcfg = UNetConfig(**TINY)
     cfg = _cfg(toy_data, tmp_path, 2)
     train(cfg, mcfg, progress=False)
     before = (tmp_path / "checkpoint.npz").read_bytes()
-    cfg.steps = 4
+    cfg.steps, cfg.log_every, cfg.ckpt_every = 6, 4, ckpt_every
     import minidiff.train
-    monkeypatch.setattr(minidiff.train, "loss_simple", lambda *a, **k: (float("nan"), None))
+    real = minidiff.train.loss_simple
+
+    def nan_loss(*a, **k):
+        loss, dout = real(*a, **k)
+        return loss * float("nan"), dout                 # the step itself still runs on finite gradients
+    monkeypatch.setattr(minidiff.train, "loss_simple", nan_loss)
     with pytest.raises(TrainingError, match="loss became nan at step 2"):
         train(cfg, mcfg, resume=True, progress=False)
     assert (tmp_path / "checkpoint.npz").read_bytes() == before

@@ -1,0 +1,97 @@
+"""The GPU path (CuPy + the CUDA kernel): every fused elementwise chain against the CuPy reference it is compiled
+from, a CuPy training run against the NumPy one, a training step replayed from a CUDA graph against the same step
+run eagerly (and across a resume), the captured sampler against the eager one, and a tiny end-to-end run.
+All skipped without CuPy, a GPU and the CUDA kernel (`pytest -m gpu` selects them)."""
+import numpy as np
+import pytest
+
+from minidiff import _native, kernels
+from minidiff.backend import cupy_status
+from minidiff.sample import sample
+from minidiff.train import TrainConfig, load_model, train
+from minidiff.unet import UNetConfig
+from test_layers import rel_error
+from test_train import TINY, _cfg, toy_data  # noqa: F401  (toy_data is a fixture)
+
+CUPY_OK, CUPY_WHY = cupy_status()
+STATUS = _native.native_status()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not (CUPY_OK and STATUS["cuda_kernel"]),
+                                 reason=f"needs CuPy, a GPU and the CUDA kernel ({CUPY_WHY}; "
+                                        f"{STATUS['reason'] or 'CUDA kernel built'})")]
+
+
+def _chain_args(key, cp, rng):
+    """Arguments for each fused chain: CuPy arrays with the broadcasting of their real use."""
+    r = lambda *s: cp.asarray(rng.standard_normal(s).astype(np.float32))  # noqa: E731
+    B, N, C = 3, 49, 24
+    x, a, b, d = r(B, N, C), r(B, 1, C), r(B, 1, C), r(B, N, C)
+    grid = r(B, 8, 8, C)[:, :7, :7, :]                      # the padded grid's real pixels: a strided view
+    return {"layers.silu": (x,), "layers.silu_backward": (x, d), "layers.scale_shift": (x, a, b),
+            "layers.scale_shift_silu": (x, a, b), "layers.scale_shift_silu_backward": (x, a, b, d),
+            "layers.group_norm_combine": (d, x, a, b, r(B, 1, C)), "layers.bias_add": (grid, r(B, 1, 1, C)),
+            "layers.bias_residual_add": (grid, r(C), r(B, 7, 7, C)),
+            "optim.adam_update": (r(C, 5), r(C, 5), r(C, 5), cp.abs(r(C, 5)), 0.9, 0.999, cp.float32(1e-3),
+                                  cp.float32(1e-8), 1.0),
+            "optim.ema_update": (r(C, 5), r(C, 5), cp.float32(0.9)),
+            "train.squared_error_sum": (x, d), "train.mse_grad": (x, d, 2.0 / x.size)}[key]
+
+
+@pytest.mark.parametrize("key", kernels.FUSED)
+def test_fused_chain_equals_its_reference(key):
+    import cupy as cp
+    rng = np.random.default_rng(0)
+    fused = kernels._cupy_table()[key]
+    ref_args, fused_args = _chain_args(key, cp, rng), None
+    fused_args = tuple(a.copy() if isinstance(a, cp.ndarray) else a for a in ref_args)
+    want, got = kernels._references[key](*ref_args), fused(*fused_args)
+    if want is None:                                        # in-place updates: compare the updated arrays
+        want, got = ref_args[:4], fused_args[:4]
+    for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
+        assert rel_error(cp.asnumpy(w), cp.asnumpy(g)) < 1e-6
+
+
+def test_cupy_training_equals_numpy(toy_data, tmp_path):  # noqa: F811
+    """A few steps of the tiny model: CuPy (eager and with the graph) and NumPy end with the same weights, to
+    float32 rounding (the training noise comes from the CUDA Philox kernel there, within 1e-6 of NumPy's)."""
+    mcfg = UNetConfig(**TINY)
+    ref, _, _ = train(_cfg(toy_data, tmp_path / "cpu", 4), mcfg, progress=False)
+    for graphs in (False, True):
+        cfg = _cfg(toy_data, tmp_path / f"gpu{graphs}", 4, device="cuda", cuda_graphs=graphs)
+        gpu, _, _ = train(cfg, mcfg, progress=False)
+        for k, p in ref.params.items():
+            assert rel_error(p, gpu.params[k].get()) < 1e-4, (graphs, k)
+
+
+def test_captured_step_equals_eager_and_resumes_exactly(toy_data, tmp_path):  # noqa: F811
+    mcfg = UNetConfig(**TINY)
+    eager, _, _ = train(_cfg(toy_data, tmp_path / "eager", 6, device="cuda", cuda_graphs=False), mcfg, progress=False)
+    graph, _, _ = train(_cfg(toy_data, tmp_path / "graph", 6, device="cuda"), mcfg, progress=False)
+    for k, p in eager.params.items():
+        assert rel_error(p.get(), graph.params[k].get()) < 1e-6, k
+    train(_cfg(toy_data, tmp_path / "split", 3, device="cuda"), mcfg, progress=False)
+    resumed, _, _ = train(_cfg(toy_data, tmp_path / "split", 6, device="cuda"), mcfg, resume=True, progress=False)
+    for k, p in graph.params.items():
+        assert np.array_equal(p.get(), resumed.params[k].get()), k
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_end_to_end_and_captured_sampler(toy_data, tmp_path, sampler):  # noqa: F811
+    """--device cuda train, load, sample: the captured sampler gives the eager sampler's images, guided too."""
+    import cupy as cp
+    mcfg = UNetConfig(**dict(TINY, num_classes=4))
+    train(_cfg(toy_data, tmp_path, 3, device="cuda"), mcfg, progress=False)
+    model, tcfg, _ = load_model(str(tmp_path / "checkpoint.npz"), device="cuda")
+    kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, y=np.array([0, 1, 2, 3]), guidance=2.0,
+              progress=False, xp=cp)
+    eager = sample(model, tcfg.schedule(), 4, cuda_graph=False, **kw)
+    graphed = sample(model, tcfg.schedule(), 4, cuda_graph=True, **kw)
+    assert graphed.shape == (4, 1, 14, 14) and np.all(np.isfinite(graphed))
+    np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-5)
+    cpu_model, _, _ = load_model(str(tmp_path / "checkpoint.npz"))
+    cpu = sample(cpu_model, tcfg.schedule(), 4, **dict(kw, xp=np))
+    np.testing.assert_allclose(graphed, cpu, rtol=0, atol=1e-3)
+
+
+def test_train_config_has_the_graph_switch():
+    assert TrainConfig().cuda_graphs is True
