@@ -74,21 +74,23 @@ static int num_threads() {
 #endif
 }
 
-// Run f(i0, i1) on [0, n) split into one contiguous range per thread (a single range below `min_per_thread`
-// items per thread: starting threads would cost more than it saves).
+// Run f(i0, i1, thread) on [0, n) cut into contiguous ranges that the threads take in turn (a few per thread:
+// when another program holds a core for a while, the other thread takes over its share instead of waiting);
+// one range when there are fewer than `min_per_thread` items per thread (starting threads would cost more).
 template <class F>
 static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
     int nt = num_threads();
     if (nt > 1 && n < min_per_thread * nt) nt = (int)(n / min_per_thread > 1 ? n / min_per_thread : 1);
     if (nt <= 1) { f(0, n, 0); return; }
-#pragma omp parallel num_threads(nt)
-    {
+    const int64_t pieces = n < 4 * nt ? n : 4 * nt;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t i = 0; i < pieces; ++i) {
 #ifdef _OPENMP
-        const int i = omp_get_thread_num(), k = omp_get_num_threads();
+        const int tid = omp_get_thread_num();
 #else
-        const int i = 0, k = 1;
+        const int tid = 0;
 #endif
-        f(n * i / k, n * (i + 1) / k, i);
+        f(n * i / pieces, n * (i + 1) / pieces, tid);
     }
 }
 
