@@ -74,9 +74,13 @@ static int num_threads() {
 #endif
 }
 
-// Run f(i0, i1, thread) on [0, n) cut into contiguous ranges that the threads take in turn (a few per thread:
-// when another program holds a core for a while, the other thread takes over its share instead of waiting);
-// one range when there are fewer than `min_per_thread` items per thread (starting threads would cost more).
+// Run f(i0, i1, piece) on [0, n) cut into at most max_pieces() contiguous ranges ("pieces") that the threads take
+// in turn (a few per thread: when another program holds a core for a while, the other thread takes over its
+// share instead of waiting); one piece when there are fewer than `min_per_thread` items per thread (starting
+// threads would cost more). Partial sums go into one buffer per piece, added up in piece order afterwards: the
+// result does not depend on which thread ran what (a resumed training run is bit for bit the same).
+static int max_pieces() { return 4 * num_threads(); }
+
 template <class F>
 static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
     int nt = num_threads();
@@ -84,14 +88,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
     if (nt <= 1) { f(0, n, 0); return; }
     const int64_t pieces = n < 4 * nt ? n : 4 * nt;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t i = 0; i < pieces; ++i) {
-#ifdef _OPENMP
-        const int tid = omp_get_thread_num();
-#else
-        const int tid = 0;
-#endif
-        f(n * i / pieces, n * (i + 1) / pieces, tid);
-    }
+    for (int64_t i = 0; i < pieces; ++i) f(n * i / pieces, n * (i + 1) / pieces, (int)i);
 }
 
 // Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
@@ -180,9 +177,9 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
                          float* dgamma, float* dbeta) {
     const int64_t L = period(C, isa->vw), n = npix * C;
     const double count = (double)npix * (double)(C / G);
-    const int nt = num_threads();
-    std::vector<double> dg((size_t)nt * C, 0.0), db((size_t)nt * C, 0.0);   // per-thread partial sums
-    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int tid) {
+    const int np = max_pieces();
+    std::vector<double> dg((size_t)np * C, 0.0), db((size_t)np * C, 0.0);   // per-piece partial sums
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int piece) {
         std::vector<double> s1(L), s2(L), sdy(C), sdyx(C), k1(C), k2(C), t1(C), t2(C);
         std::vector<float> at(L), bt(L), At(L), Bt(L), Ct(L), a(C), bb(C), A(C), Bx(C), Cc(C);
         for (int64_t b = b0; b < b1; ++b) {
@@ -201,8 +198,8 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
             fold(s2.data(), C, L, sdyx.data());              // S_dyx = sum of dh x
             for (int64_t c = 0; c < C; ++c) {
                 const double s_dyxhat = r[c] * (sdyx[c] - mu[c] * sdy[c]);   // sum of dh xhat
-                dg[(size_t)tid * C + c] += s_dyxhat;
-                db[(size_t)tid * C + c] += sdy[c];
+                dg[(size_t)piece * C + c] += s_dyxhat;
+                db[(size_t)piece * C + c] += sdy[c];
                 t1[c] = gamma[c] * sdy[c];
                 t2[c] = gamma[c] * s_dyxhat;
             }
@@ -222,7 +219,7 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
     });
     for (int64_t c = 0; c < C; ++c) {
         double g = 0.0, d = 0.0;
-        for (int t = 0; t < nt; ++t) { g += dg[(size_t)t * C + c]; d += db[(size_t)t * C + c]; }
+        for (int p = 0; p < np; ++p) { g += dg[(size_t)p * C + c]; d += db[(size_t)p * C + c]; }
         dgamma[c] = (float)g;
         dbeta[c] = (float)d;
     }
@@ -327,16 +324,18 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     t.xbuf = xbuf; t.m = g.m; t.K = K; t.dy = dybuf + g.m * N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
     g.offsets(t.off);
     plan_blocks(t, t.NP, isa->vw, isa->acc);
-    const int nt = num_threads();
+    const int np = max_pieces();
     const size_t part = (size_t)(9 * K * t.NP);
-    float* partial = scratch.get(scratch.wgrad, part * nt);
-    std::memset(partial, 0, sizeof(float) * part * nt);
-    parallel_ranges(g.P, 256, [&](int64_t p0, int64_t p1, int tid) { isa->conv_wgrad(t, p0, p1, partial + part * tid); });
+    float* partial = scratch.get(scratch.wgrad, part * np);
+    std::memset(partial, 0, sizeof(float) * part * np);
+    parallel_ranges(g.P, 256, [&](int64_t p0, int64_t p1, int piece) {
+        isa->conv_wgrad(t, p0, p1, partial + part * piece);
+    });
     for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
             for (int tap = 0; tap < 9; ++tap) {
                 float s = 0.0f;
-                for (int th = 0; th < nt; ++th) s += partial[part * th + (tap * K + k) * t.NP + n];
+                for (int p = 0; p < np; ++p) s += partial[part * p + (tap * K + k) * t.NP + n];
                 dweight[(n * K + k) * 9 + tap] = s;
             }
 }
@@ -394,12 +393,14 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     WGradTask t;
     t.xbuf = x; t.m = 0; t.K = K; t.dy = dout; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1; t.off[0] = 0;
     plan_blocks(t, t.NP, isa->vw, isa->acc);
-    const int nt = num_threads();
+    const int np = max_pieces();
     const size_t part = (size_t)(K * t.NP);
-    float* partial = scratch.get(scratch.wgrad, part * nt);
-    std::memset(partial, 0, sizeof(float) * part * nt);
+    float* partial = scratch.get(scratch.wgrad, part * np);
+    std::memset(partial, 0, sizeof(float) * part * np);
     if (M > 1)
-        parallel_ranges(M - 1, 256, [&](int64_t p0, int64_t p1, int tid) { isa->conv_wgrad(t, p0, p1, partial + part * tid); });
+        parallel_ranges(M - 1, 256, [&](int64_t p0, int64_t p1, int piece) {
+            isa->conv_wgrad(t, p0, p1, partial + part * piece);
+        });
     if (M > 0) {
         const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
         float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
@@ -414,7 +415,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k) {
             float s = 0.0f;
-            for (int th = 0; th < nt; ++th) s += partial[part * th + k * t.NP + n];
+            for (int p = 0; p < np; ++p) s += partial[part * p + k * t.NP + n];
             dweight[n * K + k] = s;
         }
 }

@@ -48,13 +48,22 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, help="alternative to --steps: passes over the training set")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--channels", type=int, help="U-Net base channels C")
+    p.add_argument("--res-blocks", type=int, help="ResBlocks per level on the way down (num_res_blocks)")
     p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up: constant or cosine to 0")
+    p.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    p.add_argument("--ema-decay", type=float, help="EMA decay (after its warm-up); horizon ~ 1 / (1 - decay) steps")
+    p.add_argument("--prediction", choices=["epsilon", "v_prediction"], help="what the network predicts")
+    p.add_argument("--loss-weighting", choices=["uniform", "min_snr"], help="per-timestep loss weight (min_snr: "
+                                                                           "Min-SNR-gamma, gamma 5)")
     p.add_argument("--class-conditional", action="store_true", help="learn p(x | digit) with classifier-free guidance")
     p.add_argument("--text", nargs="?", const="add", choices=["add", "concat"], default=None,
                    help="learn p(x | prompt): the text vector added to the time embedding (add, the default: it "
                         "learned the prompt far faster, see README) or joined to x_t as input channels (concat, "
                         "the article's section 3.3)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="with --device cuda: run every step eagerly instead "
+                                                                 "of replaying a captured CUDA graph")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.npz")
     p.add_argument("--final-sampler", choices=["ddpm", "ddim", "dpmsolver++", "none"], default="ddpm",
@@ -69,9 +78,14 @@ def main(argv=None):
     tcfg = TrainConfig(**preset["train"])
     tcfg.dataset, tcfg.data_dir, tcfg.device, tcfg.seed = a.dataset, a.data_dir, a.device, a.seed
     tcfg.out_dir = a.out_dir or os.path.join("runs", a.dataset.replace("-", "_"))
-    for name in ("batch_size", "lr", "steps"):
+    for name in ("batch_size", "lr", "steps", "lr_schedule", "warmup_steps", "ema_decay", "loss_weighting"):
         if getattr(a, name) is not None:
             setattr(tcfg, name, getattr(a, name))
+    tcfg.cuda_graphs = not a.no_cuda_graphs
+    if a.res_blocks is not None:
+        mcfg.num_res_blocks = a.res_blocks
+    if a.prediction is not None:
+        mcfg.prediction_type = a.prediction
     if a.epochs is not None:
         tcfg.steps = max(1, round(a.epochs * 60000 / tcfg.batch_size))
     if a.channels is not None:

@@ -41,15 +41,35 @@ def q_mean_variance(sched, x0, t):
     return mean, variance
 
 
+def _at(sched, name, t, x):
+    """sched.<name>[t] shaped (B, 1, 1, ...) against x, from the table cached on x's device (no host copy)."""
+    return sched.table(name, array_module(x), x.dtype)[t].reshape((-1,) + (1,) * (x.ndim - 1))
+
+
 def q_sample(sched, x0, t, noise):
-    """Sample q(x_t | x_0) in one jump (article 4.1): x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps.
-    (The coefficient tables stay on x0's device: a training step indexes them there.)"""
-    xp = array_module(x0)
+    """Sample q(x_t | x_0) in one jump (article 4.1): x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps."""
     t = _timesteps(sched, t, x0)
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    a = sched.table("sqrt_alphas_cumprod", xp, x0.dtype)[t].reshape(shape)
-    b = sched.table("sqrt_one_minus_alphas_cumprod", xp, x0.dtype)[t].reshape(shape)
-    return a * x0 + b * noise
+    return _at(sched, "sqrt_alphas_cumprod", t, x0) * x0 + _at(sched, "sqrt_one_minus_alphas_cumprod", t, x0) * noise
+
+
+def velocity(sched, x0, t, noise):
+    """The v-prediction target v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, section 4): with
+    x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, the rotation of (x_0, eps) by the angle of t."""
+    t = _timesteps(sched, t, x0)
+    return _at(sched, "sqrt_alphas_cumprod", t, x0) * noise - _at(sched, "sqrt_one_minus_alphas_cumprod", t, x0) * x0
+
+
+def eps_from_velocity(sched, x_t, t, v):
+    """eps = sqrt(1 - ab_t) x_t + sqrt(ab_t) v: the noise a v-prediction means (and x_0 = sqrt(ab_t) x_t -
+    sqrt(1 - ab_t) v), so every sampler and the bound run on it unchanged."""
+    t = _timesteps(sched, t, x_t)
+    return _at(sched, "sqrt_one_minus_alphas_cumprod", t, x_t) * x_t + _at(sched, "sqrt_alphas_cumprod", t, x_t) * v
+
+
+def model_eps(model, sched, x_t, t, y=None):
+    """eps_theta(x_t, t[, y]) from the network, whatever it predicts (its config's prediction_type)."""
+    out = model.forward(x_t, t, y)
+    return out if model.config.prediction_type == "epsilon" else eps_from_velocity(sched, x_t, t, out)
 
 
 def q_posterior(sched, x0, x_t, t):

@@ -13,18 +13,19 @@ import numpy as np
 
 from .backend import to_numpy
 from .classifier import predict
+from .diffusion import model_eps
 from .likelihood import bpd_exact, bpd_monte_carlo
 from .metrics import class_histogram_entropy, frechet_distance
 
 
-def eps_function(model, batch_size=256):
+def eps_function(model, schedule, batch_size=256):
     """eps_fn(x_t, t) for likelihood.py: the model in evaluation mode (unconditional: conditional models get the
     "no condition" input), in chunks of batch_size images."""
     model.train(False)
 
     def eps_fn(x_t, t):
         t = np.asarray(t, dtype=np.int64)
-        return np.concatenate([to_numpy(model.forward(x_t[i:i + batch_size], t[i:i + batch_size]))
+        return np.concatenate([to_numpy(model_eps(model, schedule, x_t[i:i + batch_size], t[i:i + batch_size]))
                                for i in range(0, len(t), batch_size)]).astype(x_t.dtype)
     return eps_fn
 
@@ -32,7 +33,7 @@ def eps_function(model, batch_size=256):
 def bound(model, schedule, x0, exact_images=4, mc_images=1000, seed=0, batch_size=256):
     """Bits per dimension of the bound on real images x0 (N, 1, H, W) in [-1, 1]: the exact sum over all T terms
     for the first ``exact_images`` images and a Monte Carlo estimate over the first ``mc_images``."""
-    eps_fn = eps_function(model, batch_size=batch_size)
+    eps_fn = eps_function(model, schedule, batch_size=batch_size)
     out = {}
     if exact_images:
         xe = x0[:exact_images]

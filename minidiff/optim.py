@@ -160,6 +160,21 @@ def clip_grad_norm(grads, max_norm):
     return total
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(step, base_lr, warmup_steps, total_steps, schedule="constant"):
+    """The learning rate of step ``step`` (from 0): linear warm-up (warmup_lr), then base_lr ("constant") or a
+    cosine decay from base_lr at the end of the warm-up to 0 at total_steps ("cosine": SGDR's annealing, Loshchilov &
+    Hutter 2017, without restarts): base_lr (1 + cos(pi s)) / 2, s = (step - warmup) / (total - warmup)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    if step < warmup_steps or schedule == "constant":
+        return warmup_lr(step, base_lr, warmup_steps)
+    s = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return float(base_lr) * 0.5 * (1.0 + math.cos(math.pi * s))
+
+
 def warmup_lr(step, base_lr, warmup_steps):
     """Linear learning-rate warm-up: base_lr * min(1, (step + 1) / warmup_steps), step counted from 0
     (so the first step already moves); base_lr when warmup_steps <= 0."""

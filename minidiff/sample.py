@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import array_module, to_numpy
+from .diffusion import model_eps
 from .philox import philox_normal
 from .step import (STEP_PARAMS, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients,
                    dpmpp_2m_step, fused_step, fused_step_params, step_params)
@@ -37,17 +38,17 @@ def batch_seed(seed, batch):
     return seed | (batch << 32)
 
 
-def predict_eps(model, x, t, y=None, guidance=1.0):
-    """eps_theta(x_t, t[, y]). With guidance and a condition y (class labels or prompt token ids), returns
-    (eps_cond, eps_uncond) from ONE forward pass on the doubled batch [x, x] with conditions
-    [y, model.null_condition()]; otherwise (eps, None)."""
+def predict_eps(model, schedule, x, t, y=None, guidance=1.0):
+    """eps_theta(x_t, t[, y]) (diffusion.model_eps: a v-predicting network's output is turned into eps). With
+    guidance and a condition y (class labels or prompt token ids), returns (eps_cond, eps_uncond) from ONE forward
+    pass on the doubled batch [x, x] with conditions [y, model.null_condition()]; otherwise (eps, None)."""
     xp = array_module(x)
     b = x.shape[0]
     tt = np.full((b,), t, dtype=np.int64)
     if y is None or guidance == 1.0:
-        return model.forward(x, tt, y), None
-    eps2 = model.forward(xp.concatenate([x, x]), np.concatenate([tt, tt]),
-                         np.concatenate([np.asarray(y), model.null_condition(b)]))
+        return model_eps(model, schedule, x, tt, y), None
+    eps2 = model_eps(model, schedule, xp.concatenate([x, x]), np.concatenate([tt, tt]),
+                     np.concatenate([np.asarray(y), model.null_condition(b)]))
     return eps2[:b], eps2[b:]
 
 
@@ -72,10 +73,10 @@ class _GraphedStep:
     device to device, into the buffers the graph reads. The first step runs eagerly, filling the graph's own memory
     pool and kernel caches, then the same work is captured."""
 
-    def __init__(self, model, x, y, guidance):
+    def __init__(self, model, schedule, x, y, guidance):
         import cupy
         n = x.shape[0]
-        self.model, self.x, self.guided = model, x, y is not None and guidance != 1.0
+        self.model, self.schedule, self.x, self.guided = model, schedule, x, y is not None and guidance != 1.0
         if self.guided:
             y = np.concatenate([y, model.null_condition(n)])
         self.y = None if y is None else cupy.asarray(y)
@@ -88,7 +89,7 @@ class _GraphedStep:
     def _body(self):
         n = self.x.shape[0]
         x_in = array_module(self.x).concatenate([self.x, self.x]) if self.guided else self.x
-        eps = self.model.forward(x_in, self.t, self.y)
+        eps = model_eps(self.model, self.schedule, x_in, self.t, self.y)
         eps_c, eps_u = (eps[:n], eps[n:]) if self.guided else (eps, None)
         fused_step_params(self.x, eps_c, self.params, eps_uncond=eps_u, x0_prev=self.x0_prev, out=self.x,
                           x0_out=self.x0_out)
@@ -182,7 +183,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
                 t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
                 if t in record_steps:  # the noisy input the network sees at timestep index t
                     recorded.setdefault(t, []).append(to_numpy(x))
-                eps, eps_u = predict_eps(model, x, t, yb, guidance)
+                eps, eps_u = predict_eps(model, schedule, x, t, yb, guidance)
                 if sampler == "dpmsolver++":
                     if backend == "numpy":
                         x, x0 = dpmpp_2m_step(schedule, x, eps, t, t_prev, x0_prev, t_last, clip_sample, eps_u,
@@ -218,7 +219,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
 
 def _sample_graphed(model, schedule, sampler, steps, key, x, y, variance_type, eta, clip_sample, guidance, bar):
     """One batch's reverse process with a captured step (see _GraphedStep); returns the images on the host."""
-    g = _GraphedStep(model, x, y, guidance)
+    g = _GraphedStep(model, schedule, x, y, guidance)
     with g.stream:                                        # the step records and timesteps, copied to the device once
         params = array_module(x).asarray(_step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample,
                                                 guidance).view(np.uint8).reshape(len(steps), -1))

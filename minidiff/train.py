@@ -32,9 +32,9 @@ from . import _native, kernels
 from .backend import array_module, get_xp, to_numpy
 from .checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
 from .data import batch_indices, load_dataset, to_model_range
-from .diffusion import q_sample
+from .diffusion import q_sample, velocity
 from .image import save_grid
-from .optim import EMA, Adam, clip_grad_norm, warmup_lr
+from .optim import EMA, Adam, clip_grad_norm, learning_rate
 from .philox import philox_normal
 from .prompts import build_tokenizer, draw_prompts, prompt_table
 from .sample import sample
@@ -55,6 +55,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3                     # Adam learning rate after warm-up
     warmup_steps: int = 100              # linear learning-rate warm-up from 0
+    lr_schedule: str = "constant"        # after warm-up: "constant" or "cosine" (decay to 0 at `steps`)
     grad_clip: float = 1.0               # clip the global gradient norm to this
     weight_decay: float = 0.0            # decoupled (AdamW) when > 0
     ema_decay: float = 0.995             # max EMA decay; the decay warms up as min(ema_decay, (1+n)/(10+n))
@@ -63,6 +64,8 @@ class TrainConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     p_uncond: float = 0.1                # conditional models: probability of the "no condition" label / empty prompt
+    loss_weighting: str = "uniform"      # "uniform" (DDPM's L_simple) or "min_snr" (Min-SNR-gamma, loss_weights)
+    snr_gamma: float = 5.0               # gamma of "min_snr"
     seed: int = 0
     device: str = "cpu"                  # "cpu" (NumPy) or "cuda" (CuPy)
     cuda_graphs: bool = True             # with "cuda": capture the training step once, replay it (TrainStep)
@@ -80,26 +83,46 @@ class TrainingError(RuntimeError):
 
 
 @kernels.reference
-def squared_error_sum(pred, target):
-    """sum (pred - target)^2 over every element (one fused reduction on CuPy)."""
+def squared_error_sum(pred, target, weight):
+    """sum weight (pred - target)^2 over every element (one fused reduction on CuPy); weight broadcasts (1.0, or
+    one per image)."""
     d = pred - target
-    return (d * d).sum()
+    return (weight * (d * d)).sum()
 
 
 @kernels.reference
 def mse_grad(pred, target, scale):
-    """d/d pred of scale/2 * sum (pred - target)^2: scale (pred - target)."""
+    """d/d pred of sum scale/2 (pred - target)^2: scale (pred - target)."""
     return (pred - target) * scale
 
 
-def loss_simple(model, schedule, x0, t, noise, y=None, rng=None):
+def loss_weights(schedule, prediction_type="epsilon", weighting="uniform", snr_gamma=5.0):
+    """The weight w_t of each timestep's squared error, (T,) float64. "uniform": 1 (DDPM's L_simple, eq. 14).
+    "min_snr": Min-SNR-gamma (Hang et al. 2023, section 3.4), the x_0-space weight min(SNR_t, gamma) written for
+    the network's target: min(SNR_t, gamma) / SNR_t for eps, min(SNR_t, gamma) / (SNR_t + 1) for v, with
+    SNR_t = ab_t / (1 - ab_t). It caps the weight of the nearly clean timesteps, whose conflicting gradients slow
+    training down."""
+    ab = schedule.alphas_cumprod
+    if weighting == "uniform":
+        return np.ones_like(ab)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose 'uniform' or 'min_snr'")
+    snr = ab / (1.0 - ab)
+    return np.minimum(snr, snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
+
+
+def loss_simple(model, schedule, x0, t, noise, y=None, rng=None, weights=None):
     """L_simple = mean ||eps - eps_theta(x_t, t)||^2 over the batch and pixels (DDPM eq. 14), with
-    x_t = q_sample(x_0, t, eps). Runs the forward pass and returns (loss, dL/d eps_theta) for the backward pass; the
-    loss is a 0-d array on the batch's device (reading it would stall a GPU: the caller decides when)."""
+    x_t = q_sample(x_0, t, eps); for a v-predicting network (UNetConfig.prediction_type) the target is
+    v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 instead, and ``weights`` (loss_weights, on the batch's device) weight each
+    image by its timestep. Runs the forward pass and returns (loss, dL/d output) for the backward pass; the loss is
+    a 0-d array on the batch's device (reading it would stall a GPU: the caller decides when)."""
     x_t = q_sample(schedule, x0, t, noise)
-    eps_pred = model.forward(x_t, t, y, rng=rng)
-    n = eps_pred.size
-    return squared_error_sum(eps_pred, noise) / n, mse_grad(eps_pred, noise, 2.0 / n)
+    target = noise if model.cfg.prediction_type == "epsilon" else velocity(schedule, x0, t, noise)
+    out = model.forward(x_t, t, y, rng=rng)
+    n = out.size
+    w = 1.0 if weights is None else weights[t].reshape((-1,) + (1,) * (out.ndim - 1))
+    return squared_error_sum(out, target, w) / n, mse_grad(out, target, (2.0 / n) * w)
 
 
 def training_noise(seed, step, shape, xp):
@@ -123,11 +146,12 @@ class TrainStep:
     pool; every later ``run`` replays the graph: a few microseconds of launch instead of thousands of kernel
     launches from Python. ``loss`` and ``grad_norm`` are 0-d arrays on the device, overwritten by every run."""
 
-    def __init__(self, model, opt, ema, schedule, grad_clip, x_shape, y_shape=None, cuda_graph=False):
+    def __init__(self, model, opt, ema, schedule, grad_clip, x_shape, y_shape=None, cuda_graph=False, weights=None):
         xp = array_module(model.params[next(iter(model.params))])
         self.xp, self.model, self.opt, self.ema, self.schedule = xp, model, opt, ema, schedule
         self.grad_clip = float(grad_clip)
         dtype = model.dtype
+        self.weights = None if weights is None else xp.asarray(weights, dtype=dtype)   # (T,): loss_weights
         self.x0, self.noise = xp.zeros(x_shape, dtype), xp.zeros(x_shape, dtype)
         self.t = xp.zeros(x_shape[0], np.int64)
         self.y = None if y_shape is None else xp.zeros(y_shape, np.int64)
@@ -164,7 +188,7 @@ class TrainStep:
 
     def _body(self):
         model, h = self.model, self.hyper
-        loss, dout = loss_simple(model, self.schedule, self.x0, self.t, self.noise, self.y, rng=self.rng)
+        loss, dout = loss_simple(model, self.schedule, self.x0, self.t, self.noise, self.y, self.rng, self.weights)
         model.zero_grad()
         model.backward(dout)
         self.grad_norm[...] = clip_grad_norm(model.grads, self.grad_clip)
@@ -263,11 +287,14 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
     step = 0
     if resume:
         ckpt = load_checkpoint(ckpt_path)
-        _check_same("model configuration", ckpt["meta"]["config"]["model"], mcfg.asdict(), ckpt_path)
-        saved_train = ckpt["meta"]["config"]["train"]
-        exact = {k: getattr(tcfg, k) for k in ("dataset", "batch_size", "lr", "warmup_steps", "grad_clip",
-                                               "weight_decay", "ema_decay", "num_train_timesteps", "beta_schedule",
-                                               "beta_start", "beta_end", "p_uncond", "seed")}
+        _check_same("model configuration", dict(UNetConfig().asdict(), **ckpt["meta"]["config"]["model"]),
+                    mcfg.asdict(), ckpt_path)
+        # (options a checkpoint predates count as their defaults)
+        saved_train = dict(dataclasses.asdict(TrainConfig()), **ckpt["meta"]["config"]["train"])
+        exact = {k: getattr(tcfg, k) for k in ("dataset", "batch_size", "lr", "warmup_steps", "lr_schedule",
+                                               "grad_clip", "weight_decay", "ema_decay", "num_train_timesteps",
+                                               "beta_schedule", "beta_start", "beta_end", "p_uncond",
+                                               "loss_weighting", "snr_gamma", "seed")}
         _check_same("training configuration", saved_train, exact, ckpt_path)
         load_params_into(model.params, ckpt["params"], "weights", ckpt_path)
         load_params_into(ema.params, ckpt["ema"], "EMA weights", ckpt_path)
@@ -289,7 +316,9 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
     graph = tcfg.device == "cuda" and tcfg.cuda_graphs and not mcfg.dropout
     if tcfg.device == "cuda" and tcfg.cuda_graphs and mcfg.dropout:
         print("dropout > 0: the training step runs without a CUDA graph (its dropout masks come from the host)")
-    ts = TrainStep(model, opt, ema, schedule, tcfg.grad_clip, (B,) + tuple(x_all.shape[1:]), y_shape, cuda_graph=graph)
+    weights = (None if tcfg.loss_weighting == "uniform" else
+               loss_weights(schedule, mcfg.prediction_type, tcfg.loss_weighting, tcfg.snr_gamma))
+    ts = TrainStep(model, opt, ema, schedule, tcfg.grad_clip, (B,) + tuple(x_all.shape[1:]), y_shape, graph, weights)
     pending = []                                # (step, loss, grad norm, lr) of the steps not yet read back
 
     def read_back():
@@ -325,7 +354,7 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                     y = np.where(rng.random(B) < tcfg.p_uncond, mcfg.num_classes, y_all[idx])
                 elif table is not None:                        # a random prompt per image, or "" with p_uncond
                     y = draw_prompts(table, y_all[idx], tcfg.p_uncond, rng)
-                lr = warmup_lr(step, tcfg.lr, tcfg.warmup_steps)
+                lr = learning_rate(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.lr_schedule)
                 ts.set_inputs(x_all[xp.asarray(idx)], t, training_noise(tcfg.seed, step, ts.x0.shape, xp), y, lr, rng)
                 ts.run()
                 pending.append((step, ts.loss.copy(), ts.grad_norm.copy(), lr))

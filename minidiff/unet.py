@@ -35,6 +35,7 @@ from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNormSiL
 from .text import TextEncoder, Tokenizer
 
 TEXT_CONDITIONING = (None, "add", "concat")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere, as in the DDPM code (which uses 32 with C = 128)
 
@@ -57,6 +58,8 @@ class UNetConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_channels: int = 8               # "concat": extra input channels the text vector is projected to
+    prediction_type: str = "epsilon"     # what the network outputs: "epsilon" (eps_theta, DDPM) or "v_prediction"
+                                         # (v = sqrt(ab) eps - sqrt(1 - ab) x_0; diffusion.eps_from_velocity)
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -75,6 +78,8 @@ class UNetConfig:
             raise ValueError(f"unknown text_cond {self.text_cond!r}; choose one of {TEXT_CONDITIONING}")
         if self.text_cond and self.num_classes is not None:
             raise ValueError("a UNet is conditioned on class labels (num_classes) or on text (text_cond), not both")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}")
         if self.text_cond and not (self.vocab_size or 0) > 2:
             raise ValueError(f"text_cond needs vocab_size (the tokenizer's size), got {self.vocab_size}")
 

@@ -89,3 +89,18 @@ def test_timestep_validation():
         q_sample(s, x, 10, x)
     with pytest.raises(ValueError, match="shape"):
         q_sample(s, x, np.array([1, 2, 3]), x)
+
+
+def test_velocity_and_its_inverse():
+    """v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho): with x_t from q_sample, eps_from_velocity(x_t, v) gives
+    back eps, and sqrt(ab) x_t - sqrt(1 - ab) v gives back x_0; at t = 0 v is nearly eps, at T - 1 nearly -x_0."""
+    from minidiff.diffusion import eps_from_velocity, velocity
+    sched = NoiseSchedule(1000)
+    rng = np.random.default_rng(4)
+    x0, eps = rng.uniform(-1, 1, (5, 1, 4, 4)), rng.standard_normal((5, 1, 4, 4))
+    t = np.array([0, 10, 500, 900, 999])
+    x_t, v = q_sample(sched, x0, t, eps), velocity(sched, x0, t, eps)
+    np.testing.assert_allclose(eps_from_velocity(sched, x_t, t, v), eps, atol=1e-12)
+    a = np.sqrt(sched.alphas_cumprod[t]).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(a * x_t - np.sqrt(1 - a ** 2) * v, x0, atol=1e-12)
+    assert np.abs(v[0] - eps[0]).max() < 0.02 and np.abs(v[-1] + x0[-1]).max() < 0.01

@@ -241,3 +241,20 @@ def test_kernels_reject_bad_arrays_clearly():
         core.linear_backward(np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="not supported|unknown"):
         core.set_cpu_isa("sse9")
+
+
+@needs_cpu
+def test_kernels_are_deterministic():
+    """The threads take ranges in turn, but partial sums are added in a fixed order: the same bits every time (a
+    resumed training run must equal an uninterrupted one)."""
+    rng = np.random.default_rng(9)
+    x, w, d = rand(rng, 8, 14, 14, 32), rand(rng, 48, 32, 3, 3), rand(rng, 8, 14, 14, 48)
+    g, b, dy = rand(rng, 32) + 1.0, rand(rng, 32), rand(rng, 8, 14, 14, 32)
+    first = layers.conv2d_same_backward(x, w, d) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 48))
+    _, mean, rstd = layers.group_norm(x, g, b, 8, 1e-5, True)
+    gn = layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)
+    for _ in range(3):
+        again = layers.conv2d_same_backward(x, w, d) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0],
+                                                                             d.reshape(-1, 48))
+        assert all(np.array_equal(a, b) for a, b in zip(first, again))
+        assert all(np.array_equal(a, b) for a, b in zip(gn, layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)))

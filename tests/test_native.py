@@ -328,7 +328,7 @@ def test_step_records_drive_the_kernel_to_the_same_images(sampler):
     x = philox_normal(batch_seed(3, 0), 20, 2 * 64).reshape(2, 1, 8, 8)
     x0_prev = np.zeros_like(x)
     for t, rec in zip(steps, _step_records(sched, sampler, steps, batch_seed(3, 0), "fixed_small", 0.0, True, w)):
-        eps, eps_u = predict_eps(model, x, int(t), y, w)
+        eps, eps_u = predict_eps(model, sched, x, int(t), y, w)
         coefs = step_mod.StepCoefficients(*(float(rec[f]) for f in step_mod.StepCoefficients._fields))
         x, x0_prev = fused_step(x, eps, coefs, seed=int(rec["seed"]), step=int(rec["step"]), clip_sample=bool(rec["clip"]),
                                 eps_uncond=eps_u, guidance=float(rec["guidance"]), x0_prev=x0_prev,

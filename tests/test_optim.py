@@ -144,3 +144,14 @@ def test_adam_steps_reduce_denoising_loss():
         model.backward(2.0 * (out - eps) / out.size)
         opt.step()
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_cosine_learning_rate():
+    from minidiff.optim import learning_rate
+    assert learning_rate(0, 1e-3, 100, 1100, "cosine") == warmup_lr(0, 1e-3, 100)          # warm-up first
+    assert learning_rate(100, 1e-3, 100, 1100, "cosine") == pytest.approx(1e-3)             # then the full rate,
+    assert learning_rate(600, 1e-3, 100, 1100, "cosine") == pytest.approx(0.5e-3)           # half way: half,
+    assert learning_rate(1100, 1e-3, 100, 1100, "cosine") == pytest.approx(0.0, abs=1e-18)  # 0 at the end
+    assert learning_rate(600, 1e-3, 100, 1100, "constant") == 1e-3
+    with pytest.raises(ValueError, match="lr schedule"):
+        learning_rate(5, 1e-3, 100, 1100, "linear")

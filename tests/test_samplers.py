@@ -28,7 +28,7 @@ class GaussianData:
 
     def __init__(self, mu=MU, s=S, num_classes=None):
         self.mu, self.s = mu, s
-        self.config = SimpleNamespace(in_channels=1, resolution=mu.shape[-1])
+        self.config = SimpleNamespace(in_channels=1, resolution=mu.shape[-1], prediction_type="epsilon")
         self.num_classes = num_classes
         self.training = False
 

@@ -139,7 +139,7 @@ def test_guidance_limits_in_the_kernel_and_the_sampler(toy_data, toy_prompts, tm
     assert np.allclose(w0, sample(model, sched, 2, **kw), atol=1e-5)                    # unconditional
     w1 = sample(model, sched, 2, y=ids, guidance=1.0 - 1e-7, **kw)    # doubled batch (w <= 1: eps kept)
     assert np.allclose(w1, sample(model, sched, 2, y=ids, guidance=1.0, **kw), atol=1e-5)  # conditional only
-    e_c, e_u = predict_eps(model, w0, 5, ids, guidance=3.0)
+    e_c, e_u = predict_eps(model, sched, w0, 5, ids, guidance=3.0)
     assert e_u is not None and not np.allclose(e_c, e_u)
 
 

@@ -163,7 +163,8 @@ def from_config(cfg):
     """A TorchUNet for a minidiff UNetConfig (the reference has no text conditioning)."""
     if cfg.text_cond:
         raise ValueError("the PyTorch reference U-Net has no text conditioning")
-    return TorchUNet(**{k: v for k, v in cfg.asdict().items() if k not in TEXT_FIELDS})
+    # (what the network predicts does not change the network)
+    return TorchUNet(**{k: v for k, v in cfg.asdict().items() if k not in TEXT_FIELDS + ("prediction_type",)})
 
 
 def load_minidiff_params(tmodel, params):
