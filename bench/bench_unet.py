@@ -1,17 +1,19 @@
-"""Benchmark: minidiff's U-Net against the same architecture in PyTorch, float32 on the CPU, same run.
+"""Benchmark: minidiff's U-Net against the same architecture in PyTorch (tests/torch_unet.py), float32, same run.
 
-    python bench/bench_unet.py                     # C = 32: forward at batch 64 and 256, train step at 64 and 128
-    python bench/bench_unet.py --channels 64 --seconds 10
-    python bench/bench_unet.py --only minidiff     # without PyTorch
-    python bench/bench_unet.py --rounds 5          # more rounds on a noisy machine
+    python bench/bench_unet.py                     # CPU, C = 32: forward at batch 64 and 256, train step at 64 and 128
+    python bench/bench_unet.py --isa avx2          # both sides limited to AVX2 (what a machine without AVX-512 runs)
+    python bench/bench_unet.py --reference         # minidiff's readable NumPy references (MINIDIFF_REFERENCE=1)
+    python bench/bench_unet.py --device cuda       # GPU: forward at 256 and 1024, train step at 128 and 512
+    python bench/bench_unet.py --only minidiff --rounds 1 --seconds 3
 
-Each measurement runs in its own subprocess so its peak resident memory (ru_maxrss) is its own; the
-subprocess uses all of the machine's cores (OpenBLAS threads for NumPy, torch.set_num_threads for PyTorch).
-A training step is forward, MSE loss against a fixed noise target, backward and an Adam update. Each
-measurement warms up with one step, then times whole steps until --seconds have passed (at least 2).
-On a shared machine the speed drifts by tens of percent within minutes, so each case runs --rounds times,
-minidiff and PyTorch back to back in each round: the table shows the median images/s of each and the
-median of the per-round ratios, with their range.
+Each measurement runs in its own subprocess (so its peak memory is its own) on all of the machine's cores. A
+training step is forward, MSE loss against a fixed noise target, backward and an Adam update; on the GPU minidiff's
+is train.TrainStep (loss, clipping, Adam and EMA included) replayed from a CUDA graph, PyTorch's is eager. Each
+measurement warms up, then times whole steps until --seconds have passed (at least 3). Speed drifts on a shared
+machine, so each case runs --rounds times, minidiff and PyTorch back to back in each round: the table shows the
+median images/s of each and the median (range) of the per-round ratios. Peak memory: resident set (CPU) or the
+memory pools' high-water mark / torch.cuda.max_memory_allocated (GPU). On the CPU, check `uptime` first and compare
+PyTorch's own figure with ../shared/REFERENCE_RUNS.md: under load PyTorch slows down more than minidiff does.
 """
 import argparse
 import json
@@ -24,64 +26,129 @@ from statistics import median
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CASES = [("forward", 64), ("forward", 256), ("train", 64), ("train", 128)]
+CASES = {"cpu": [("forward", 64), ("forward", 256), ("train", 64), ("train", 128)],
+         "cuda": [("forward", 256), ("forward", 1024), ("train", 128), ("train", 512)]}
+# PyTorch's own switches for its instruction set (ATen's vectorised kernels, oneDNN's convolutions)
+TORCH_ISA = {"avx2": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")}
 
 
-def worker(impl, mode, batch, channels, seconds):
+def minidiff_step(mode, batch, channels, device, x, noise, t):
+    from minidiff.backend import get_xp
+    from minidiff.optim import EMA, Adam
+    from minidiff.schedule import NoiseSchedule
+    from minidiff.train import TrainStep
+    from minidiff.unet import UNet, UNetConfig
+    xp = get_xp(device)
+    model = UNet(UNetConfig(base_channels=channels), seed=0).to(xp)
+    model.train(mode == "train")
+    if mode == "forward":
+        xd, td = xp.asarray(x), xp.asarray(t)
+        return lambda: model.forward(xd, td)
+    opt = Adam(model.params, model.grads, lr=1e-4)
+    if device == "cpu":                         # what the PyTorch twin does: forward, MSE, backward, Adam
+        def step():
+            model.zero_grad()
+            out = model.forward(x, t)
+            model.backward((2.0 / out.size) * (out - noise))    # d/d out of mean((out - noise)^2)
+            opt.step()
+        return step
+    ts = TrainStep(model, opt, EMA(model.params), NoiseSchedule(1000), 1.0, x.shape, cuda_graph=True)
+
+    def graphed_step():                         # the training step as minidiff trains: q_sample, clipping, EMA too
+        with ts.stream_context():
+            ts.set_inputs(x, t, noise, None, 1e-4)
+            ts.run()
+    return graphed_step
+
+
+def torch_step(mode, batch, channels, device, x, noise, t):
+    import torch
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    else:
+        torch.set_default_device("cuda")
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from torch_unet import TorchUNet
+    model = TorchUNet(base_channels=channels)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    xt, nt, tt = (torch.as_tensor(a, device=device) for a in (x, noise, t))
+    model.train(mode == "train")
+
+    def step():
+        if mode == "forward":
+            with torch.no_grad():
+                model(xt, tt)
+            return
+        opt.zero_grad()
+        loss = torch.mean((model(xt, tt) - nt) ** 2)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def worker(impl, mode, batch, channels, seconds, device):
     import numpy as np
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     noise = rng.standard_normal(x.shape).astype(np.float32)
     t = rng.integers(0, 1000, batch)
-    if impl == "minidiff":
-        sys.path.insert(0, ROOT)
-        from minidiff.optim import Adam
-        from minidiff.unet import UNet, UNetConfig
-        model = UNet(UNetConfig(base_channels=channels), seed=0)
-        opt = Adam(model.params, model.grads, lr=1e-4)
-
-        def step():
-            if mode == "forward":
-                model.forward(x, t)
-                return
-            model.zero_grad()
-            out = model.forward(x, t)
-            model.backward((2.0 / out.size) * (out - noise))    # d/d out of mean((out - noise)^2)
-            opt.step()
-        model.train(mode == "train")
-    else:
-        import torch
-        torch.set_num_threads(os.cpu_count())
-        sys.path.insert(0, os.path.join(ROOT, "tests"))
-        from torch_unet import TorchUNet
-        model = TorchUNet(base_channels=channels)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        xt, nt, tt = torch.from_numpy(x), torch.from_numpy(noise), torch.from_numpy(t)
-
-        def step():
-            if mode == "forward":
-                with torch.no_grad():
-                    model(xt, tt)
-                return
-            opt.zero_grad()
-            loss = torch.mean((model(xt, tt) - nt) ** 2)
-            loss.backward()
-            opt.step()
-        model.train(mode == "train")
-    step()                                                       # warm-up
+    step = (minidiff_step if impl == "minidiff" else torch_step)(mode, batch, channels, device, x, noise, t)
+    sync = lambda: None  # noqa: E731
+    if device == "cuda":
+        if impl == "minidiff":
+            import cupy
+            sync = cupy.cuda.Device().synchronize
+        else:
+            import torch
+            sync = torch.cuda.synchronize
+    for _ in range(3):                                           # warm-up (and, on the GPU, the graph capture)
+        step()
+    sync()
     n, t0 = 0, time.perf_counter()
-    while n < 2 or time.perf_counter() - t0 < seconds:
+    while n < 3 or time.perf_counter() - t0 < seconds:
         step()
         n += 1
+    sync()
     dt = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
-    print(json.dumps(dict(images_per_s=n * batch / dt, step_s=dt / n, peak_mb=peak_mb)))
+    print(json.dumps(dict(images_per_s=n * batch / dt, step_s=dt / n, peak_mb=peak_mb(impl, device))))
 
 
-def run_case(impl, mode, batch, channels, seconds):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, mode, str(batch),
-           "--channels", str(channels), "--seconds", str(seconds)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+def peak_mb(impl, device):
+    if device == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
+    if impl == "torch":
+        import torch
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    import gc
+
+    import cupy
+    gc.collect()                                # pools only grow: what they hold is the high-water mark
+    pools = [o for o in gc.get_objects() if isinstance(o, cupy.cuda.MemoryPool)]
+    return sum(p.total_bytes() for p in pools) / 2 ** 20
+
+
+def device_name(device):
+    if device == "cpu":
+        try:
+            from minidiff import _native
+            isa = _native.core.cpu_isa() if _native.core else "reference only (no extension)"
+        except ImportError:
+            isa = "?"
+        return f"CPU, {os.cpu_count()} threads, minidiff kernels: {isa}"
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    return f"GPU: {props['name'].decode()}, CuPy {cupy.__version__}"
+
+
+def run_case(impl, mode, batch, args):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, mode, str(batch), "--channels",
+           str(args.channels), "--seconds", str(args.seconds), "--device", args.device]
+    env = dict(os.environ)
+    if args.isa:
+        env.update(MINIDIFF_CPU_ISA=args.isa, **TORCH_ISA.get(args.isa, {}))
+    if args.reference:
+        env["MINIDIFF_REFERENCE"] = "1"
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"{impl} {mode} batch {batch} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -89,32 +156,44 @@ def run_case(impl, mode, batch, channels, seconds):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--channels", type=int, default=32, help="base channels C (32 is the default model)")
+    ap.add_argument("--channels", type=int, default=32, help="base channels C (32 is the benchmark model)")
     ap.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each case (medians are shown)")
     ap.add_argument("--only", choices=["minidiff", "torch"], help="run one implementation")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--isa", choices=["avx512", "avx2", "base"], help="CPU: the instruction set of minidiff's kernels "
+                                                                      "(and, for avx2, PyTorch's)")
+    ap.add_argument("--reference", action="store_true", help="minidiff runs its readable NumPy references")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         impl, mode, batch = args.worker
-        worker(impl, mode, int(batch), args.channels, args.seconds)
+        worker(impl, mode, int(batch), args.channels, args.seconds, args.device)
         return
+    if args.device == "cuda":
+        from minidiff.backend import get_xp
+        try:
+            get_xp("cuda")
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
     impls = [args.only] if args.only else ["minidiff", "torch"]
     if "torch" in impls:
         try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("PyTorch not importable: minidiff only")
+            import torch
+            if args.device == "cuda" and not torch.cuda.is_available():
+                raise ImportError("no CUDA in this PyTorch")
+        except ImportError as e:
+            print(f"PyTorch not usable ({e}): minidiff only")
             impls = ["minidiff"]
     load = os.getloadavg()
-    print(f"U-Net C={args.channels}, float32, {os.cpu_count()} threads, load average before: "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"U-Net C={args.channels}, float32, {device_name(args.device)}"
+          f"{', minidiff references' if args.reference else ''}{', ISA ' + args.isa if args.isa else ''}; "
+          f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"| measure | batch | minidiff img/s | minidiff peak MB |"
           + (" torch img/s | torch peak MB | ratio (range) |" if "torch" in impls else ""))
     print("| --- | --- | --- | --- |" + (" --- | --- | --- |" if "torch" in impls else ""))
-    for mode, batch in CASES:
-        rounds = [{impl: run_case(impl, mode, batch, args.channels, args.seconds) for impl in impls}
-                  for _ in range(max(1, args.rounds))]
+    for mode, batch in CASES[args.device]:
+        rounds = [{impl: run_case(impl, mode, batch, args) for impl in impls} for _ in range(max(1, args.rounds))]
         row = f"| {'training step' if mode == 'train' else 'forward'} | {batch} |"
         for impl in ["minidiff", "torch"] if "torch" in impls else ["minidiff"]:
             row += (f" {median([r[impl]['images_per_s'] for r in rounds]):.1f} |"

@@ -30,6 +30,12 @@ def _load():
 
 
 core, _reason = _load()
+if core is not None and os.environ.get("MINIDIFF_CPU_ISA"):   # e.g. avx2: the network kernels of another instruction set
+    try:
+        core.set_cpu_isa(os.environ["MINIDIFF_CPU_ISA"])
+    except ValueError as e:
+        raise ImportError(f"MINIDIFF_CPU_ISA={os.environ['MINIDIFF_CPU_ISA']!r}: {e} (available: "
+                          f"{', '.join(core.cpu_isas())}, or auto)") from None
 
 
 def native_status():
