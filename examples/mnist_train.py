@@ -61,6 +61,7 @@ def main(argv=None):
                    help="learn p(x | prompt): the text vector added to the time embedding (add, the default: it "
                         "learned the prompt far faster, see README) or joined to x_t as input channels (concat, "
                         "the article's section 3.3)")
+    p.add_argument("--max-minutes", type=float, help="stop training (saving) after this long, then draw the grid")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--no-cuda-graphs", action="store_true", help="with --device cuda: run every step eagerly instead "
                                                                  "of replaying a captured CUDA graph")
@@ -78,7 +79,8 @@ def main(argv=None):
     tcfg = TrainConfig(**preset["train"])
     tcfg.dataset, tcfg.data_dir, tcfg.device, tcfg.seed = a.dataset, a.data_dir, a.device, a.seed
     tcfg.out_dir = a.out_dir or os.path.join("runs", a.dataset.replace("-", "_"))
-    for name in ("batch_size", "lr", "steps", "lr_schedule", "warmup_steps", "ema_decay", "loss_weighting"):
+    for name in ("batch_size", "lr", "steps", "lr_schedule", "warmup_steps", "ema_decay", "loss_weighting",
+                 "max_minutes"):
         if getattr(a, name) is not None:
             setattr(tcfg, name, getattr(a, name))
     tcfg.cuda_graphs = not a.no_cuda_graphs
@@ -99,8 +101,10 @@ def main(argv=None):
     try:
         t0 = time.perf_counter()
         model, ema, step = train(tcfg, mcfg, resume=a.resume, progress=not a.no_progress)
-        print(f"trained to step {step} in {time.perf_counter() - t0:.0f} s")
-        if a.final_sampler != "none" and step >= tcfg.steps:
+        elapsed = time.perf_counter() - t0
+        print(f"trained to step {step} in {elapsed:.0f} s")
+        out_of_time = tcfg.max_minutes and elapsed >= 60 * tcfg.max_minutes     # stopped by the budget: draw anyway
+        if a.final_sampler != "none" and (step >= tcfg.steps or out_of_time):
             from minidiff.backend import get_xp
             t0 = time.perf_counter()
             labels = np.arange(a.final_images) % 10                    # conditional models: digits 0..9 per row

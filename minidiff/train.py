@@ -72,6 +72,7 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 500              # write a sample grid every this many steps (0: never)
     ckpt_every: int = 250                # write the checkpoint every this many steps (and at the end)
+    max_minutes: Optional[float] = None  # stop (saving a checkpoint) once training has run this long
     num_sample_images: int = 36
 
     def schedule(self):
@@ -342,6 +343,7 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
     bar = tqdm(total=tcfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
     model.train(True)
     smooth, t_last, s_last = None, time.perf_counter(), step
+    t_start = t_last
     try:
         with _StopRequest() as stop, ts.stream_context():   # one stream for everything: inputs, step, previews
             while step < tcfg.steps:
@@ -362,6 +364,8 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                 if callback is not None:
                     callback(step, ts.loss)
 
+                if tcfg.max_minutes and time.perf_counter() - t_start > 60 * tcfg.max_minutes and step < tcfg.steps:
+                    stop.requested = "time"            # the time budget is spent: save and stop like Ctrl-C
                 due_ckpt = step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested
                 due_sample = tcfg.sample_every and step % tcfg.sample_every == 0
                 if step % tcfg.log_every == 0 or due_ckpt or due_sample:
@@ -379,7 +383,8 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                 if due_sample:
                     write_samples(model, ema, schedule, tcfg, step, xp)
                 if stop.requested:
-                    print(f"stopped at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
+                    why = f"after {tcfg.max_minutes:g} minutes (max_minutes) " if stop.requested == "time" else ""
+                    print(f"stopped {why}at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
                     break
     finally:
         bar.close()

@@ -297,3 +297,12 @@ def test_v_model_samples_like_the_eps_model_it_is_equivalent_to():
             return velocity(sched, x0, t, eps).astype(np.float32)
     kw = dict(sampler="ddim", num_steps=5, seed=2, progress=False, clip_sample=False)
     np.testing.assert_allclose(sample(VNet(), sched, 2, **kw), sample(eps_net, sched, 2, **kw), atol=2e-4)
+
+
+def test_time_budget_stops_and_saves(toy_data, tmp_path):
+    """max_minutes: training stops once the budget is spent, with a checkpoint, like Ctrl-C; --resume continues."""
+    cfg = _cfg(toy_data, tmp_path, 50, max_minutes=1e-9)
+    _, _, step = train(cfg, UNetConfig(**TINY), progress=False)
+    assert step == 1 and load_checkpoint(str(tmp_path / "checkpoint.npz"))["meta"]["step"] == 1
+    cfg.max_minutes, cfg.steps = None, 3
+    assert train(cfg, UNetConfig(**TINY), resume=True, progress=False)[2] == 3
