@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], default="ddpm")
     p.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps S (DDPM always uses all T)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--spacing", choices=["linspace", "logsnr"], default="linspace",
+                   help="DDIM / DPM-Solver++ timesteps: even in t, or even in log-SNR")
     p.add_argument("--variance", choices=["fixed_small", "fixed_large"], default="fixed_small",
                    help="DDPM sigma_t^2: beta-tilde_t (fixed_small) or beta_t (fixed_large)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
@@ -68,7 +70,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         imgs = sample(model, tcfg.schedule(), a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
                       variance_type=a.variance, clip_sample=not a.no_clip, seed=a.seed, batch_size=a.batch_size,
-                      y=y, guidance=a.guidance, backend=a.backend,
+                      y=y, guidance=a.guidance, backend=a.backend, timestep_spacing=a.spacing,
                       xp=get_xp(a.device))
         dt = time.perf_counter() - t0
     except (CheckpointError, ValueError, RuntimeError) as e:

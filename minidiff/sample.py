@@ -24,11 +24,25 @@ SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
 BACKENDS = ("auto", "native", "numpy")
 
 
-def ddim_timesteps(num_train_timesteps, num_steps):
-    """S timestep indices evenly spaced over [0, T-1], descending, starting at T-1 (pure-noise end)."""
+SPACINGS = ("linspace", "logsnr")
+
+
+def ddim_timesteps(num_train_timesteps, num_steps, spacing="linspace", schedule=None):
+    """S timestep indices over [0, T-1], descending, from T-1 (the pure-noise end) to 0. "linspace": evenly spaced
+    in t (DDIM's choice). "logsnr": evenly spaced in lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)) (needs
+    ``schedule``), each rounded to the nearest timestep: the spacing DPM-Solver recommends for low-resolution
+    images, where a high-order solver's steps are most even. (Rounding can merge neighbours: then fewer than S.)"""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    return np.unique(np.linspace(0, num_train_timesteps - 1, num_steps).round().astype(np.int64))[::-1]
+    if spacing == "linspace":
+        return np.unique(np.linspace(0, num_train_timesteps - 1, num_steps).round().astype(np.int64))[::-1]
+    if spacing != "logsnr":
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    ab = schedule.alphas_cumprod
+    lam = 0.5 * np.log(ab / (1.0 - ab))                                        # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], num_steps)
+    t = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)                 # nearest timestep to each target
+    return np.unique(t.astype(np.int64))[::-1]
 
 
 def batch_seed(seed, batch):
@@ -131,7 +145,7 @@ def _step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample
 
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
            clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, backend="auto",
-           record_steps=(), progress=True, xp=np, cuda_graph=None):
+           record_steps=(), progress=True, xp=np, cuda_graph=None, timestep_spacing="linspace"):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t),
@@ -142,7 +156,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     when built). ``record_steps``: timestep indices at which to keep the network's input x_t (returned as a dict
     {t: images} in a second return value when non-empty; key -1 holds the final x_0). ``cuda_graph``: on a GPU
     with the native kernel, capture each batch's step once and replay it (_GraphedStep); None = yes there, unless
-    recording steps."""
+    recording steps. ``timestep_spacing``: "linspace" or "logsnr" for DDIM and DPM-Solver++ (ddim_timesteps)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if backend not in BACKENDS:
@@ -156,7 +170,8 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     if graphed and (xp is np or backend != "native" or record_steps):
         raise ValueError("cuda_graph needs CuPy arrays (xp=cupy), the native backend and no record_steps")
     T = schedule.num_train_timesteps
-    steps = np.arange(T - 1, -1, -1) if sampler == "ddpm" else ddim_timesteps(T, 50 if num_steps is None else num_steps)
+    steps = (np.arange(T - 1, -1, -1) if sampler == "ddpm" else
+             ddim_timesteps(T, 50 if num_steps is None else num_steps, timestep_spacing, schedule))
     cfg = model.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
     if y is not None:
