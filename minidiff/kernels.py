@@ -157,7 +157,7 @@ def _numpy_table():
 
 FUSED = ("layers.silu", "layers.silu_backward", "layers.scale_shift", "layers.scale_shift_silu",
          "layers.scale_shift_silu_backward", "layers.group_norm_combine", "layers.bias_add", "layers.bias_residual_add",
-         "optim.adam_update", "optim.ema_update", "train.squared_error_sum", "train.mse_grad")
+         "optim.adam_update", "optim.ema_update", "optim.sum_of_squares", "train.squared_error_sum", "train.mse_grad")
 
 
 def _cupy_table():

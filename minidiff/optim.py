@@ -147,13 +147,19 @@ class EMA:
             e[...] = array_module(e).asarray(d[f"params.{k}"], dtype=e.dtype)
 
 
+@kernels.reference
+def sum_of_squares(g):
+    """sum g^2 over every element (one fused reduction on CuPy)."""
+    return (g * g).sum()
+
+
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before
     clipping as a 0-d array on the gradients' device (not read back: no host synchronisation). The scale is
     min(1, max_norm / (norm + 1e-6)): exactly 1 below the limit."""
     gs = list(grads.values())
     xp = array_module(gs[0])
-    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()) for g in gs))
+    total = xp.sqrt(sum(sum_of_squares(g) for g in gs))
     scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(gs[0].dtype)
     for g in gs:
         g *= scale

@@ -33,8 +33,8 @@ def _chain_args(key, cp, rng):
             "layers.bias_residual_add": (grid, r(C), r(B, 7, 7, C)),
             "optim.adam_update": (r(C, 5), r(C, 5), r(C, 5), cp.abs(r(C, 5)), 0.9, 0.999, cp.float32(1e-3),
                                   cp.float32(1e-8), 1.0),
-            "optim.ema_update": (r(C, 5), r(C, 5), cp.float32(0.9)),
-            "train.squared_error_sum": (x, d), "train.mse_grad": (x, d, 2.0 / x.size)}[key]
+            "optim.ema_update": (r(C, 5), r(C, 5), cp.float32(0.9)), "optim.sum_of_squares": (x,),
+            "train.squared_error_sum": (x, d, r(B, 1, 1)), "train.mse_grad": (x, d, 2.0 / x.size)}[key]
 
 
 @pytest.mark.parametrize("key", kernels.FUSED)
