@@ -17,6 +17,12 @@ GroupNorm and attention work on are contiguous. The U-Net converts from and to t
 its boundary. Weights are stored in PyTorch's layout ((Cout, Cin, kh, kw) for convolutions, (out, in) for
 Linear) so checkpoints map one to one onto the PyTorch reference.
 
+The math of the hot operations is written once as module functions marked ``@kernels.reference``
+(conv2d_same, group_norm, silu, linear and their backward passes, and the elementwise chains inside them): the
+readable reference that the tests prove. kernels.py registers faster implementations of the same numbers for
+them (native C++ for float32 NumPy arrays, one fused kernel per chain for CuPy); MINIDIFF_REFERENCE=1 runs the
+references everywhere.
+
 No Python loops over pixels or batch items; the convolution loops over its kh*kw kernel taps (and over
 cache-sized blocks of rows, see shifted_matmul).
 Float32 in, float32 out: constants are Python floats (weak scalars under NumPy 2 promotion rules).
