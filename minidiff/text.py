@@ -268,7 +268,8 @@ class TextEncoder(Layer):
         N, L = ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence length {L} exceeds the encoder's max_len {self.max_len}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        # (checked for ids on the host: reading ids on a GPU would stall it; TrainStep checks them before)
+        if xp is np and ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]"
                              " (a tokenizer with another vocabulary?)")
         mask = ids != Tokenizer.PAD_ID

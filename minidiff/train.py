@@ -175,9 +175,11 @@ class TrainStep:
         T = self.schedule.num_train_timesteps
         if t.shape != self.t.shape or t.dtype.kind not in "iu" or t.min() < 0 or t.max() >= T:
             raise ValueError(f"t must be {self.t.shape[0]} ints in [0, {T}), got {t.dtype} {t.shape}")
-        labels = self.model.cfg.num_classes
-        if labels and not 0 <= np.min(y) <= np.max(y) <= labels:
-            raise ValueError(f"class labels must be in [0, {labels}] ({labels} = no condition)")
+        cfg = self.model.cfg
+        if cfg.num_classes and not 0 <= np.min(y) <= np.max(y) <= cfg.num_classes:
+            raise ValueError(f"class labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = no condition)")
+        if cfg.text_cond and not 0 <= np.min(y) <= np.max(y) < cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         hyper = np.array(self.opt.hyper(lr) + (self.ema.next_decay(),), dtype=self.hyper.dtype)
         for buf, value in ((self.x0, x0), (self.t, t), (self.noise, noise), (self.y, y), (self.hyper, hyper)):
             if buf is not None:
