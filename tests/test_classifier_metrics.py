@@ -1,9 +1,11 @@
-"""The evaluation classifier (own layers, gradient-checked) and the NumPy-only sample-quality measures."""
+"""The evaluation classifier (own layers, gradient-checked), the NumPy-only sample-quality measures, and the known
+degradations of real images that calibrate them (degrade.py)."""
 import math
 
 import numpy as np
 import pytest
 
+from minidiff import degrade
 from minidiff.classifier import Classifier, predict, softmax_cross_entropy, train_classifier
 from minidiff.metrics import class_histogram_entropy, frechet_distance
 from test_layers import assert_small, numerical_grad, randomize, rel_error
@@ -69,3 +71,77 @@ def test_frechet_distance_closed_form_and_properties():
 def test_class_histogram_entropy():
     assert class_histogram_entropy(np.arange(100) % 10) == pytest.approx(math.log2(10))
     assert class_histogram_entropy(np.full(50, 8)) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ degradations
+
+def _digits(n=6, seed=0):
+    """n 12x12 'digits' in [-1, 1]: background -1, a bright bar of grey values away from the border."""
+    rng = np.random.default_rng(seed)
+    x = np.full((n, 1, 12, 12), -1.0, np.float32)
+    x[:, :, 3:9, 5:7] = rng.uniform(-0.5, 1, (n, 1, 6, 2))
+    return x
+
+
+def test_blur_is_the_3x3_neighbourhood_mean_with_background_outside():
+    x = _digits()
+    x[:, :, 0, 0] = 1.0                                           # ink in the corner: the border uses background
+    out = degrade.blur(x)
+    p = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-1)
+    ref = np.zeros_like(x)
+    for i in range(12):                                           # the definition, pixel by pixel (12x12 images)
+        for j in range(12):
+            ref[:, :, i, j] = p[:, :, i:i + 3, j:j + 3].mean(axis=(2, 3))
+    assert out.dtype == x.dtype and np.allclose(out, ref, atol=1e-6)
+    assert out[0, 0, 0, 0] == pytest.approx((1 - 8) / 9)          # one ink pixel among 8 background ones
+    assert np.array_equal(degrade.blur(np.full((1, 1, 5, 5), -1.0, np.float32)), np.full((1, 1, 5, 5), -1.0))
+
+
+def test_add_noise_has_the_asked_level_and_follows_the_seed():
+    x = np.zeros((4, 1, 50, 50), np.float32)                      # mid-grey: no clipping at sigma 0.1
+    out = degrade.add_noise(x, 0.1, seed=3)
+    assert out.dtype == np.float32 and abs(out.std() - 0.1) < 0.005 and abs(out.mean()) < 0.005
+    assert np.array_equal(out, degrade.add_noise(x, 0.1, seed=3))
+    assert not np.array_equal(out, degrade.add_noise(x, 0.1, seed=4))
+    strong = degrade.add_noise(_digits(), 0.5, seed=0)
+    assert strong.min() >= -1 and strong.max() <= 1               # clipped to the pixel range
+    assert (strong[:, :, :2] > -1).mean() > 0.4                   # speckle on the background (half the draws are > 0)
+
+
+def test_binarize_thresholds_at_mid_grey():
+    x = np.array([-1, -0.2, 0.0, 0.01, 0.7, 1], np.float32).reshape(1, 1, 1, 6)
+    assert degrade.binarize(x).ravel().tolist() == [-1, -1, -1, 1, 1, 1]
+    assert degrade.binarize(x).dtype == np.float32
+
+
+def test_shift_moves_each_image_two_pixels_in_one_of_four_directions():
+    x = _digits(200)
+    out = degrade.shift(x, 2, seed=0)
+    moves = set()
+    for a, b in zip(x, out):                                      # which of the four moves gives b?
+        found = [(dy, dx) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))
+                 if np.array_equal(np.roll(a, (dy, dx), axis=(1, 2)), b)]
+        assert len(found) == 1                                    # the bar is >= 3 pixels from the border: no wrap
+        moves.add(found[0])
+    assert len(moves) == 4                                        # all four directions occur
+    assert np.array_equal(out, degrade.shift(x, 2, seed=0)) and not np.array_equal(out, degrade.shift(x, 2, seed=1))
+    edge = np.full((1, 1, 4, 4), -1.0, np.float32)
+    edge[0, 0, :, 3] = 1.0                                        # ink at the right edge, moved right: leaves the image
+    assert np.array_equal(degrade.translate(edge, [0], [1]), np.full((1, 1, 4, 4), -1.0))
+    assert np.array_equal(degrade.translate(edge, [1], [-3])[0, 0, 1:, 0], np.ones(3))   # down 1, left 3
+
+
+def test_one_class_and_pure_noise():
+    images = np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1)
+    labels = np.arange(20) % 4
+    x = degrade.one_class(images, labels, 2, 5, seed=0)
+    assert x.shape == (5, 1, 1, 1) and set(labels[x.ravel().astype(int)]) == {2} and len(np.unique(x)) == 5
+    more = degrade.one_class(images, labels, 2, 12, seed=0)       # only 5 images of class 2: with replacement
+    assert len(more) == 12 and set(labels[more.ravel().astype(int)]) == {2}
+    assert np.array_equal(x, degrade.one_class(images, labels, 2, 5, seed=0))
+    with pytest.raises(ValueError, match="no images of class 7"):
+        degrade.one_class(images, labels, 7, 5)
+    noise = degrade.pure_noise(100, (1, 28, 28), seed=0)
+    assert noise.shape == (100, 1, 28, 28) and noise.dtype == np.float32 and noise.min() == -1 and noise.max() == 1
+    assert abs(noise.mean()) < 0.01 and 0.70 < noise.std() < 0.74   # clipped N(0, 1): std 0.72
+    assert np.array_equal(noise, degrade.pure_noise(100, (1, 28, 28), seed=0))
