@@ -1,14 +1,16 @@
 """The evaluation classifier (own layers, gradient-checked), the NumPy-only sample-quality measures, and the known
-degradations of real images that calibrate them (degrade.py)."""
+degradations of real images that calibrate them (degrade.py, examples/mnist_eval.py --calibrate)."""
 import math
 
 import numpy as np
 import pytest
 
-from minidiff import degrade
+from minidiff import data, degrade
 from minidiff.classifier import Classifier, predict, softmax_cross_entropy, train_classifier
-from minidiff.metrics import class_histogram_entropy, frechet_distance
+from minidiff.metrics import class_histogram, class_histogram_entropy, confident_fraction, frechet_distance
 from test_layers import assert_small, numerical_grad, randomize, rel_error
+from test_text_to_image import _script
+from test_train import _write_idx
 
 
 def test_softmax_cross_entropy_value_and_gradient():
@@ -71,6 +73,35 @@ def test_frechet_distance_closed_form_and_properties():
 def test_class_histogram_entropy():
     assert class_histogram_entropy(np.arange(100) % 10) == pytest.approx(math.log2(10))
     assert class_histogram_entropy(np.full(50, 8)) == 0.0
+
+
+def test_class_histogram_and_its_largest_fraction():
+    h = class_histogram(np.array([0, 0, 1, 9, 0, 0, 1, 9]))
+    assert h.tolist() == [0.5, 0.25] + [0.0] * 7 + [0.25]
+    assert class_histogram(np.full(7, 3), num_classes=4).tolist() == [0, 0, 0, 1]       # a collapse: one class 100%
+    assert class_histogram_entropy(np.array([0, 0, 1, 9, 0, 0, 1, 9])) == pytest.approx(1.5)
+    for bad, match in ((np.array([0, 10]), "in 0..9"), (np.array([-1, 2]), "in 0..9"), (np.array([]), "non-empty"),
+                       (np.array([0.0, 1.0]), "class indices"), (np.zeros((2, 2), int), "1-d")):
+        with pytest.raises(ValueError, match=match):
+            class_histogram(bad)
+
+
+def test_confident_fraction_counts_max_probability_at_or_above_the_threshold():
+    probs = np.array([[0.95, 0.05], [0.5, 0.5], [0.1, 0.9], [0.89, 0.11]])
+    assert confident_fraction(probs) == 0.5                       # 0.95 and 0.9 (>= is inclusive)
+    assert confident_fraction(probs, threshold=0.5) == 1.0
+    with pytest.raises(ValueError, match="non-empty"):
+        confident_fraction(np.zeros(3))
+
+
+def test_target_misses_names_each_measure_past_its_limit():
+    from minidiff.evaluate import target_misses
+    good = dict(frechet_over_floor=1.9, max_class_fraction=0.15, confident_fraction=0.9)
+    assert target_misses(good) == []                              # the limits themselves meet the target
+    assert target_misses(dict(good, frechet_over_floor=2.1)) == ["frechet_over_floor"]
+    assert target_misses(dict(good, max_class_fraction=0.67)) == ["max_class_fraction"]
+    assert target_misses(dict(frechet_over_floor=9, max_class_fraction=1.0, confident_fraction=0.3)) == [
+        "frechet_over_floor", "max_class_fraction", "confident_fraction"]
 
 
 # ------------------------------------------------------------------------------------------------ degradations
@@ -145,3 +176,57 @@ def test_one_class_and_pure_noise():
     assert noise.shape == (100, 1, 28, 28) and noise.dtype == np.float32 and noise.min() == -1 and noise.max() == 1
     assert abs(noise.mean()) < 0.01 and 0.70 < noise.std() < 0.74   # clipped N(0, 1): std 0.72
     assert np.array_equal(noise, degrade.pure_noise(100, (1, 28, 28), seed=0))
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+@pytest.fixture
+def toy10(tmp_path, monkeypatch):
+    """A 10-class 14x14 data set as IDX files (train 160, test 40): class c is a bright 3x3 square in cell c of a
+    3x4 grid."""
+    d = tmp_path / "toy10"
+    d.mkdir()
+    md5 = {}
+    for split, n, seed in (("train", 160, 0), ("t10k", 40, 1)):
+        labels = np.random.default_rng(seed).integers(0, 10, n).astype(np.uint8)
+        images = np.zeros((n, 14, 14), np.uint8)
+        for i, c in enumerate(labels):                            # a loop over a handful of test images
+            r, q = divmod(int(c), 4)
+            images[i, 1 + 3 * r:4 + 3 * r, 1 + 3 * q:4 + 3 * q] = 255
+        for kind, arr, magic in (("images-idx3-ubyte", images, 0x803), ("labels-idx1-ubyte", labels, 0x801)):
+            _write_idx(d / f"{split}-{kind}.gz", arr, magic)
+            md5[f"{split}-{kind}"] = (data._md5((d / f"{split}-{kind}.gz").read_bytes()), "0" * 32)
+    monkeypatch.setitem(data.DATASETS, "toy10", dict(data.DATASETS["mnist"], md5=md5, mirrors=[]))
+    return str(d)
+
+
+def test_calibrate_command_on_a_toy_data_set(toy10, tmp_path):
+    """examples/mnist_eval.py --calibrate on 14x14 squares (10 classes): every set at -n images, the real row is the
+    floor, the collapse onto 8s shows in the histogram and misses the target, pure noise is far from real images."""
+    import json
+    from minidiff.classifier import save_classifier
+    from minidiff.data import load_dataset, to_model_range
+    x, y = load_dataset("toy10", "train", toy10)
+    clf = train_classifier(to_model_range(x), y.astype(np.int64), epochs=8, batch_size=16, lr=3e-3, progress=False)
+    save_classifier(clf, str(tmp_path / "clf.npz"), meta=dict(test_accuracy=1.0))
+    mod = _script("mnist_eval")
+    common = ["--classifier", str(tmp_path / "clf.npz"), "--dataset", "toy10", "--data-dir", toy10]
+    mod.main(["--calibrate", "-n", "100", "--out-dir", str(tmp_path / "cal"), "--json", str(tmp_path / "c.json")]
+             + common)
+    rows = {r["source"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert list(rows) == ["real", "blur 3x3", "shift 2px", "binarised", "noise 0.1", "noise 0.3", "only 8s",
+                          "pure noise"]
+    for r in rows.values():
+        assert r["n"] == 100 and len(r["class_fractions"]) == 10 and sum(r["class_fractions"]) == pytest.approx(1)
+        assert r["max_class_fraction"] == max(r["class_fractions"]) and 0 <= r["confident_fraction"] <= 1
+        assert isinstance(r["misses_target"], list)
+    assert rows["real"]["frechet"] == pytest.approx(rows["real"]["frechet_floor"])
+    assert rows["real"]["frechet_over_floor"] == pytest.approx(1)
+    assert rows["real"]["max_class_fraction"] < 0.25
+    assert rows["only 8s"]["class_fractions"][8] == 1.0 and "max_class_fraction" in rows["only 8s"]["misses_target"]
+    assert rows["pure noise"]["frechet"] > 3 * rows["real"]["frechet"]
+    assert (tmp_path / "cal" / "calibration.png").stat().st_size > 500
+    with pytest.raises(SystemExit):                               # neither a source nor --calibrate
+        mod.main(common)
+    with pytest.raises(SystemExit, match="n must be in 2..160"):
+        mod.main(["--calibrate", "-n", "1000", "--out-dir", str(tmp_path / "cal")] + common)
