@@ -26,7 +26,7 @@ def test_softmax_cross_entropy_value_and_gradient():
 def test_classifier_gradcheck_float64():
     """Centred differences at the input and 4 sampled entries of every parameter tensor."""
     rng = np.random.default_rng(1)
-    model = Classifier(num_classes=3, seed=0, dtype=np.float64)
+    model = Classifier(num_classes=3, image_size=8, seed=0, dtype=np.float64)
     randomize(model, rng, scale=0.3)
     x = rng.standard_normal((2, 1, 8, 8))
     R = rng.standard_normal((2, 3))
@@ -38,7 +38,7 @@ def test_classifier_gradcheck_float64():
     for name, p in model.params.items():
         entries = rng.choice(p.size, size=min(4, p.size), replace=False)
         errors[name] = rel_error(model.grads[name].ravel()[entries], numerical_grad(loss, p, entries, h=1e-5))
-    assert len(errors) == 1 + 4 * 4 + 2      # input, 4 x (conv, norm) x (weight, bias), fc
+    assert len(errors) == 1 + 2 + 3 * 4 + 2 + 2   # input, conv0, 3 x (conv, norm) x (weight, bias), fc1, fc
     assert_small(errors)
 
 
@@ -53,7 +53,31 @@ def test_classifier_learns_a_toy_task():
     model = train_classifier(x[:192], y[:192], epochs=4, batch_size=32, lr=3e-3, progress=False)
     pred, probs, feats = predict(model, x[192:])
     assert (pred == y[192:]).mean() >= 0.95
-    assert probs.shape == (64, 10) and np.allclose(probs.sum(1), 1) and feats.shape == (64, 128)
+    assert probs.shape == (64, 10) and np.allclose(probs.sum(1), 1) and feats.shape == (64, 32 + 128 + 128)
+
+
+def test_judge_features_have_unit_variance_views_and_survive_save_and_load(tmp_path):
+    """After training, each view of the judge features (texture 32, layout 128, shape 128) has total variance 1 over
+    the training images; the scale is saved with the weights; a classifier without it is refused."""
+    from minidiff.checkpoint import CheckpointError, save_checkpoint
+    from minidiff.classifier import load_classifier, save_classifier
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (96, 1, 12, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 96)
+    model = train_classifier(x, y, epochs=1, batch_size=32, progress=False)
+    _, probs, feats = predict(model, x)
+    views = np.split(feats.astype(np.float64), [32, 160], axis=1)
+    assert [v.shape[1] for v in views] == [32, 128, 128]
+    assert [v.var(axis=0).sum() for v in views] == pytest.approx([1, 1, 1], rel=1e-3)
+    save_classifier(model, str(tmp_path / "c.npz"))
+    loaded, meta = load_classifier(str(tmp_path / "c.npz"))
+    assert meta["image_size"] == 12 and np.array_equal(loaded.feature_scale, model.feature_scale)
+    assert np.allclose(predict(loaded, x)[2], feats) and np.allclose(predict(loaded, x)[1], probs)
+    with pytest.raises(ValueError, match="takes 12x12 images"):
+        predict(loaded, np.zeros((2, 1, 28, 28), np.float32))
+    save_checkpoint(str(tmp_path / "old.npz"), model.params, meta=dict(kind="classifier"))
+    with pytest.raises(CheckpointError, match="older design"):
+        load_classifier(str(tmp_path / "old.npz"))
 
 
 def test_frechet_distance_closed_form_and_properties():
