@@ -2,17 +2,23 @@
 
     python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier   # once
     python examples/mnist_eval.py runs/mnist_default/checkpoint.npz --data-dir ../shared/data/mnist \\
-        --samplers ddim10,ddim20,ddim50,ddim100,ddpm -n 256 --bpd-exact 4 --bpd-mc 1000 --json eval.json
+        --samplers ddim10,ddim20,ddim50,ddim100,ddpm --bpd-exact 4 --bpd-mc 1000 --json eval.json
     python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
     python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
+    python examples/mnist_eval.py --calibrate --data-dir ../shared/data/mnist -n 1000   # the judge on known defects
 
 For each sampler (ddpm = all T steps; ddimS = S DDIM steps, eta 0; dpmsolver++S = S DPM-Solver++(2M) steps on the
-same timesteps, e.g. dpmsolver++20) it draws -n images and reports seconds per image,
-the Frechet distance to the MNIST test set in the classifier's feature space (with the floor: real training images
-at the same count), the classifier's mean confidence and the entropy of the predicted-class histogram. For class-
-or prompt-conditional checkpoints, images are drawn for the digits 0..9 in turn (with each prompt template of the
+same timesteps, e.g. dpmsolver++20) it draws -n images (default 1,000: compare
+samplers at this count; at n = 100 the floor is 5x higher and faint defects hide in it) and reports seconds per
+image, the Frechet distance to the MNIST test set in the classifier's judge features with its floor (real training
+images at the same count) and their ratio, the classifier's mean confidence, the fraction of samples it classifies
+with confidence >= 0.9, the predicted-class histogram (largest fraction, entropy and the ten percentages), and
+which of the project's targets for a good sampler the row misses (evaluate.TARGET). For class- or
+prompt-conditional checkpoints, images are drawn for the digits 0..9 in turn (with each prompt template of the
 split in turn) at every guidance weight w, and the fraction recognised as the prompted digit is reported too.
-Writes the per-term bits-per-dimension plot (bpd_terms.png) and sample grids to --out-dir.
+Writes the per-term bits-per-dimension plot (bpd_terms.png) and sample grids to --out-dir. --calibrate judges
+real training images and known degradations of them instead (evaluate.calibration_sets, docs/evaluation.md),
+with a grid of each (calibration.png).
 """
 import argparse
 import json
@@ -25,8 +31,8 @@ import numpy as np
 from minidiff.checkpoint import CheckpointError
 from minidiff.classifier import load_classifier, predict
 from minidiff.data import DataError, load_dataset, to_model_range
-from minidiff.evaluate import bound, frechet_floor, sample_quality
-from minidiff.image import save_grid, save_line_plot
+from minidiff.evaluate import TARGET, bound, calibration_sets, frechet_floor, sample_quality, target_misses
+from minidiff.image import save_figure, save_grid, save_line_plot
 from minidiff.prompts import class_prompts
 from minidiff.sample import sample
 from minidiff.text import encode_prompts
@@ -58,13 +64,17 @@ def conditions(model, meta, split, n):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("source", help="a minidiff checkpoint (.npz) or generated images (.npy, (N, 1, 28, 28) in [-1, 1])")
+    p.add_argument("source", nargs="?",
+                   help="a minidiff checkpoint (.npz) or generated images (.npy, (N, 1, 28, 28) in [-1, 1])")
+    p.add_argument("--calibrate", action="store_true",
+                   help="instead of a source: judge -n real training images and known degradations of them")
     p.add_argument("--classifier", default="runs/classifier/classifier.npz")
     p.add_argument("--dataset", default="mnist", help="the real images to compare with (the classifier's data set)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--labels", default=None, help=".npy of prompted classes for a .npy of samples")
     p.add_argument("--samplers", default="ddim50", help="comma-separated: ddpm, ddim10, ddim50, dpmsolver++20, ...")
-    p.add_argument("-n", "--num-images", type=int, default=256, help="samples per sampler (and guidance weight)")
+    p.add_argument("-n", "--num-images", type=int, default=1000,
+                   help="samples per sampler (and guidance weight); compare samplers at 1000, not at 100")
     p.add_argument("--guidance", default="3", help="conditional models: comma-separated weights w")
     p.add_argument("--prompts", default="train", help="text models: comma-separated prompt splits (train, held_out)")
     p.add_argument("--bpd-exact", type=int, default=4, help="images for the exact bound (0: skip)")
@@ -74,12 +84,15 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="PNGs go here (default: next to the source)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     a = p.parse_args(argv)
-    out_dir = a.out_dir or os.path.join(os.path.dirname(os.path.abspath(a.source)), "eval")
+    if (a.source is None) == (not a.calibrate):
+        p.error("give either a source (checkpoint or .npy of samples) or --calibrate")
+    out_dir = a.out_dir or (os.path.join(os.path.dirname(os.path.abspath(a.source)), "eval") if a.source
+                            else os.path.join("runs", "calibration"))
     os.makedirs(out_dir, exist_ok=True)
     try:
         clf, clf_meta = load_classifier(a.classifier)
         x_test, _ = load_dataset(a.dataset, "test", a.data_dir)
-        x_train, _ = load_dataset(a.dataset, "train", a.data_dir)
+        x_train, y_train = load_dataset(a.dataset, "train", a.data_dir)
         x_test, x_train = to_model_range(x_test), to_model_range(x_train)
         _, _, ref = predict(clf, x_test)
         results = dict(classifier_test_accuracy=clf_meta.get("test_accuracy"), rows=[])
@@ -89,11 +102,19 @@ def main(argv=None):
             n = len(images)
             floors.setdefault(n, frechet_floor(clf, x_train, ref, n, seed=a.seed))
             row.update(sample_quality(clf, images, ref, labels), frechet_floor=floors[n])
+            row["frechet_over_floor"] = row["frechet"] / floors[n] if floors[n] > 0 else float("inf")
+            row["misses_target"] = target_misses(row)
             results["rows"].append(row)
             print(format_row(row), flush=True)
 
         print(HEADER)
-        if a.source.endswith(".npy"):
+        if a.calibrate:
+            sets = calibration_sets(x_train, y_train, a.num_images, seed=a.seed)
+            save_figure(np.stack([images[:10] for _, images in sets]), os.path.join(out_dir, "calibration.png"),
+                        row_labels=[name for name, _ in sets])
+            for name, images in sets:
+                judge(images, None, dict(source=name))
+        elif a.source.endswith(".npy"):
             images = np.load(a.source)
             if images.ndim != 4 or images.shape[1:] != x_test.shape[1:]:
                 raise ValueError(f"{a.source} holds {images.shape}, expected (N, {', '.join(map(str, x_test.shape[1:]))})"
@@ -141,17 +162,25 @@ def main(argv=None):
         print(f"wrote {a.json}")
 
 
-HEADER = (f"{'sampler':<10}{'w':>5}{'prompts':>10}{'n':>6}{'s/img':>8}{'FD':>9}{'floor':>8}{'conf':>7}"
-          f"{'H(class)':>10}{'prompted':>10}")
+HEADER = (f"{'sampler/set':<11}{'w':>4}{'prompts':>9}{'n':>7}{'s/img':>7}{'FD':>9}{'floor':>8}{'FD/fl':>7}{'conf':>6}"
+          f"{'>=0.9':>7}{'max cls':>8}{'H(cls)':>7}  {'class %: 0   1   2 ...':<40}{'prompted':>9}  target")
 
 
 def format_row(r):
     def f(key, fmt, width):
         v = r.get(key)
         return f"{'-' if v is None else format(v, fmt):>{width}}"
-    return (f"{r.get('sampler', r.get('source', '')):<10}" + f("guidance", "g", 5) + f("prompts", "", 10)
-            + f("n", "d", 6) + f("seconds_per_image", ".3f", 8) + f("frechet", ".2f", 9) + f("frechet_floor", ".2f", 8)
-            + f("confidence", ".3f", 7) + f("class_entropy", ".3f", 10) + f("prompted_accuracy", ".1%", 10))
+    hist = "".join(f"{100 * c:4.0f}" for c in r["class_fractions"])
+    return (f"{r.get('sampler', r.get('source', '')):<11}" + f("guidance", "g", 4) + f("prompts", "", 9)
+            + f("n", "d", 7) + f("seconds_per_image", ".3f", 7) + f("frechet", ".3g", 9) + f("frechet_floor", ".3g", 8)
+            + f("frechet_over_floor", ".4g", 7) + f("confidence", ".3f", 6) + f("confident_fraction", ".1%", 7)
+            + f("max_class_fraction", ".1%", 8) + f("class_entropy", ".2f", 7) + f"  {hist:<40}"
+            + f("prompted_accuracy", ".1%", 9) + "  " + (" ".join(MISS[k] for k in r["misses_target"]) or "met"))
+
+
+MISS = dict(frechet_over_floor=f"FD>{TARGET['frechet_over_floor']:g}x",        # how a missed target is printed
+            max_class_fraction=f"class>{TARGET['max_class_fraction']:.0%}",
+            confident_fraction=f"conf<{TARGET['confident_fraction']:.0%}")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,8 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     for r in res["rows"]:
         assert r["n"] == 8 and r["frechet"] >= 0 and r["frechet_floor"] >= 0 and 0 < r["confidence"] <= 1
         assert 0 <= r["class_entropy"] <= 2 and "prompted_accuracy" not in r
+        assert len(r["class_fractions"]) == 10 and r["max_class_fraction"] == max(r["class_fractions"])
+        assert 0 <= r["confident_fraction"] <= 1 and r["frechet_over_floor"] == r["frechet"] / r["frechet_floor"]
     b = res["bound"]
     assert b["exact_bpd"] > 0 and b["mc_se"] > 0 and (tmp_path / "eval" / "bpd_terms.png").stat().st_size > 500
 
