@@ -81,6 +81,10 @@ def main(argv=None):
     p.add_argument("--bpd-mc", type=int, default=1000, help="images for the Monte Carlo bound (0: skip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", choices=["linspace", "logsnr"], default="linspace",
+                   help="timesteps of ddimS and dpmsolver++S: even in t, or even in log-SNR")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the checkpoint's EMA or raw weights")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out-dir", default=None, help="PNGs go here (default: next to the source)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
     a = p.parse_args(argv)
@@ -121,7 +125,7 @@ def main(argv=None):
                                  f" images in [-1, 1]")
             judge(images, None if a.labels is None else np.load(a.labels), dict(source=a.source))
         else:
-            model, tcfg, meta = load_model(a.source)
+            model, tcfg, meta = load_model(a.source, a.weights)
             schedule = tcfg.schedule()
             if a.bpd_exact or a.bpd_mc:
                 t0 = time.perf_counter()
@@ -140,11 +144,14 @@ def main(argv=None):
                         labels, y = conditions(model, meta, split, a.num_images) if conditional else (None, None)
                         t0 = time.perf_counter()
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
-                                        guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size)
+                                        guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size,
+                                        timestep_spacing=a.spacing, progress=not a.no_progress)
                         sec = (time.perf_counter() - t0) / a.num_images
-                        tag = name + ("" if w is None else f"_w{w:g}") + ("" if split == "-" else f"_{split}")
+                        label = name if a.spacing == "linspace" or sampler == "ddpm" else f"{name}/{a.spacing}"
+                        tag = (label.replace("/", "_") + ("" if w is None else f"_w{w:g}")
+                               + ("" if split == "-" else f"_{split}"))
                         save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
-                        judge(images, labels, dict(sampler=name, guidance=w, prompts=None if split == "-" else split,
+                        judge(images, labels, dict(sampler=label, guidance=w, prompts=None if split == "-" else split,
                                                    seconds_per_image=sec))
     except (CheckpointError, DataError, ValueError, OSError) as e:   # OSError: a missing or unreadable .npy
         sys.exit(f"error: {e}")
