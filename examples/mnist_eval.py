@@ -169,7 +169,7 @@ def main(argv=None):
         print(f"wrote {a.json}")
 
 
-HEADER = (f"{'sampler/set':<11}{'w':>4}{'prompts':>9}{'n':>7}{'s/img':>7}{'FD':>9}{'floor':>8}{'FD/fl':>7}{'conf':>6}"
+HEADER = (f"{'sampler/set':<21}{'w':>4}{'prompts':>9}{'n':>7}{'s/img':>7}{'FD':>9}{'floor':>8}{'FD/fl':>7}{'conf':>6}"
           f"{'>=0.9':>7}{'max cls':>8}{'H(cls)':>7}  {'class %: 0   1   2 ...':<40}{'prompted':>9}  target")
 
 
@@ -178,7 +178,7 @@ def format_row(r):
         v = r.get(key)
         return f"{'-' if v is None else format(v, fmt):>{width}}"
     hist = "".join(f"{100 * c:4.0f}" for c in r["class_fractions"])
-    return (f"{r.get('sampler', r.get('source', '')):<11}" + f("guidance", "g", 4) + f("prompts", "", 9)
+    return (f"{r.get('sampler', r.get('source', '')):<21}" + f("guidance", "g", 4) + f("prompts", "", 9)
             + f("n", "d", 7) + f("seconds_per_image", ".3f", 7) + f("frechet", ".3g", 9) + f("frechet_floor", ".3g", 8)
             + f("frechet_over_floor", ".4g", 7) + f("confidence", ".3f", 6) + f("confident_fraction", ".1%", 7)
             + f("max_class_fraction", ".1%", 8) + f("class_entropy", ".2f", 7) + f"  {hist:<40}"
