@@ -1,8 +1,17 @@
-"""minidiff: diffusion models (DDPM, DDIM, classifier-free guidance) from scratch in NumPy/CuPy.
+"""minidiff: diffusion models (DDPM, DDIM, DPM-Solver++, classifier-free guidance) from scratch in NumPy/CuPy.
 
-Start with schedule.py (the betas and everything derived from them), diffusion.py (the forward
-process and the reverse Gaussian), step.py (one reverse step, equation by equation), layers.py and
-unet.py (the network with hand-written backward passes), train.py and sample.py.
+Read it in the order of the pipeline, which is the order of README's tour:
+  1. data.py          the images
+  2. schedule.py      the betas and everything derived from them
+  3. diffusion.py     the forward process, its closed form and posterior, the reverse Gaussian
+  4. layers.py,       the network, every backward pass by hand (kernels.py: the fast paths registered
+     unet.py          for its readable functions; text.py, prompts.py: text-to-image)
+  5. train.py,        the loss, Adam, EMA, one training step without host synchronisation, checkpoints
+     optim.py
+  6. sample.py,       DDPM, DDIM and DPM-Solver++ over the fused step, its Philox noise
+     step.py
+  7. evaluate.py      the bound in bits per dimension (likelihood.py) and the calibrated judge (classifier.py,
+                      metrics.py, degrade.py)
 """
 from .schedule import NoiseSchedule, make_beta_schedule
 

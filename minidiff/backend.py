@@ -1,4 +1,7 @@
-"""Array backends: NumPy always; CuPy when installed with a usable GPU; the native kernels when built."""
+"""Array backends: NumPy always; CuPy when installed with a usable GPU; the native kernels when built.
+
+Underneath every stage: NumPy or CuPy.
+"""
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """Checkpoints: one .npz file, no pickle, written atomically.
+Stage 5 of the pipeline, with train.py: what a run leaves behind for sampling and evaluation.
 
 Layout: ``params/<name>`` (weights), ``ema/<name>`` (EMA weights), ``opt/<key>`` (optimizer state) and
 ``meta`` (a JSON string: format version, step, config, RNG state, anything else the trainer records).

@@ -1,4 +1,5 @@
 """A small MNIST classifier built from minidiff's own layers: the judge of sample quality.
+Stage 7 of the pipeline, in evaluate.py: the judge.
 
 Its predictions say which digit a sample shows; its judge features are the space in which the Frechet distance
 between generated and real digits is measured (metrics.py). Architecture (NCHW in, NHWC inside like the U-Net):

@@ -1,4 +1,5 @@
 """Training data: IDX files (MNIST, Fashion-MNIST), where to find them, and a resumable batch sampler.
+Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
 
 NumPy and the standard library only. The pieces:
 

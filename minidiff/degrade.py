@@ -1,5 +1,6 @@
 """Known degradations of real images, to calibrate the judge (evaluate.calibrate): a sample-quality measure is
 only worth reading if it ranks these as a person would and separates each from real digits.
+Stage 7 of the pipeline, in evaluate.py: the calibration of the judge.
 
 Images are (N, C, H, W) in [-1, 1], background -1 (NumPy or CuPy); every random choice comes from a seed.
 """

@@ -1,4 +1,6 @@
 """The forward process, its closed form and posterior, and the reverse-process Gaussian.
+Stage 3 of the pipeline: the process the network learns to reverse (used by train.py for x_t and the
+target, by likelihood.py for the bound, by sample.py to read a v-prediction as eps).
 
 Article 3.1 (q(x_t | x_{t-1})), 4.1 (q(x_t | x_0)), 3.2 (p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta));
 DDPM (Ho et al. 2020) eq. 2, 4, 6, 7, 11, 14, 15. Timestep indices t = 0..T-1 stand for the paper's

@@ -1,4 +1,5 @@
 """Evaluation: the article's objective in bits per dimension, and sample quality judged by a classifier.
+Stage 7 of the pipeline: judging a trained model (examples/mnist_eval.py runs it).
 
 - ``bound``: the variational bound L = L_T + sum_t L_{t-1} + L_0 (likelihood.py) of a trained model on real
   images, exactly (all T terms, a few images) and as a Monte Carlo estimate with its standard error.

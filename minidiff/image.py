@@ -1,4 +1,7 @@
-"""Pictures: sample grids as PNG (what people look at), via Pillow."""
+"""Pictures: sample grids as PNG (what people look at), via Pillow.
+
+Output of stages 5-7: the PNG grids people look at.
+"""
 import math
 import os
 

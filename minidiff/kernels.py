@@ -1,4 +1,6 @@
 """Fast paths for the readable reference functions: one table, one switch.
+Stage 4 of the pipeline, for speed: where the native and fused kernels of layers.py, optim.py and train.py
+are registered.
 
 The math of every layer is written once, as a plain NumPy/CuPy function (layers.py, optim.py, train.py) marked
 ``@kernels.reference``. That function is what people read and what the tests prove (finite differences,

@@ -1,4 +1,5 @@
 """Neural-network layers with hand-written backward passes, in NumPy or CuPy (xp from the arrays).
+Stage 4 of the pipeline, the network's parts (unet.py puts them together; kernels.py makes the hot ones fast).
 
 Each layer is a class with ``params`` and ``grads`` (dicts name -> array, same keys and shapes) and a
 ``forward`` / ``backward`` pair side by side:

@@ -1,4 +1,5 @@
 """The article's objective, computed: the variational bound L = E[sum_t L_t] in bits per dimension.
+Stage 7 of the pipeline, in evaluate.py: how well the model explains real images.
 
 DDPM eq. 5 bounds the negative log-likelihood of x_0 by
     L = L_T + sum_{t=2}^{T} L_{t-1} + L_0,

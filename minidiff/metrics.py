@@ -1,4 +1,5 @@
 """Sample-quality measures computed with NumPy only, in a classifier's feature space (classifier.py).
+Stage 7 of the pipeline, in evaluate.py: the numbers the judge reports.
 
 Frechet distance between Gaussians fitted to two feature sets (the FID formula, with our own classifier instead
 of Inception): d^2 = |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1^{1/2} S_2 S_1^{1/2})^{1/2}); the trace term is

@@ -1,4 +1,5 @@
 """Optimizer and training helpers: Adam/AdamW, EMA of weights, gradient clipping, learning-rate warm-up.
+Stage 5 of the pipeline, with train.py: how the gradients move the weights.
 
 All of them work in place on dicts name -> array (the model's ``params`` and ``grads``), NumPy or CuPy, and
 never read a value back to the host: the per-step scalars (step size, EMA decay) are computed on the host from

@@ -1,4 +1,5 @@
 """Philox4x32-10 counter-based random numbers and standard normals: the readable NumPy/CuPy reference.
+Stage 6 of the pipeline, inside step.py: the noise of every step (and of training, train.training_noise).
 
 Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy as 1, 2, 3" (SC 2011); constants
 and round structure as in Random123's philox.h, checked against its known-answer vectors

@@ -1,4 +1,5 @@
 """Prompt templates: the descriptions a text-to-image model learns from (article sections 2.3 and 3.3).
+Text-to-image, beside stage 1: the prompts that stand in for captions (train.py draws them).
 
 Our data sets have labels, not captions, so each training image gets a prompt made from a template for its label,
 in English or Chinese, drawn afresh at every step:

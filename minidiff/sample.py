@@ -1,5 +1,6 @@
 """Samplers: DDPM ancestral sampling over all T steps, DDIM and DPM-Solver++(2M) over S steps, driving the fused
 step kernel.
+Stage 6 of the pipeline: from a trained network to images (step.py does one step, philox.py draws its noise).
 
 Each reverse step asks the network for eps_theta(x_t, t) (with classifier-free guidance: the conditional and
 unconditional predictions from one batched forward pass), then one fused pass computes x_{t-1}

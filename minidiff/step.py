@@ -1,4 +1,5 @@
 """One reverse-process step x_t -> x_{t-1}: the readable reference and the fused native kernel.
+Stage 6 of the pipeline, inside sample.py: the arithmetic of one step.
 
 DDPM (Ho et al. 2020) ancestral sampling, DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022), all from
 a noise prediction eps_theta(x_t, t), optionally with classifier-free guidance (Ho & Salimans 2022). Article

@@ -1,4 +1,5 @@
 """The text side of text-to-image: a tokenizer and a small Transformer text encoder, backward by hand.
+Text-to-image, beside stage 4: the prompt's vector that the U-Net is conditioned on (unet.py).
 
 Tokenization. English is split into words and Chinese into characters: a token is a lowercase word
 ``[a-z]+`` ("A Handwritten Seven" -> a, handwritten, seven), a single digit ``[0-9]`` ("17" -> 1, 7), or one

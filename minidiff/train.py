@@ -1,4 +1,6 @@
 """Training: epsilon prediction with the simplified loss (DDPM eq. 14), Adam, warm-up, clipping, EMA.
+Stage 5 of the pipeline: fits the network (unet.py) to the forward process (diffusion.py); writes checkpoints
+that sample.py and evaluate.py read.
 
 The article writes the objective as the negative log-likelihood L = E[sum_t L_t] with L_t = -log p_theta(x_{t-1}|x_t)
 (its sections 3.2 and 4.2). Bounding it variationally (DDPM eq. 5) turns each L_{t-1} into a KL divergence between

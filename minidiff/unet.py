@@ -1,4 +1,5 @@
 """The noise-prediction network eps_theta(x_t, t[, y]): the DDPM U-Net scaled to 28x28.
+Stage 4 of the pipeline: the network eps_theta that train.py fits and sample.py calls at every step.
 
 Architecture (Ho et al. 2020, appendix B and their code; the same as diffusers' UNet2DModel with
 DDPM blocks), all of it described by ``UNetConfig``:
