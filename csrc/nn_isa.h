@@ -75,29 +75,36 @@ void silu_backward(const float* x, const float* dout, float* dx, int64_t n) {
 // period L = lcm(C, MD_VW) floats (coef[j] = c[j mod C]), so the flat array is walked a vector at a time
 // whatever C is. Reference: layers.group_norm, layers.group_norm_backward.
 
-// Per-channel sums over the pixels of x and of x^2, added into s1, s2 (double, L entries each, folded to
-// channels by the caller). Float vector sums flushed to double every 64 vectors keep the sums accurate.
-void gn_moments(const float* x, int64_t n, int64_t L, double* s1, double* s2) {
-    const int64_t nv = L / MD_VW;
-    for (int64_t q = 0; q < nv; ++q) {                 // lane group q: flat offsets q*VW + j*L
+// Per-lane sums of y and of y x over the flat array, added into s1, s2 (double, L entries each, folded to
+// channels by the caller), where y = f(q, i, x, k) is computed from the vector x at offset i of lane group q
+// (k lanes real: the ragged end when n is not a multiple of the vector width; the others hold 0). Float vector
+// sums flushed to double every 64 vectors keep the sums accurate.
+template <class F>
+static void lane_sums(const float* x, int64_t n, int64_t L, F f, double* s1, double* s2) {
+    for (int64_t q = 0; q < L / MD_VW; ++q) {          // lane group q: flat offsets q*VW + j*L
         for (int64_t start = q * MD_VW; start < n; start += 64 * L) {
             vf a1 = {}, a2 = {};
             const int64_t stop = imin(n, start + 64 * L);
             int64_t i = start;
             for (; i + MD_VW <= stop; i += L) {
-                const vf xv = load(x + i);
-                a1 += xv;
-                a2 += xv * xv;
+                const vf xv = load(x + i), y = f(q, i, xv, MD_VW);
+                a1 += y;
+                a2 += y * xv;
             }
-            if (i < stop) {                            // the ragged end (n not a multiple of the vector width)
+            if (i < stop) {
                 const int k = (int)(stop - i);
-                const vf xv = load_n(x + i, k);
-                a1 += xv;
-                a2 += xv * xv;
+                const vf xv = load_n(x + i, k), y = f(q, i, xv, k);
+                a1 += y;
+                a2 += y * xv;
             }
             for (int l = 0; l < MD_VW; ++l) { s1[q * MD_VW + l] += a1[l]; s2[q * MD_VW + l] += a2[l]; }
         }
     }
+}
+
+// Forward: the sums of x and x^2.
+void gn_moments(const float* x, int64_t n, int64_t L, double* s1, double* s2) {
+    lane_sums(x, n, L, [](int64_t, int64_t, vf xv, int) { return xv; }, s1, s2);
 }
 
 // y = x a + b (then SiLU when silu), a and b tiled to L.
@@ -124,29 +131,10 @@ static inline vf gn_dh(vf x, vf dout, vf a, vf b, int silu) { return silu ? vsil
 
 void gn_backward_sums(const float* x, const float* dout, const float* a, const float* b, int64_t n, int64_t L,
                       int silu, double* s1, double* s2) {
-    const int64_t nv = L / MD_VW;
-    for (int64_t q = 0; q < nv; ++q) {                 // lane group q, as in moments()
-        const vf av = load(a + q * MD_VW), bv = load(b + q * MD_VW);
-        for (int64_t start = q * MD_VW; start < n; start += 64 * L) {
-            vf a1 = {}, a2 = {};
-            const int64_t stop = imin(n, start + 64 * L);
-            int64_t i = start;
-            for (; i + MD_VW <= stop; i += L) {
-                const vf xv = load(x + i);
-                const vf dh = gn_dh(xv, load(dout + i), av, bv, silu);
-                a1 += dh;
-                a2 += dh * xv;
-            }
-            if (i < stop) {                            // lanes past the end hold x = dout = 0, so dh = 0
-                const int k = (int)(stop - i);
-                const vf xv = load_n(x + i, k);
-                const vf dh = gn_dh(xv, load_n(dout + i, k), av, bv, silu);
-                a1 += dh;
-                a2 += dh * xv;
-            }
-            for (int l = 0; l < MD_VW; ++l) { s1[q * MD_VW + l] += a1[l]; s2[q * MD_VW + l] += a2[l]; }
-        }
-    }
+    lane_sums(x, n, L, [&](int64_t q, int64_t i, vf xv, int k) {   // past the end: x = dout = 0, so dh = 0
+        const vf d = k == MD_VW ? load(dout + i) : load_n(dout + i, k);
+        return gn_dh(xv, d, load(a + q * MD_VW), load(b + q * MD_VW), silu);
+    }, s1, s2);
 }
 
 void gn_backward_apply(const float* x, const float* dout, const float* a, const float* b, const float* A,
