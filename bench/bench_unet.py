@@ -5,6 +5,7 @@
     python bench/bench_unet.py --reference         # minidiff's readable NumPy references (MINIDIFF_REFERENCE=1)
     python bench/bench_unet.py --device cuda       # GPU: forward at 256 and 1024, train step at 128 and 512
     python bench/bench_unet.py --only minidiff --rounds 1 --seconds 3
+    python bench/bench_unet.py --profile           # where minidiff's CPU training step at batch 64 spends its time
 
 Each measurement runs in its own subprocess (so its peak memory is its own) on all of the machine's cores. A
 training step is forward, MSE loss against a fixed noise target, backward and an Adam update; on the GPU minidiff's
@@ -127,6 +128,33 @@ def peak_mb(impl, device):
     return sum(p.total_bytes() for p in pools) / 2 ** 20
 
 
+def profile(batch, channels, steps=5):
+    """Self time per step of the functions that take most of a minidiff training step (cProfile), in this process."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    step = minidiff_step("train", batch, channels, "cpu", x, rng.standard_normal(x.shape).astype(np.float32),
+                         rng.integers(0, 1000, batch))
+    step()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    total = (time.perf_counter() - t0) / steps
+    rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])
+    print(f"training step, batch {batch}, C = {channels}: {1e3 * total:.0f} ms ({batch / total:.0f} images/s, "
+          f"under the profiler); self time per step:")
+    print("| function | calls per step | ms per step | share |\n| --- | --- | --- | --- |")
+    for (path, line, name), (_, calls, self_time, _, _) in rows[:14]:
+        where = name if path == "~" else f"{os.path.basename(path)}:{name}"
+        print(f"| `{where}` | {calls // steps} | {1e3 * self_time / steps:.1f} | {self_time / steps / total:.0%} |")
+
+
 def device_name(device):
     if device == "cpu":
         try:
@@ -164,8 +192,11 @@ def main():
     ap.add_argument("--isa", choices=["avx512", "avx2", "base"], help="CPU: the instruction set of minidiff's kernels "
                                                                       "(and, for avx2, PyTorch's)")
     ap.add_argument("--reference", action="store_true", help="minidiff runs its readable NumPy references")
+    ap.add_argument("--profile", action="store_true", help="profile minidiff's CPU training step at batch 64 instead")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile:
+        return profile(64, args.channels)
     if args.worker:
         impl, mode, batch = args.worker
         worker(impl, mode, int(batch), args.channels, args.seconds, args.device)
