@@ -81,6 +81,7 @@ def main(argv=None):
     p.add_argument("--bpd-mc", type=int, default=1000, help="images for the Monte Carlo bound (0: skip)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity of ddimS (0: deterministic)")
     p.add_argument("--spacing", choices=["linspace", "logsnr"], default="linspace",
                    help="timesteps of ddimS and dpmsolver++S: even in t, or even in log-SNR")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="the checkpoint's EMA or raw weights")
@@ -145,9 +146,11 @@ def main(argv=None):
                         t0 = time.perf_counter()
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
                                         guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size,
-                                        timestep_spacing=a.spacing, progress=not a.no_progress)
+                                        timestep_spacing=a.spacing, progress=not a.no_progress,
+                                        eta=a.eta if sampler == "ddim" else 0.0)
                         sec = (time.perf_counter() - t0) / a.num_images
                         label = name if a.spacing == "linspace" or sampler == "ddpm" else f"{name}/{a.spacing}"
+                        label += f"/eta{a.eta:g}" if a.eta and sampler == "ddim" else ""
                         tag = (label.replace("/", "_") + ("" if w is None else f"_w{w:g}")
                                + ("" if split == "-" else f"_{split}"))
                         save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
