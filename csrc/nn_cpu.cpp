@@ -18,8 +18,10 @@ namespace md {
 static bool cpu_has(const char* name) {
 #if defined(MD_HAVE_X86_ISAS)
     __builtin_cpu_init();
-    if (!std::strcmp(name, "avx512"))
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!std::strcmp(name, "avx512"))                // every -m flag nn_avx512.cpp is compiled with (CMakeLists.txt)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (!std::strcmp(name, "avx2")) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
     return !std::strcmp(name, "base");
