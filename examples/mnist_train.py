@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("--class-conditional", action="store_true", help="learn p(x | digit) with classifier-free guidance")
     p.add_argument("--text", nargs="?", const="add", choices=["add", "concat"], default=None,
                    help="learn p(x | prompt): the text vector added to the time embedding (add, the default: it "
-                        "learned the prompt far faster, see README) or joined to x_t as input channels (concat, "
+                        "reaches every ResBlock, see docs/text_to_image.md) or joined to x_t as input channels (concat, "
                         "the article's section 3.3)")
     p.add_argument("--max-minutes", type=float, help="stop training (saving) after this long, then draw the grid")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
