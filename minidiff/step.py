@@ -156,7 +156,7 @@ def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncon
         x0 = x0.clip(-1.0, 1.0)
         if eps_uncond is not None and np.float32(guidance) > 1.0:  # w > 1 in float32, as the kernel compares
             # Guidance w > 1 extrapolates past the conditional eps; its size grows with w and, kept as is, drives
-            # x_t off the data (measured in README, text-to-image). So re-derive eps from the clipped x_0 (as GLIDE
+            # x_t off the data (docs/text_to_image.md). So re-derive eps from the clipped x_0 (as GLIDE
             # does): eps = (a x_t - x0) / b, the direction from the clipped x_0 to x_t. Otherwise (w <= 1, an
             # interpolation, or no guidance) keep the model's eps as diffusers does: REFERENCE_RUNS.md found
             # re-deriving it worse for an unconditional model.
