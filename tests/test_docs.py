@@ -4,7 +4,8 @@
   not followed);
 * every script that the documents run (examples/*.py, bench/*.py) starts and prints its --help, and every --option
   the documents give it is one it has;
-* every test (test_x.py::name) and every minidiff function (module.name) the equation map names exists.
+* every test (test_x.py::name) and every minidiff function (module.name) the equation map names exists;
+* no placeholder is left where a measurement belongs.
 
 Scripts run in a subprocess from a temporary folder, so they import the installed minidiff, as a user's would.
 """
@@ -44,6 +45,12 @@ def test_documents_exist():
 def test_relative_links_and_images_exist(path):
     broken = [target for target, resolved in relative_links(path) if not resolved.exists()]
     assert not broken, f"{path.relative_to(ROOT)}: broken links {broken}"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_no_placeholders_left(path):
+    left = re.findall(r"TODO\([^)\n]*", path.read_text(encoding="utf-8"))
+    assert not left, f"{path.relative_to(ROOT)}: placeholders {left}"
 
 
 def documented_commands():
