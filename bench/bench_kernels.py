@@ -7,7 +7,8 @@ set, beside PyTorch's conv2d (channels_last) on the same shapes and threads, and
 A 3x3 convolution of a (B, H, W, Cin) batch to Cout channels costs 2 B H W Cin Cout 9 FLOP forward and twice that
 backward (input and weight gradients). Times are the best of --reps after a warm-up (the machine's other load
 shows as spread, not in the best). Compare with the cores' peak: 2 FMA units x vector width x 2 FLOP x clock x
-cores (AVX-512 on 2 Zen 5 cores measured about 536 GFLOP/s, AVX2 about 275, in a loop of independent FMAs).
+cores (on the 2-core development machine, AVX-512 measured about 536 GFLOP/s, AVX2 about 275, in a loop of
+independent FMAs).
 """
 import argparse
 import os

@@ -1,7 +1,7 @@
 """Evaluate a checkpoint (or a .npy of samples): bits per dimension of the bound and sample quality, as a table.
 
     python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier   # once
-    python examples/mnist_eval.py runs/mnist_default/checkpoint.npz --data-dir ../shared/data/mnist \\
+    python examples/mnist_eval.py runs/mnist/checkpoint.npz --data-dir ../shared/data/mnist \\
         --samplers ddim10,ddim20,ddim50,ddim100,ddpm --bpd-exact 4 --bpd-mc 1000 --json eval.json
     python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
     python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
