@@ -76,6 +76,9 @@ def main(argv=None):
     p.add_argument("-n", "--num-images", type=int, default=1000,
                    help="samples per sampler (and guidance weight); compare samplers at 1000, not at 100")
     p.add_argument("--guidance", default="3", help="conditional models: comma-separated weights w")
+    p.add_argument("--autoguidance", default=None,
+                   help="comma-separated weights w of autoguidance by the checkpoint's early EMA weights (1: none; "
+                        "replaces classifier-free guidance)")
     p.add_argument("--prompts", default="train", help="text models: comma-separated prompt splits (train, held_out)")
     p.add_argument("--bpd-exact", type=int, default=4, help="images for the exact bound (0: skip)")
     p.add_argument("--bpd-mc", type=int, default=1000, help="images for the Monte Carlo bound (0: skip)")
@@ -127,6 +130,7 @@ def main(argv=None):
             judge(images, None if a.labels is None else np.load(a.labels), dict(source=a.source))
         else:
             model, tcfg, meta = load_model(a.source, a.weights)
+            guide = None if a.autoguidance is None else load_model(a.source, "guide")[0]
             schedule = tcfg.schedule()
             if a.bpd_exact or a.bpd_mc:
                 t0 = time.perf_counter()
@@ -141,16 +145,21 @@ def main(argv=None):
             for name in a.samplers.split(","):
                 sampler, steps = parse_sampler(name)
                 for split in (a.prompts.split(",") if model.config.text_cond else ["-"]):
-                    for w in ([float(g) for g in a.guidance.split(",")] if conditional else [None]):
+                    weights = ([float(g) for g in a.autoguidance.split(",")] if guide is not None else
+                               [float(g) for g in a.guidance.split(",")] if conditional else [None])
+                    for w in weights:
+                        g = guide if w != 1.0 else None           # autoguidance at w = 1 is the model alone
                         labels, y = conditions(model, meta, split, a.num_images) if conditional else (None, None)
                         t0 = time.perf_counter()
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
-                                        guidance=1.0 if w is None else w, seed=a.seed, batch_size=a.batch_size,
+                                        guidance=1.0 if w is None else w, guide=g, seed=a.seed,
+                                        batch_size=a.batch_size,
                                         timestep_spacing=a.spacing, progress=not a.no_progress,
                                         eta=a.eta if sampler == "ddim" else 0.0)
                         sec = (time.perf_counter() - t0) / a.num_images
                         label = name if a.spacing == "linspace" or sampler == "ddpm" else f"{name}/{a.spacing}"
                         label += f"/eta{a.eta:g}" if a.eta and sampler == "ddim" else ""
+                        label += "/guide" if g is not None else ""
                         tag = (label.replace("/", "_") + ("" if w is None else f"_w{w:g}")
                                + ("" if split == "-" else f"_{split}"))
                         save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)

@@ -3,6 +3,7 @@
     python examples/mnist_sample.py runs/mnist/checkpoint.npz                        # DDPM, all T steps, EMA weights
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddim --steps 50 --eta 0
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler dpmsolver++ --steps 20   # DPM-Solver++(2M)
+    python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler dpmsolver++ --steps 20 --autoguidance 2
     python examples/mnist_sample.py runs/mnist/checkpoint.npz -n 100 --seed 3 --out samples.png
     python examples/mnist_sample.py CKPT --class-label 7 --guidance 3                  # class-conditional models
     python examples/mnist_sample.py CKPT --prompt "a handwritten seven" --prompt "手写数字三" --guidance 3   # text
@@ -44,6 +45,9 @@ def main(argv=None):
     p.add_argument("--prompt", action="append", default=None,
                    help="text-conditional models: what to draw (English or Chinese); repeat for more rows")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight w")
+    p.add_argument("--autoguidance", type=float, default=None,
+                   help="guide by the checkpoint's early EMA weights with this weight w (autoguidance; replaces "
+                        "classifier-free guidance)")
     p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
                    help="fused C++/CUDA step kernel, or the readable NumPy reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -51,6 +55,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         model, tcfg, meta = load_model(a.checkpoint, a.weights, a.device)
+        guide = None if a.autoguidance is None else load_model(a.checkpoint, "guide", a.device)[0]
         y, nrow = None, None
         if a.prompt:
             if not model.config.text_cond:
@@ -66,12 +71,13 @@ def main(argv=None):
                 raise ValueError(f"--class-label must be in [0, {model.config.num_classes})")
             y = np.full(a.num_images, a.class_label)
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)),
-                                    f"samples_{a.sampler}{'' if a.sampler == 'ddpm' else a.steps}_seed{a.seed}.png")
+                                    f"samples_{a.sampler}{'' if a.sampler == 'ddpm' else a.steps}"
+                                    f"{'' if guide is None else f'_ag{a.autoguidance:g}'}_seed{a.seed}.png")
         t0 = time.perf_counter()
         imgs = sample(model, tcfg.schedule(), a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
                       variance_type=a.variance, clip_sample=not a.no_clip, seed=a.seed, batch_size=a.batch_size,
-                      y=y, guidance=a.guidance, backend=a.backend, timestep_spacing=a.spacing,
-                      xp=get_xp(a.device))
+                      y=y, guidance=a.guidance if guide is None else a.autoguidance, backend=a.backend,
+                      timestep_spacing=a.spacing, xp=get_xp(a.device), guide=guide)
         dt = time.perf_counter() - t0
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")

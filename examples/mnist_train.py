@@ -21,7 +21,7 @@ import numpy as np
 from minidiff.image import save_grid
 from minidiff.prompts import build_tokenizer, prompt_table
 from minidiff.sample import sample
-from minidiff.train import TrainConfig, TrainingError, swapped_params, train
+from minidiff.train import TrainConfig, TrainingError, load_model, train
 from minidiff.checkpoint import CheckpointError
 from minidiff.data import DataError
 from minidiff.unet import UNetConfig
@@ -30,11 +30,13 @@ from minidiff.unet import UNetConfig
 #        the measured run and the recipes compared): the U-Net at C = 24 with one ResBlock per level (627k
 #        parameters, ~320 training images/s on 2 cores with the native kernels), 8,000 steps with a cosine
 #        learning rate after the warm-up, EMA horizon ~1,000 steps; max_minutes stops a slower machine in time.
+#        It keeps the EMA weights of step 1,000 as the guide of autoguidance: the final grid is DPM-Solver++ 20 with
+#        eps_guide + 2 (eps - eps_guide) (docs/sampling.md).
 # "large": the full-size DDPM U-Net at C = 64, trained far longer: for a GPU or a long CPU run.
 PRESETS = {
     "cpu": dict(model=dict(base_channels=24, num_res_blocks=1),
                 train=dict(steps=8000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
-                               ema_decay=0.999, max_minutes=28)),
+                               ema_decay=0.999, max_minutes=28, guide_step=1000)),
     "large": dict(model=dict(base_channels=64), train=dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=1000,
                                                            ema_decay=0.9999, sample_every=2500, ckpt_every=1000)),
 }
@@ -73,6 +75,9 @@ def main(argv=None):
                    help="sampler for the final grid (dpmsolver++: 20 steps, the best measured, see docs/sampling.md; "
                         "ddim: 100 steps; ddpm: all 1000)")
     p.add_argument("--final-images", type=int, default=36)
+    p.add_argument("--autoguidance", type=float, default=2.0,
+                   help="unconditional models: weight w of the final grid's autoguidance by the early EMA weights "
+                        "the run keeps (the cpu preset's guide_step; 1: none)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
@@ -102,7 +107,7 @@ def main(argv=None):
     print(f"model: {mcfg}\n       {count_parameters(mcfg):,} parameters\ntraining: {tcfg}")
     try:
         t0 = time.perf_counter()
-        model, ema, step = train(tcfg, mcfg, resume=a.resume, progress=not a.no_progress)
+        _, _, step = train(tcfg, mcfg, resume=a.resume, progress=not a.no_progress)
         elapsed = time.perf_counter() - t0
         print(f"trained to step {step} in {elapsed:.0f} s")
         out_of_time = tcfg.max_minutes and elapsed >= 60 * tcfg.max_minutes     # stopped by the budget: draw anyway
@@ -112,10 +117,15 @@ def main(argv=None):
             labels = np.arange(a.final_images) % 10                    # conditional models: digits 0..9 per row
             y = (labels if mcfg.num_classes else None if not mcfg.text_cond else
                  prompt_table(build_tokenizer(a.dataset), a.dataset, "train", mcfg.text_len)[labels, 0])
-            with swapped_params(model.params, ema.params):
-                imgs = sample(model, tcfg.schedule(), a.final_images, sampler=a.final_sampler,
-                              num_steps={"ddpm": None, "ddim": 100, "dpmsolver++": 20}[a.final_sampler],
-                              seed=a.seed, y=y, guidance=3.0, xp=get_xp(a.device))
+            ckpt = os.path.join(tcfg.out_dir, "checkpoint.npz")
+            model, _, _ = load_model(ckpt, "ema", a.device)
+            # unconditional models: autoguidance by the run's early EMA weights; conditional: classifier-free, w = 3
+            guide = (load_model(ckpt, "guide", a.device)[0] if y is None and a.autoguidance != 1
+                     and tcfg.guide_step and step >= tcfg.guide_step else None)
+            w = 3.0 if y is not None else a.autoguidance if guide is not None else 1.0
+            imgs = sample(model, tcfg.schedule(), a.final_images, sampler=a.final_sampler,
+                          num_steps={"ddpm": None, "ddim": 100, "dpmsolver++": 20}[a.final_sampler], seed=a.seed,
+                          y=y, guidance=w, guide=guide, xp=get_xp(a.device))
             path = save_grid(imgs, os.path.join(tcfg.out_dir, f"final_{a.final_sampler}.png"),
                              nrow=10 if y is not None else 6)
             print(f"wrote {path} ({time.perf_counter() - t0:.0f} s of sampling)")

@@ -1,8 +1,9 @@
 """Checkpoints: one .npz file, no pickle, written atomically.
 Stage 5 of the pipeline, with train.py: what a run leaves behind for sampling and evaluation.
 
-Layout: ``params/<name>`` (weights), ``ema/<name>`` (EMA weights), ``opt/<key>`` (optimizer state) and
-``meta`` (a JSON string: format version, step, config, RNG state, anything else the trainer records).
+Layout: ``params/<name>`` (weights), ``ema/<name>`` (EMA weights), ``opt/<key>`` (optimizer state),
+``guide/<name>`` (optional: an early copy of the EMA weights, the guide of autoguidance) and ``meta`` (a JSON
+string: format version, step, config, RNG state, anything else the trainer records).
 Saving writes a temporary file in the same folder, flushes it to disk and renames it over the target,
 so an interrupted save never destroys the last good checkpoint. Loading uses ``allow_pickle=False``.
 """
@@ -22,10 +23,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or does not fit the model it is loaded into."""
 
 
-def save_checkpoint(path, params, ema_params=None, opt_state=None, meta=None):
-    """Write params / EMA params / optimizer state (dicts of arrays or ints) and JSON-able meta atomically."""
+def save_checkpoint(path, params, ema_params=None, opt_state=None, meta=None, guide_params=None):
+    """Write params / EMA params / optimizer state / guide params (dicts of arrays or ints) and JSON-able meta
+    atomically."""
     arrays = {}
-    for prefix, d in (("params", params), ("ema", ema_params or {}), ("opt", opt_state or {})):
+    for prefix, d in (("params", params), ("ema", ema_params or {}), ("opt", opt_state or {}),
+                      ("guide", guide_params or {})):
         for k, v in d.items():
             arrays[f"{prefix}/{k}"] = to_numpy(v)
     meta = dict(meta or {}, format_version=FORMAT_VERSION)
@@ -46,10 +49,11 @@ def save_checkpoint(path, params, ema_params=None, opt_state=None, meta=None):
 
 
 def load_checkpoint(path):
-    """Read a checkpoint into dict(params=..., ema=..., opt=..., meta=...) of NumPy arrays; clear errors."""
+    """Read a checkpoint into dict(params=..., ema=..., opt=..., guide=..., meta=...) of NumPy arrays (guide: {}
+    when the checkpoint has none); clear errors."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    out = dict(params={}, ema={}, opt={}, meta=None)
+    out = dict(params={}, ema={}, opt={}, guide={}, meta=None)
     try:
         with np.load(path, allow_pickle=False) as z:
             for key in z.files:
@@ -57,7 +61,7 @@ def load_checkpoint(path):
                     out["meta"] = json.loads(str(z[key]))
                     continue
                 prefix, _, name = key.partition("/")
-                if prefix not in ("params", "ema", "opt") or not name:
+                if prefix not in ("params", "ema", "opt", "guide") or not name:
                     raise CheckpointError(f"checkpoint {path!r} has an unexpected entry {key!r}")
                 out[prefix][name] = z[key]
     except CheckpointError:

@@ -53,13 +53,17 @@ def batch_seed(seed, batch):
     return seed | (batch << 32)
 
 
-def predict_eps(model, schedule, x, t, y=None, guidance=1.0):
+def predict_eps(model, schedule, x, t, y=None, guidance=1.0, guide=None):
     """eps_theta(x_t, t[, y]) (diffusion.model_eps: a v-predicting network's output is turned into eps). With
     guidance and a condition y (class labels or prompt token ids), returns (eps_cond, eps_uncond) from ONE forward
-    pass on the doubled batch [x, x] with conditions [y, model.null_condition()]; otherwise (eps, None)."""
+    pass on the doubled batch [x, x] with conditions [y, model.null_condition()]; otherwise (eps, None).
+    With a ``guide`` network (autoguidance), returns (eps_model, eps_guide): the step then takes
+    eps_guide + w (eps_model - eps_guide), the same combination with the guide in place of the unconditional model."""
     xp = array_module(x)
     b = x.shape[0]
     tt = np.full((b,), t, dtype=np.int64)
+    if guide is not None:
+        return model_eps(model, schedule, x, tt, y), model_eps(guide, schedule, x, tt, y)
     if y is None or guidance == 1.0:
         return model_eps(model, schedule, x, tt, y), None
     eps2 = model_eps(model, schedule, xp.concatenate([x, x]), np.concatenate([tt, tt]),
@@ -88,10 +92,11 @@ class _GraphedStep:
     device to device, into the buffers the graph reads. The first step runs eagerly, filling the graph's own memory
     pool and kernel caches, then the same work is captured."""
 
-    def __init__(self, model, schedule, x, y, guidance):
+    def __init__(self, model, schedule, x, y, guidance, guide=None):
         import cupy
         n = x.shape[0]
-        self.model, self.schedule, self.x, self.guided = model, schedule, x, y is not None and guidance != 1.0
+        self.model, self.schedule, self.x, self.guide = model, schedule, x, guide
+        self.guided = y is not None and guidance != 1.0 and guide is None       # classifier-free: [x, x] in one pass
         if self.guided:
             y = np.concatenate([y, model.null_condition(n)])
         self.y = None if y is None else cupy.asarray(y)
@@ -106,6 +111,8 @@ class _GraphedStep:
         x_in = array_module(self.x).concatenate([self.x, self.x]) if self.guided else self.x
         eps = model_eps(self.model, self.schedule, x_in, self.t, self.y)
         eps_c, eps_u = (eps[:n], eps[n:]) if self.guided else (eps, None)
+        if self.guide is not None:                        # autoguidance: the guide network's eps
+            eps_u = model_eps(self.guide, self.schedule, x_in, self.t, self.y)
         fused_step_params(self.x, eps_c, self.params, eps_uncond=eps_u, x0_prev=self.x0_prev, out=self.x,
                           x0_out=self.x0_out)
         self.x0_prev[...] = self.x0_out                   # DPM-Solver++(2M): this step's x_0 for the next one
@@ -146,7 +153,7 @@ def _step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample
 
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
            clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, backend="auto",
-           record_steps=(), progress=True, xp=np, cuda_graph=None, timestep_spacing="linspace"):
+           record_steps=(), progress=True, xp=np, cuda_graph=None, timestep_spacing="linspace", guide=None):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t),
@@ -157,7 +164,10 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     when built). ``record_steps``: timestep indices at which to keep the network's input x_t (returned as a dict
     {t: images} in a second return value when non-empty; key -1 holds the final x_0). ``cuda_graph``: on a GPU
     with the native kernel, capture each batch's step once and replay it (_GraphedStep); None = yes there, unless
-    recording steps. ``timestep_spacing``: "linspace" or "logsnr" for DDIM and DPM-Solver++ (ddim_timesteps)."""
+    recording steps. ``timestep_spacing``: "linspace" or "logsnr" for DDIM and DPM-Solver++ (ddim_timesteps).
+    ``guide``: autoguidance (Karras et al. 2024): a weaker network of the same data (e.g. the early EMA weights a
+    checkpoint keeps, train.load_model(path, "guide")) takes the unconditional model's place, so ``guidance`` w
+    combines eps_guide + w (eps_model - eps_guide); it works for unconditional models too."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     if backend not in BACKENDS:
@@ -175,12 +185,17 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
              ddim_timesteps(T, 50 if num_steps is None else num_steps, timestep_spacing, schedule))
     cfg = model.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    if guide is not None and (guide.config.in_channels, guide.config.resolution) != (cfg.in_channels, cfg.resolution):
+        raise ValueError(f"the guide network draws {guide.config.in_channels} x {guide.config.resolution}^2 images, "
+                         f"the model {cfg.in_channels} x {cfg.resolution}^2")
     if y is not None:
         y = np.asarray(y, dtype=np.int64)
         if y.ndim not in (1, 2) or y.shape[0] != num_images:
             raise ValueError(f"y must have {num_images} rows (labels (N,) or token ids (N, L)), got {y.shape}")
     was_training = getattr(model, "training", False)
     model.train(False)
+    if guide is not None:
+        guide.train(False)
     out, recorded = [], {}
     bar = tqdm(total=num_images * len(steps), unit="img-step", desc=f"{sampler} x{len(steps)}", disable=not progress)
     try:
@@ -191,7 +206,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
             x = philox_normal(key, T, n * int(np.prod(shape)), xp=xp).reshape((n,) + shape)  # x_T ~ N(0, I)
             if graphed:
                 out.append(_sample_graphed(model, schedule, sampler, steps, key, x, yb, variance_type, eta,
-                                           clip_sample, guidance, bar))
+                                           clip_sample, guidance, bar, guide))
                 continue
             x0_prev, t_last = None, None  # DPM-Solver++(2M): the previous step's x_0 prediction and its timestep
             for i, t in enumerate(steps):
@@ -199,7 +214,7 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
                 t_prev = int(steps[i + 1]) if i + 1 < len(steps) else -1
                 if t in record_steps:  # the noisy input the network sees at timestep index t
                     recorded.setdefault(t, []).append(to_numpy(x))
-                eps, eps_u = predict_eps(model, schedule, x, t, yb, guidance)
+                eps, eps_u = predict_eps(model, schedule, x, t, yb, guidance, guide)
                 if sampler == "dpmsolver++":
                     if backend == "numpy":
                         x, x0 = dpmpp_2m_step(schedule, x, eps, t, t_prev, x0_prev, t_last, clip_sample, eps_u,
@@ -233,9 +248,10 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     return images
 
 
-def _sample_graphed(model, schedule, sampler, steps, key, x, y, variance_type, eta, clip_sample, guidance, bar):
+def _sample_graphed(model, schedule, sampler, steps, key, x, y, variance_type, eta, clip_sample, guidance, bar,
+                    guide=None):
     """One batch's reverse process with a captured step (see _GraphedStep); returns the images on the host."""
-    g = _GraphedStep(model, schedule, x, y, guidance)
+    g = _GraphedStep(model, schedule, x, y, guidance, guide)
     with g.stream:                                        # the step records and timesteps, copied to the device once
         params = array_module(x).asarray(_step_records(schedule, sampler, steps, key, variance_type, eta, clip_sample,
                                                 guidance).view(np.uint8).reshape(len(steps), -1))

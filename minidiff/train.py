@@ -61,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 1.0               # clip the global gradient norm to this
     weight_decay: float = 0.0            # decoupled (AdamW) when > 0
     ema_decay: float = 0.995             # max EMA decay; the decay warms up as min(ema_decay, (1+n)/(10+n))
+    guide_step: Optional[int] = None     # keep the EMA weights of this step as the guide of autoguidance (sample.py)
     num_train_timesteps: int = 1000      # T (article 5.2)
     beta_schedule: str = "linear"        # "linear", "cosine" or "t_over_T" (article 4.1's teaching example)
     beta_start: float = 1e-4
@@ -287,6 +288,7 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
     model = UNet(mcfg, seed=tcfg.seed).to(xp)
     opt = Adam(model.params, model.grads, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     ema = EMA(model.params, max_decay=tcfg.ema_decay)
+    guide = {}                  # autoguidance: the EMA weights at step guide_step, a weaker version of the model
     os.makedirs(tcfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(tcfg.out_dir, "checkpoint.npz")
     step = 0
@@ -299,18 +301,19 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
         exact = {k: getattr(tcfg, k) for k in ("dataset", "batch_size", "lr", "warmup_steps", "lr_schedule",
                                                "grad_clip", "weight_decay", "ema_decay", "num_train_timesteps",
                                                "beta_schedule", "beta_start", "beta_end", "p_uncond",
-                                               "loss_weighting", "snr_gamma", "seed")}
+                                               "loss_weighting", "snr_gamma", "seed", "guide_step")}
         _check_same("training configuration", saved_train, exact, ckpt_path)
         load_params_into(model.params, ckpt["params"], "weights", ckpt_path)
         load_params_into(ema.params, ckpt["ema"], "EMA weights", ckpt_path)
         opt.load_state_dict(ckpt["opt"])
         ema.num_updates = int(ckpt["meta"]["ema_num_updates"])
+        guide = {k: xp.asarray(v) for k, v in ckpt["guide"].items()}
         step = int(ckpt["meta"]["step"])
         print(f"resumed from {ckpt_path} at step {step}")
 
     def save():
         # The EMA weights go in the checkpoint's "ema/" section; its update count (for the decay warm-up) in meta.
-        save_checkpoint(ckpt_path, model.params, ema.params, opt.state_dict(),
+        save_checkpoint(ckpt_path, model.params, ema.params, opt.state_dict(), guide_params=guide,
                         meta=dict(step=step, ema_num_updates=ema.num_updates, config=_config_json(tcfg, mcfg),
                                   tokenizer=tokenizer.to_dict() if tokenizer else None,
                                   rng=dict(kind="stateless: batch_indices(seed, step), default_rng([seed, step]), "
@@ -365,6 +368,8 @@ def train(tcfg, mcfg, resume=False, progress=True, callback=None):
                 ts.run()
                 pending.append((step, ts.loss.copy(), ts.grad_norm.copy(), lr))
                 step += 1
+                if step == tcfg.guide_step:
+                    guide = {k: v.copy() for k, v in ema.params.items()}
                 if callback is not None:
                     callback(step, ts.loss)
 
@@ -418,13 +423,18 @@ def swapped_params(params, replacement):
 
 
 def load_model(path, weights="ema", device="cpu"):
-    """A UNet and its training config from a checkpoint; ``weights`` is "ema" (default) or "raw"."""
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"unknown weights {weights!r}; choose 'ema' or 'raw'")
+    """A UNet and its training config from a checkpoint; ``weights`` is "ema" (default), "raw" or "guide" (the
+    early EMA weights kept by ``guide_step``, for autoguidance)."""
+    if weights not in ("ema", "raw", "guide"):
+        raise ValueError(f"unknown weights {weights!r}; choose 'ema', 'raw' or 'guide'")
     ckpt = load_checkpoint(path)
     cfg = ckpt["meta"]["config"]
+    if weights == "guide" and not ckpt["guide"]:
+        raise CheckpointError(f"{path} has no guide weights for autoguidance (it was trained without "
+                              f"TrainConfig.guide_step)")
     model = UNet(UNetConfig.from_dict(cfg["model"]), seed=0).to(get_xp(device))
-    load_params_into(model.params, ckpt["ema" if weights == "ema" else "params"], f"{weights} weights", path)
+    load_params_into(model.params, ckpt[{"ema": "ema", "raw": "params", "guide": "guide"}[weights]],
+                     f"{weights} weights", path)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     tcfg = TrainConfig(**{k: v for k, v in cfg["train"].items() if k in known})
     return model, tcfg, ckpt["meta"]

@@ -189,7 +189,7 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     x, y = load_dataset("toy", "train", toy_split)
     clf = train_classifier(to_model_range(x), y.astype(np.int64), epochs=1, batch_size=16, progress=False)
     save_classifier(clf, str(tmp_path / "clf.npz"), meta=dict(test_accuracy=1.0))
-    train(_cfg(toy_split, tmp_path / "uncond", 2), UNetConfig(**TINY), progress=False)
+    train(_cfg(toy_split, tmp_path / "uncond", 2, guide_step=1), UNetConfig(**TINY), progress=False)
     mod = _script("mnist_eval")
     common = ["--classifier", str(tmp_path / "clf.npz"), "--dataset", "toy", "--data-dir", toy_split,
               "--out-dir", str(tmp_path / "eval")]
@@ -202,6 +202,10 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
         assert 0 <= r["class_entropy"] <= 2 and "prompted_accuracy" not in r
         assert len(r["class_fractions"]) == 10 and r["max_class_fraction"] == max(r["class_fractions"])
         assert 0 <= r["confident_fraction"] <= 1 and r["frechet_over_floor"] == r["frechet"] / r["frechet_floor"]
+    mod.main([str(tmp_path / "uncond" / "checkpoint.npz"), "--samplers", "dpmsolver++2", "-n", "8", "--bpd-exact", "0",
+              "--bpd-mc", "0", "--autoguidance", "1,2", "--json", str(tmp_path / "g.json")] + common)
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]      # w = 1 is the model alone, unguided
+    assert [(r["sampler"], r["guidance"]) for r in rows] == [("dpmsolver++2", 1), ("dpmsolver++2/guide", 2)]
     b = res["bound"]
     assert b["exact_bpd"] > 0 and b["mc_se"] > 0 and (tmp_path / "eval" / "bpd_terms.png").stat().st_size > 500
 

@@ -217,6 +217,8 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
     assert out.stat().st_size > 100 and np.load(tmp_path / "grid.npy").shape == (5, 1, 14, 14)
     with pytest.raises(SystemExit, match="class-conditional"):
         mod.main([str(tmp_path / "checkpoint.npz"), "--class-label", "3", "-n", "2"])
+    with pytest.raises(SystemExit, match="no guide weights"):      # trained without guide_step
+        mod.main([str(tmp_path / "checkpoint.npz"), "--autoguidance", "2", "-n", "2"])
 
 
 def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
@@ -231,6 +233,46 @@ def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
     assert guided.shape == (4, 1, 14, 14) and np.all(np.isfinite(guided))
     assert np.allclose(guided, sample(model, sched, 4, guidance=3.0, backend="numpy", **kw), atol=1e-4)
     assert not np.allclose(guided, sample(model, sched, 4, guidance=1.0, **kw))
+
+
+def test_guide_step_keeps_the_ema_of_that_step_and_resume_keeps_it(toy_data, tmp_path):
+    """guide_step: the checkpoint's guide/ section is the EMA weights after that step (a run that ends there has
+    them as its EMA), from then on, across a resume; load_model(path, "guide") loads them, and a checkpoint
+    without them says so."""
+    mcfg = UNetConfig(**TINY)
+    train(_cfg(toy_data, tmp_path / "short", 2), mcfg, progress=False)
+    train(_cfg(toy_data, tmp_path / "full", 5, guide_step=2), mcfg, progress=False)
+    train(_cfg(toy_data, tmp_path / "split", 3, guide_step=2), mcfg, progress=False)
+    train(_cfg(toy_data, tmp_path / "split", 5, guide_step=2), mcfg, resume=True, progress=False)
+    short, full, split = (load_checkpoint(str(tmp_path / d / "checkpoint.npz")) for d in ("short", "full", "split"))
+    assert short["guide"] == {} and _same(full["guide"], short["ema"]) and _same(split["guide"], full["guide"])
+    assert not _same(full["ema"], full["guide"])                  # the EMA went on moving after the snapshot
+    guide = load_model(str(tmp_path / "full" / "checkpoint.npz"), weights="guide")[0]
+    assert _same(guide.params, short["ema"])
+    with pytest.raises(CheckpointError, match="no guide weights"):
+        load_model(str(tmp_path / "short" / "checkpoint.npz"), weights="guide")
+
+
+def test_autoguidance_uses_the_guide_in_place_of_the_unconditional_model(toy_data, tmp_path):
+    """sample(guide=g, guidance=w) steps with eps_g + w (eps - eps_g): w = 0 samples the guide alone, w = 1 the
+    model alone, and a guide equal to the model changes nothing; the fused kernel equals the NumPy reference."""
+    train(_cfg(toy_data, tmp_path, 4, guide_step=1), UNetConfig(**TINY), progress=False)
+    path = str(tmp_path / "checkpoint.npz")
+    model, tcfg, _ = load_model(path)
+    guide = load_model(path, weights="guide")[0]
+    sched = tcfg.schedule()
+    for sampler in ("ddim", "dpmsolver++"):
+        kw = dict(sampler=sampler, num_steps=5, seed=2, progress=False, clip_sample=False)
+        plain, of_guide = sample(model, sched, 3, **kw), sample(guide, sched, 3, **kw)
+        assert not np.allclose(plain, of_guide, atol=1e-3)
+        assert np.allclose(sample(model, sched, 3, guide=guide, guidance=0.0, **kw), of_guide, atol=1e-5)
+        assert np.allclose(sample(model, sched, 3, guide=guide, guidance=1.0, **kw), plain, atol=1e-5)
+        assert np.allclose(sample(model, sched, 3, guide=model, guidance=2.0, **kw), plain, atol=1e-5)
+        kw["clip_sample"] = True
+        guided = sample(model, sched, 3, guide=guide, guidance=2.0, **kw)
+        assert np.allclose(guided, sample(model, sched, 3, guide=guide, guidance=2.0, backend="numpy", **kw),
+                           atol=1e-4)
+        assert not np.allclose(guided, sample(model, sched, 3, **kw), atol=1e-3)
 
 
 def test_min_snr_weights_closed_form():
