@@ -76,7 +76,7 @@ def _ddim_sigma(ab_t, ab_prev, eta):
 
 def _guided_eps(eps, eps_uncond, guidance):
     # Classifier-free guidance (Ho & Salimans): eps = eps_u + w (eps_c - eps_u); w = 1 is the conditional model.
-    # Autoguidance (Karras et al. 2024, eq. 2, D_w = D_0 + w (D_1 - D_0)): eps_u is a weaker guide network's eps.
+    # Autoguidance (Karras et al. 2024; D_w = D_0 + w (D_1 - D_0)): eps_u is a weaker guide network's eps.
     if eps_uncond is None:
         return eps
     return eps_uncond + guidance * (eps - eps_uncond)
