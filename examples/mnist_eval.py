@@ -3,6 +3,7 @@
     python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier   # once
     python examples/mnist_eval.py runs/mnist/checkpoint.npz --data-dir ../shared/data/mnist \\
         --samplers ddim10,ddim20,ddim50,ddim100,ddpm --bpd-exact 4 --bpd-mc 1000 --json eval.json
+    python examples/mnist_eval.py runs/mnist/checkpoint.npz --samplers dpmsolver++20 --autoguidance 1,2   # guided
     python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
     python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
     python examples/mnist_eval.py --calibrate --data-dir ../shared/data/mnist -n 1000   # the judge on known defects
@@ -16,6 +17,8 @@ with confidence >= 0.9, the predicted-class histogram (largest fraction, entropy
 which of the project's targets for a good sampler the row misses (evaluate.TARGET). For class- or
 prompt-conditional checkpoints, images are drawn for the digits 0..9 in turn (with each prompt template of the
 split in turn) at every guidance weight w, and the fraction recognised as the prompted digit is reported too.
+--autoguidance w1,w2,... draws each sampler at each weight with the checkpoint's guide (its early EMA weights;
+rows "<sampler>/guide"; w = 1 is the model alone).
 Writes the per-term bits-per-dimension plot (bpd_terms.png) and sample grids to --out-dir. --calibrate judges
 real training images and known degradations of them instead (evaluate.calibration_sets, docs/evaluation.md),
 with a grid of each (calibration.png).
