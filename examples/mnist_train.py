@@ -7,9 +7,10 @@
     python examples/mnist_train.py --preset large --device cuda                # bigger model, longer (GPU)
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler ddpm   # then sample from it
 
-Writes runs/mnist/checkpoint.npz (weights, EMA weights, optimizer state, step, config), log.jsonl and PNG sample
-grids. Ctrl-C saves a checkpoint and stops; --resume continues bit for bit. The data set is found in --data-dir,
-$MINIDIFF_DATA_DIR, the per-user cache or /usr/share/datasets/<name>, else downloaded (see README).
+Writes runs/mnist/checkpoint.npz (weights, EMA weights, the guide for autoguidance, optimizer state, step, config),
+log.jsonl and PNG sample grids. Ctrl-C saves a checkpoint and stops; --resume continues bit for bit. The data set
+is found in --data-dir, $MINIDIFF_DATA_DIR, the per-user cache or /usr/share/datasets/<name>, else downloaded
+(see README).
 """
 import argparse
 import os
