@@ -93,5 +93,23 @@ def test_end_to_end_and_captured_sampler(toy_data, tmp_path, sampler):  # noqa: 
     np.testing.assert_allclose(graphed, cpu, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_autoguided_captured_sampler(toy_data, tmp_path, sampler):  # noqa: F811
+    """Autoguidance on the GPU: the guide kept by a CuPy run, the captured sampler running both networks, equal to
+    the eager sampler and to the CPU."""
+    import cupy as cp
+    train(_cfg(toy_data, tmp_path, 3, device="cuda", guide_step=1), UNetConfig(**TINY), progress=False)
+    path = str(tmp_path / "checkpoint.npz")
+    model, tcfg, _ = load_model(path, device="cuda")
+    guide = load_model(path, weights="guide", device="cuda")[0]
+    kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, guidance=2.0, progress=False, xp=cp)
+    eager = sample(model, tcfg.schedule(), 4, cuda_graph=False, guide=guide, **kw)
+    graphed = sample(model, tcfg.schedule(), 4, cuda_graph=True, guide=guide, **kw)
+    np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-5)
+    cpu = sample(load_model(path)[0], tcfg.schedule(), 4, guide=load_model(path, weights="guide")[0],
+                 **dict(kw, xp=np))
+    np.testing.assert_allclose(graphed, cpu, rtol=0, atol=1e-3)
+
+
 def test_train_config_has_the_graph_switch():
     assert TrainConfig().cuda_graphs is True
