@@ -151,18 +151,17 @@ def main(argv=None):
                     weights = ([float(g) for g in a.autoguidance.split(",")] if guide is not None else
                                [float(g) for g in a.guidance.split(",")] if conditional else [None])
                     for w in weights:
-                        g = guide if w != 1.0 else None           # autoguidance at w = 1 is the model alone
                         labels, y = conditions(model, meta, split, a.num_images) if conditional else (None, None)
                         t0 = time.perf_counter()
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
-                                        guidance=1.0 if w is None else w, guide=g, seed=a.seed,
+                                        guidance=1.0 if w is None else w, guide=guide, seed=a.seed,
                                         batch_size=a.batch_size,
                                         timestep_spacing=a.spacing, progress=not a.no_progress,
                                         eta=a.eta if sampler == "ddim" else 0.0)
                         sec = (time.perf_counter() - t0) / a.num_images
                         label = name if a.spacing == "linspace" or sampler == "ddpm" else f"{name}/{a.spacing}"
                         label += f"/eta{a.eta:g}" if a.eta and sampler == "ddim" else ""
-                        label += "/guide" if g is not None else ""
+                        label += "/guide" if guide is not None and w != 1.0 else ""   # w = 1: the model alone
                         tag = (label.replace("/", "_") + ("" if w is None else f"_w{w:g}")
                                + ("" if split == "-" else f"_{split}"))
                         save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)

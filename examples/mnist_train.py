@@ -121,8 +121,8 @@ def main(argv=None):
             ckpt = os.path.join(tcfg.out_dir, "checkpoint.npz")
             model, _, _ = load_model(ckpt, "ema", a.device)
             # unconditional models: autoguidance by the run's early EMA weights; conditional: classifier-free, w = 3
-            guide = (load_model(ckpt, "guide", a.device)[0] if y is None and a.autoguidance != 1
-                     and tcfg.guide_step and step >= tcfg.guide_step else None)
+            guide = (load_model(ckpt, "guide", a.device)[0] if y is None and tcfg.guide_step
+                     and step >= tcfg.guide_step else None)
             w = 3.0 if y is not None else a.autoguidance if guide is not None else 1.0
             imgs = sample(model, tcfg.schedule(), a.final_images, sampler=a.final_sampler,
                           num_steps={"ddpm": None, "ddim": 100, "dpmsolver++": 20}[a.final_sampler], seed=a.seed,

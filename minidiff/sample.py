@@ -185,6 +185,8 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
              ddim_timesteps(T, 50 if num_steps is None else num_steps, timestep_spacing, schedule))
     cfg = model.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
+    if guidance == 1.0:
+        guide = None                        # w = 1 is the model alone: no pass through the guide
     if guide is not None and (guide.config.in_channels, guide.config.resolution) != (cfg.in_channels, cfg.resolution):
         raise ValueError(f"the guide network draws {guide.config.in_channels} x {guide.config.resolution}^2 images, "
                          f"the model {cfg.in_channels} x {cfg.resolution}^2")
