@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from minidiff import _native, kernels, layers
+from minidiff import fast as kernels, layers
+from minidiff.utils import native as _native
 
 SHAPES = [(28, 32, 32), (28, 64, 32), (28, 96, 32), (14, 64, 64), (14, 128, 64), (7, 64, 64), (7, 128, 64),
           (28, 24, 24), (14, 48, 48)]        # (H = W, Cin, Cout) of the C = 32 and C = 24 U-Nets

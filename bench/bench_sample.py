@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from minidiff.backend import get_xp
+from minidiff.utils.backend import get_xp
 from minidiff.sample import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.unet import UNet, UNetConfig
@@ -52,7 +52,7 @@ def main():
         import cupy
         where = f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}"
     else:
-        from minidiff import _native
+        from minidiff.utils import native as _native
         where = f"CPU: {os.cpu_count()} threads, kernels {_native.core.cpu_isa() if _native.core else 'none'}"
     print(f"{where}; {model.num_parameters():,} parameters; load average {os.getloadavg()[0]:.2f}")
     T = sched.num_train_timesteps

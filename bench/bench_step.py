@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from minidiff import _native
-from minidiff.backend import get_xp
-from minidiff.philox import philox_normal
+from minidiff.utils import native as _native
+from minidiff.utils.backend import get_xp
+from minidiff.utils.philox import philox_normal
 from minidiff.schedule import NoiseSchedule
 from minidiff.step import ddpm_coefficients, ddpm_step, fused_step
 

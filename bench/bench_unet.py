@@ -34,7 +34,7 @@ TORCH_ISA = {"avx2": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
 
 
 def minidiff_step(mode, batch, channels, device, x, noise, t):
-    from minidiff.backend import get_xp
+    from minidiff.utils.backend import get_xp
     from minidiff.optim import EMA, Adam
     from minidiff.schedule import NoiseSchedule
     from minidiff.train import TrainStep
@@ -158,7 +158,7 @@ def profile(batch, channels, steps=5):
 def device_name(device):
     if device == "cpu":
         try:
-            from minidiff import _native
+            from minidiff.utils import native as _native
             isa = _native.core.cpu_isa() if _native.core else "reference only (no extension)"
         except ImportError:
             isa = "?"
@@ -202,7 +202,7 @@ def main():
         worker(impl, mode, int(batch), args.channels, args.seconds, args.device)
         return
     if args.device == "cuda":
-        from minidiff.backend import get_xp
+        from minidiff.utils.backend import get_xp
         try:
             get_xp("cuda")
         except RuntimeError as e:

@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from minidiff.data import DataError, load_dataset, to_model_range
+from minidiff.utils.data import DataError, load_dataset, to_model_range
 from minidiff.diffusion import q_sample
-from minidiff.image import save_figure
+from minidiff.utils.image import save_figure
 from minidiff.schedule import NoiseSchedule
 
 

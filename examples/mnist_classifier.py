@@ -1,4 +1,4 @@
-"""Train the evaluation classifier (minidiff.classifier) on MNIST and write its weights.
+"""Train the evaluation classifier (minidiff.evaluation.classifier) on MNIST and write its weights.
 
     python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier
 
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from minidiff.classifier import predict, save_classifier, train_classifier
-from minidiff.data import DataError, load_dataset, to_model_range
+from minidiff.evaluation.classifier import predict, save_classifier, train_classifier
+from minidiff.utils.data import DataError, load_dataset, to_model_range
 
 
 def main(argv=None):

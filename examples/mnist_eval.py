@@ -31,14 +31,14 @@ import time
 
 import numpy as np
 
-from minidiff.checkpoint import CheckpointError
-from minidiff.classifier import load_classifier, predict
-from minidiff.data import DataError, load_dataset, to_model_range
-from minidiff.evaluate import TARGET, bound, calibration_sets, frechet_floor, sample_quality, target_misses
-from minidiff.image import save_figure, save_grid, save_line_plot
-from minidiff.prompts import class_prompts
+from minidiff.utils.checkpoint import CheckpointError
+from minidiff.evaluation.classifier import load_classifier, predict
+from minidiff.utils.data import DataError, load_dataset, to_model_range
+from minidiff.evaluation.evaluate import TARGET, bound, calibration_sets, frechet_floor, sample_quality, target_misses
+from minidiff.utils.image import save_figure, save_grid, save_line_plot
+from minidiff.conditioning.prompts import class_prompts
 from minidiff.sample import sample
-from minidiff.text import encode_prompts
+from minidiff.conditioning.text import encode_prompts
 from minidiff.train import load_model, load_tokenizer
 
 

@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 
-from minidiff.backend import get_xp
-from minidiff.checkpoint import CheckpointError
-from minidiff.image import save_grid
+from minidiff.utils.backend import get_xp
+from minidiff.utils.checkpoint import CheckpointError
+from minidiff.utils.image import save_grid
 from minidiff.sample import sample
-from minidiff.text import encode_prompts
+from minidiff.conditioning.text import encode_prompts
 from minidiff.train import load_model, load_tokenizer
 
 

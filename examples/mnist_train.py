@@ -19,12 +19,12 @@ import time
 
 import numpy as np
 
-from minidiff.image import save_grid
-from minidiff.prompts import build_tokenizer, prompt_table
+from minidiff.utils.image import save_grid
+from minidiff.conditioning.prompts import build_tokenizer, prompt_table
 from minidiff.sample import sample
 from minidiff.train import TrainConfig, TrainingError, load_model, train
-from minidiff.checkpoint import CheckpointError
-from minidiff.data import DataError
+from minidiff.utils.checkpoint import CheckpointError
+from minidiff.utils.data import DataError
 from minidiff.unet import UNetConfig
 
 # "cpu": the main job, sized so that 2 CPU cores train and draw the grid within 30 minutes (docs/training.md has
@@ -113,7 +113,7 @@ def main(argv=None):
         print(f"trained to step {step} in {elapsed:.0f} s")
         out_of_time = tcfg.max_minutes and elapsed >= 60 * tcfg.max_minutes     # stopped by the budget: draw anyway
         if a.final_sampler != "none" and (step >= tcfg.steps or out_of_time):
-            from minidiff.backend import get_xp
+            from minidiff.utils.backend import get_xp
             t0 = time.perf_counter()
             labels = np.arange(a.final_images) % 10                    # conditional models: digits 0..9 per row
             y = (labels if mcfg.num_classes else None if not mcfg.text_cond else

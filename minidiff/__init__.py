@@ -21,10 +21,10 @@ __version__ = "0.1.0"
 def backends():
     """Which backends this install can use: {'numpy', 'cpu_kernel', 'cuda_kernel', 'cupy'} -> bool, plus
     'notes' explaining anything missing. 'cuda_kernel' is True when the kernel is compiled in AND CuPy sees a GPU.  Run: python -c "import minidiff; print(minidiff.backends())"."""
-    from .backend import cupy_status
+    from .utils.backend import cupy_status
     notes = []
     try:
-        from ._native import native_status
+        from .utils.native import native_status
         native = native_status()
     except ImportError as e:
         native = dict(cpu_kernel=False, cuda_kernel=False, reason=str(e))

@@ -9,7 +9,7 @@ integer array of shape (B,) or a Python int, and noise passed in explicitly so r
 """
 import numpy as np
 
-from .backend import array_module
+from .utils.backend import array_module
 from .schedule import extract
 
 

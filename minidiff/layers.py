@@ -18,7 +18,7 @@ GroupNorm and attention work on are contiguous. The U-Net converts from and to t
 its boundary. Weights are stored in PyTorch's layout ((Cout, Cin, kh, kw) for convolutions, (out, in) for
 Linear) so checkpoints map one to one onto the PyTorch reference.
 
-The math of the hot operations is written once as module functions marked ``@kernels.reference``
+The math of the hot operations is written once as module functions marked ``@fast.reference``
 (conv2d_same, group_norm, silu, linear and their backward passes, and the elementwise chains inside them): the
 readable reference that the tests prove. kernels.py registers faster implementations of the same numbers for
 them (native C++ for float32 NumPy arrays, one fused kernel per chain for CuPy); MINIDIFF_REFERENCE=1 runs the
@@ -32,8 +32,8 @@ import math
 
 import numpy as np
 
-from . import kernels
-from .backend import array_module
+from . import fast
+from .utils.backend import array_module
 
 
 class Layer:
@@ -80,13 +80,13 @@ def _uniform(rng, shape, bound, dtype):
 # ----------------------------------------------------------------------------------------------------
 # Linear:  y = x W^T + b   (also the matrix product of the 1x1 and the im2col convolutions)
 
-@kernels.reference
+@fast.reference
 def linear(x, weight, bias):
     """x (N, in) @ weight (out, in)^T + bias (out,) -> (N, out)."""
     return x @ weight.T + bias
 
 
-@kernels.reference
+@fast.reference
 def linear_backward(x, weight, dout):
     """(dx = dout W (N, in), dweight = dout^T x (out, in)) for dout (N, out)."""
     return dout @ weight, dout.T @ x
@@ -232,17 +232,17 @@ def _same_offsets(k, W):
     return [(i - p) * (W + p) + (j - p) for i in range(k) for j in range(k)]
 
 
-@kernels.reference
+@fast.reference
 def bias_add(y, bias):
     return y + bias
 
 
-@kernels.reference
+@fast.reference
 def bias_residual_add(y, bias, residual):
     return y + bias + residual
 
 
-@kernels.reference
+@fast.reference
 def conv2d_same(x, weight, bias, residual=None):
     """Stride-1 'same' convolution (odd k, p = (k - 1) / 2), NHWC: x (B, H, W, Cin), weight (Cout, Cin, k, k),
     bias (Cout,) or one per image (B, Cout), optional residual (B, H, W, Cout) added to the output
@@ -262,7 +262,7 @@ def conv2d_same(x, weight, bias, residual=None):
     return bias_add(y, bias) if residual is None else bias_residual_add(y, bias, residual)   # (B, H, W, Cout)
 
 
-@kernels.reference
+@fast.reference
 def conv2d_same_backward(x, weight, dout):
     """Gradients of conv2d_same: (dx (B, H, W, Cin), dweight (Cout, Cin, k, k)). On the same rows,
         dW[:, :, i, j] = (xbuf shifted by off)^T @ dy_pad   and   dx_pad = sum_taps (dy_pad shifted by -off) @ W[:, :, i, j]
@@ -346,12 +346,12 @@ def sigmoid(x):
     return 0.5 + 0.5 * array_module(x).tanh(0.5 * x)
 
 
-@kernels.reference
+@fast.reference
 def silu(x):
     return x * sigmoid(x)
 
 
-@kernels.reference
+@fast.reference
 def silu_backward(x, dout):
     """dx = dout * s * (1 + x * (1 - s)), s = sigmoid(x) recomputed from the input (the forward keeps only x)."""
     s = sigmoid(x)
@@ -389,28 +389,28 @@ def _group_mean(s, num_groups, n):
     return array_module(s).broadcast_to(g, (B, num_groups, C // num_groups)).reshape(B, C)
 
 
-@kernels.reference
+@fast.reference
 def scale_shift(x, a, b):
     return x * a + b
 
 
-@kernels.reference
+@fast.reference
 def scale_shift_silu(x, a, b):
     return silu(x * a + b)
 
 
-@kernels.reference
+@fast.reference
 def scale_shift_silu_backward(x, a, b, dout):
     """The gradient reaching h = a x + b when y = SiLU(h): dout SiLU'(h)."""
     return silu_backward(x * a + b, dout)
 
 
-@kernels.reference
+@fast.reference
 def group_norm_combine(dy, x, A, Bx, Cc):
     return dy * A + x * Bx + Cc
 
 
-@kernels.reference
+@fast.reference
 def group_norm(x, gamma, beta, num_groups, eps, silu=False):
     """x (B, H, W, C) -> (y, mean (B, C), rstd (B, C)), y = [SiLU](gamma xhat + beta)."""
     xp = array_module(x)
@@ -426,7 +426,7 @@ def group_norm(x, gamma, beta, num_groups, eps, silu=False):
     return y.reshape(B, H, W, C), mean, rstd
 
 
-@kernels.reference
+@fast.reference
 def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, silu=False):
     """-> (dx (B, H, W, C), dgamma (C,), dbeta (C,)) of group_norm."""
     xp = array_module(dout)

@@ -13,8 +13,8 @@ import math
 
 import numpy as np
 
-from . import kernels
-from .backend import array_module
+from . import fast
+from .utils.backend import array_module
 
 
 def _check_state(kind, state, expected, prefixes):
@@ -31,7 +31,7 @@ def _check_state(kind, state, expected, prefixes):
             raise ValueError(f"{kind} state {k!r} has shape {tuple(np.shape(state[k]))}, expected {shape}")
 
 
-@kernels.reference
+@fast.reference
 def adam_update(p, g, m, v, beta1, beta2, step_size, eps_hat, decay):
     """One Adam(W) update of one tensor, in place:
         m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   p <- decay p - step_size m / (sqrt(v) + eps_hat)
@@ -98,7 +98,7 @@ class Adam:
             self.v[k][...] = xp.asarray(d[f"v.{k}"], dtype=p.dtype)
 
 
-@kernels.reference
+@fast.reference
 def ema_update(e, p, decay):
     """ema <- decay ema + (1 - decay) p, in place."""
     e *= decay
@@ -148,7 +148,7 @@ class EMA:
             e[...] = array_module(e).asarray(d[f"params.{k}"], dtype=e.dtype)
 
 
-@kernels.reference
+@fast.reference
 def sum_of_squares(g):
     """sum g^2 over every element (one fused reduction on CuPy)."""
     return (g * g).sum()

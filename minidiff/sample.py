@@ -15,9 +15,9 @@ import warnings
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import array_module, to_numpy
+from .utils.backend import array_module, to_numpy
 from .diffusion import model_eps
-from .philox import philox_normal
+from .utils.philox import philox_normal
 from .step import (STEP_PARAMS, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step, dpmpp_2m_coefficients,
                    dpmpp_2m_step, fused_step, fused_step_params, step_params)
 
@@ -73,7 +73,7 @@ def predict_eps(model, schedule, x, t, y=None, guidance=1.0, guide=None):
 
 def _native_available(xp):
     """Whether the fused kernel for this array module is built; warns once (readably) when it is not."""
-    from ._native import native_status
+    from .utils.native import native_status
     status = native_status()
     ok = status["cpu_kernel"] if xp is np else status["cuda_kernel"]
     if not ok and not _warned:

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .backend import array_module
+from .utils.backend import array_module
 
 BETA_SCHEDULES = ("linear", "cosine", "t_over_T")
 

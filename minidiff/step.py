@@ -29,9 +29,9 @@ from collections import namedtuple
 
 import numpy as np
 
-from . import _native
-from .backend import array_module
-from .philox import _check_u64
+from .utils import native as _native
+from .utils.backend import array_module
+from .utils.philox import _check_u64
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 

@@ -30,19 +30,20 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import _native, kernels
-from .backend import array_module, get_xp, to_numpy
-from .checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
-from .data import batch_indices, load_dataset, to_model_range
+from .utils import native as _native
+from . import fast
+from .utils.backend import array_module, get_xp, to_numpy
+from .utils.checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
+from .utils.data import batch_indices, load_dataset, to_model_range
 from .diffusion import q_sample, velocity
-from .image import save_grid
+from .utils.image import save_grid
 from .optim import EMA, Adam, clip_grad_norm, learning_rate
-from .philox import philox_normal
-from .prompts import build_tokenizer, draw_prompts, prompt_table
+from .utils.philox import philox_normal
+from .conditioning.prompts import build_tokenizer, draw_prompts, prompt_table
 from .sample import sample
 from .schedule import NoiseSchedule
 from .step import native_normal
-from .text import Tokenizer
+from .conditioning.text import Tokenizer
 from .unet import UNet, UNetConfig
 
 TRAIN_NOISE_KEY = 0xFFFFFFFF << 32  # high word of the Philox key for training noise (sampling uses batch indices)
@@ -86,7 +87,7 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
 
 
-@kernels.reference
+@fast.reference
 def squared_error_sum(pred, target, weight):
     """sum weight (pred - target)^2 over every element (one fused reduction on CuPy); weight broadcasts (1.0, or
     one per image)."""
@@ -94,7 +95,7 @@ def squared_error_sum(pred, target, weight):
     return (weight * (d * d)).sum()
 
 
-@kernels.reference
+@fast.reference
 def mse_grad(pred, target, scale):
     """d/d pred of sum scale/2 (pred - target)^2: scale (pred - target)."""
     return (pred - target) * scale

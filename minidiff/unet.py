@@ -30,10 +30,10 @@ import json
 
 import numpy as np
 
-from .backend import array_module
+from .utils.backend import array_module
 from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNormSiLU, Layer, Linear, Model, SiLU,
                      Upsample2x, timestep_embedding)
-from .text import TextEncoder, Tokenizer
+from .conditioning.text import TextEncoder, Tokenizer
 
 TEXT_CONDITIONING = (None, "add", "concat")
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from minidiff import data, degrade
-from minidiff.classifier import Classifier, predict, softmax_cross_entropy, train_classifier
-from minidiff.metrics import class_histogram, class_histogram_entropy, confident_fraction, frechet_distance
+from minidiff.utils import data
+from minidiff.evaluation import degrade
+from minidiff.evaluation.classifier import Classifier, predict, softmax_cross_entropy, train_classifier
+from minidiff.evaluation.metrics import class_histogram, class_histogram_entropy, confident_fraction, frechet_distance
 from test_layers import assert_small, numerical_grad, randomize, rel_error
 from test_text_to_image import _script
 from test_train import _write_idx
@@ -59,8 +60,8 @@ def test_classifier_learns_a_toy_task():
 def test_judge_features_have_unit_variance_views_and_survive_save_and_load(tmp_path):
     """After training, each view of the judge features (texture 32, layout 128, shape 128) has total variance 1 over
     the training images; the scale is saved with the weights; a classifier without it is refused."""
-    from minidiff.checkpoint import CheckpointError, save_checkpoint
-    from minidiff.classifier import load_classifier, save_classifier
+    from minidiff.utils.checkpoint import CheckpointError, save_checkpoint
+    from minidiff.evaluation.classifier import load_classifier, save_classifier
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (96, 1, 12, 12)).astype(np.float32)
     y = rng.integers(0, 10, 96)
@@ -119,7 +120,7 @@ def test_confident_fraction_counts_max_probability_at_or_above_the_threshold():
 
 
 def test_target_misses_names_each_measure_past_its_limit():
-    from minidiff.evaluate import target_misses
+    from minidiff.evaluation.evaluate import target_misses
     good = dict(frechet_over_floor=1.9, max_class_fraction=0.15, confident_fraction=0.9)
     assert target_misses(good) == []                              # the limits themselves meet the target
     assert target_misses(dict(good, frechet_over_floor=2.1)) == ["frechet_over_floor"]
@@ -228,8 +229,8 @@ def test_calibrate_command_on_a_toy_data_set(toy10, tmp_path):
     """examples/mnist_eval.py --calibrate on 14x14 squares (10 classes): every set at -n images, the real row is the
     floor, the collapse onto 8s shows in the histogram and misses the target, pure noise is far from real images."""
     import json
-    from minidiff.classifier import save_classifier
-    from minidiff.data import load_dataset, to_model_range
+    from minidiff.evaluation.classifier import save_classifier
+    from minidiff.utils.data import load_dataset, to_model_range
     x, y = load_dataset("toy10", "train", toy10)
     clf = train_classifier(to_model_range(x), y.astype(np.int64), epochs=8, batch_size=16, lr=3e-3, progress=False)
     save_classifier(clf, str(tmp_path / "clf.npz"), meta=dict(test_accuracy=1.0))

@@ -1,4 +1,4 @@
-"""minidiff.data: IDX reading and its error paths, finding/downloading data sets, pixel range, batch sampler.
+"""minidiff.utils.data: IDX reading and its error paths, finding/downloading data sets, pixel range, batch sampler.
 
 Everything runs on small synthetic IDX files written into tmp_path; downloads use file:// mirrors, and
 any other URL fails the test (no test touches the network). The last test loads the real MNIST from
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import minidiff.data as D
-from minidiff.data import (DataError, batch_indices, from_model_range, load_dataset, read_idx,
+import minidiff.utils.data as D
+from minidiff.utils.data import (DataError, batch_indices, from_model_range, load_dataset, read_idx,
                            search_dirs, steps_per_epoch, to_model_range)
 
 CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,

@@ -116,6 +116,18 @@ def _defined(name, source):
     return re.search(rf"(def|class)\s+{name}\b|\b{name}\s*(:[^=\n]*)?=|self\.{name}\b", source) is not None
 
 
+def _source(ref):
+    """(file, names) for a dotted name under minidiff/: "utils.philox.philox_normal" -> (minidiff/utils/philox.py,
+    ["philox_normal"]), "fast.reference" -> (minidiff/fast/__init__.py, ["reference"]); (None, []) if no module."""
+    parts = ref.split(".")
+    for i in range(len(parts), 0, -1):
+        base = ROOT / "minidiff" / Path(*parts[:i])
+        for src in (base.with_suffix(".py"), base / "__init__.py"):
+            if src.is_file():
+                return src, parts[i:]
+    return None, []
+
+
 def test_equation_map_functions_and_tests_exist():
     missing = []
     for functions, tests in equation_map():
@@ -123,10 +135,9 @@ def test_equation_map_functions_and_tests_exist():
             if "/" in ref:                                      # a source file: csrc/step_math.h
                 if not (ROOT / ref.split(" ")[0]).exists():
                     missing.append(ref)
-            elif re.fullmatch(r"[a-z_]+(\.\w+)+", ref):         # module.function, module.Class.attribute
-                module, *names = ref.split(".")
-                src = ROOT / "minidiff" / f"{module}.py"
-                if not src.exists() or not _defined(names[-1], src.read_text(encoding="utf-8")):
+            elif re.fullmatch(r"[a-z_]+(\.\w+)*", ref):          # [package.]module[.Class].name
+                src, names = _source(ref)
+                if src is None or (names and not _defined(names[-1], src.read_text(encoding="utf-8"))):
                     missing.append(ref)
         current = None                                          # "::name" continues the last test file
         for ref in re.findall(r"`([^`]+)`", tests):

@@ -5,8 +5,9 @@ All skipped without CuPy, a GPU and the CUDA kernel (`pytest -m gpu` selects the
 import numpy as np
 import pytest
 
-from minidiff import _native, kernels
-from minidiff.backend import cupy_status
+from minidiff import fast as kernels
+from minidiff.utils import native as _native
+from minidiff.utils.backend import cupy_status
 from minidiff.sample import sample
 from minidiff.train import TrainConfig, load_model, train
 from minidiff.unet import UNetConfig

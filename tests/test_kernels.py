@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff import _native, kernels, layers
+from minidiff import fast as kernels, layers
+from minidiff.utils import native as _native
 from minidiff.unet import UNet, UNetConfig
 from test_layers import rel_error
 
@@ -180,7 +181,7 @@ def test_switch_runs_the_reference(monkeypatch):
 
 
 def test_environment_switch():
-    code = "from minidiff import kernels; print(kernels.status()['reference_only'])"
+    code = "from minidiff import fast; print(fast.status()['reference_only'])"
     for value, expected in (("1", "True"), ("0", "False")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
                              env=dict(os.environ, MINIDIFF_REFERENCE=value))

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from minidiff.likelihood import (approx_standard_normal_cdf, bpd_exact, bpd_monte_carlo,
+from minidiff.evaluation.likelihood import (approx_standard_normal_cdf, bpd_exact, bpd_monte_carlo,
                                  discretized_gaussian_log_likelihood, normal_kl, prior_bpd, vb_term_bpd)
 from minidiff.schedule import NoiseSchedule
 

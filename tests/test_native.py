@@ -5,9 +5,10 @@ import types
 import numpy as np
 import pytest
 
-from minidiff import _native, step as step_mod
-from minidiff.backend import cupy_status
-from minidiff.philox import philox_normal
+from minidiff import step as step_mod
+from minidiff.utils import native as _native
+from minidiff.utils.backend import cupy_status
+from minidiff.utils.philox import philox_normal
 from minidiff.schedule import NoiseSchedule
 from minidiff.step import (NativeUnavailableError, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step,
                            dpmpp_2m_coefficients, dpmpp_2m_step, fused_step)

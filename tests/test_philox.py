@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from minidiff import _native
-from minidiff.philox import philox4x32_10, philox_normal, uint32_to_uniform
+from minidiff.utils import native as _native
+from minidiff.utils.philox import philox4x32_10, philox_normal, uint32_to_uniform
 
 # Random123 tests/kat_vectors, the three "philox4x32 10" lines: counter[4], key[2] -> output[4].
 KAT = [

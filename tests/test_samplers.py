@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from minidiff import _native
+from minidiff.utils import native as _native
 from minidiff.sample import sample
 from minidiff.schedule import NoiseSchedule
 

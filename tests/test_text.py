@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from minidiff.text import (LayerNorm, MLP, MultiHeadSelfAttention, TextEncoder, Tokenizer, TransformerBlock,
+from minidiff.conditioning.text import (LayerNorm, MLP, MultiHeadSelfAttention, TextEncoder, Tokenizer, TransformerBlock,
                            encode_prompts, tokenize)
 from test_layers import assert_small, gradcheck, randomize, rel_error, zero_grads
 

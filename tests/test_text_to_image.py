@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff import prompts
-from minidiff.prompts import build_tokenizer, class_prompts, draw_prompts, prompt_table
+from minidiff.conditioning import prompts
+from minidiff.conditioning.prompts import build_tokenizer, class_prompts, draw_prompts, prompt_table
 from minidiff.sample import predict_eps, sample
-from minidiff._native import native_status
+from minidiff.utils.native import native_status
 from minidiff.schedule import NoiseSchedule
 from minidiff.step import ddim_coefficients, ddim_step, fused_step
-from minidiff.text import Tokenizer, encode_prompts, tokenize
+from minidiff.conditioning.text import Tokenizer, encode_prompts, tokenize
 from minidiff.train import load_model, load_tokenizer, train
 from minidiff.unet import UNet, UNetConfig
 from test_layers import GRAD_TOL, numerical_grad, rel_error
@@ -169,7 +169,7 @@ def test_train_with_prompts_and_sample_from_prompts(toy_data, toy_prompts, tmp_p
 @pytest.fixture
 def toy_split(toy_data, monkeypatch):
     """Adds a 'test' split (16 more squares) to the toy data set."""
-    from minidiff import data
+    from minidiff.utils import data
     from test_train import _write_idx, toy_images
     images, labels = toy_images(16, seed=1)
     md5 = dict(data.DATASETS["toy"]["md5"])
@@ -184,8 +184,8 @@ def toy_split(toy_data, monkeypatch):
 def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp_path):
     """examples/mnist_eval.py end to end: classifier, bound (exact and Monte Carlo), samplers, JSON, plot."""
     import json
-    from minidiff.classifier import save_classifier, train_classifier
-    from minidiff.data import load_dataset, to_model_range
+    from minidiff.evaluation.classifier import save_classifier, train_classifier
+    from minidiff.utils.data import load_dataset, to_model_range
     x, y = load_dataset("toy", "train", toy_split)
     clf = train_classifier(to_model_range(x), y.astype(np.int64), epochs=1, batch_size=16, progress=False)
     save_classifier(clf, str(tmp_path / "clf.npz"), meta=dict(test_accuracy=1.0))
@@ -238,6 +238,6 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
 
 
 def predict_labels(clf, x_uint8):
-    from minidiff.classifier import predict
-    from minidiff.data import to_model_range
+    from minidiff.evaluation.classifier import predict
+    from minidiff.utils.data import to_model_range
     return predict(clf, to_model_range(x_uint8))[0]

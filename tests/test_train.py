@@ -7,9 +7,9 @@ import struct
 import numpy as np
 import pytest
 
-from minidiff import data
-from minidiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from minidiff.image import save_grid
+from minidiff.utils import data
+from minidiff.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minidiff.utils.image import save_grid
 from minidiff.sample import sample
 from minidiff.train import TrainConfig, TrainingError, load_model, train
 from minidiff.unet import UNetConfig

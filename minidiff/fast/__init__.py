@@ -84,7 +84,7 @@ def use_reference(on=True):
 
 def status():
     """dict: whether the switch is on, and which references have a fast path for NumPy (and CuPy, if usable)."""
-    from .backend import cupy_status
+    from ..utils.backend import cupy_status
     out = dict(reference_only=_reference_only, numpy=sorted(_numpy_table()))
     out["cupy"] = sorted(_cupy_table()) if cupy_status()[0] else []
     return out
@@ -102,7 +102,7 @@ def _c(a):
 
 
 def _numpy_table():
-    from . import _native
+    from ..utils import native as _native
     core = _native.core
     if core is None:
         return {}
@@ -167,5 +167,5 @@ def _cupy_table():
         import cupy
     except ImportError:
         return {}
-    from . import layers, optim, train  # noqa: F401  (their @reference functions register on import)
+    from .. import layers, optim, train  # noqa: F401  (their @reference functions register on import)
     return {key: cupy.fuse(kernel_name=key.replace(".", "_"))(_references[key]) for key in FUSED}

@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
-from .backend import array_module
-from .diffusion import p_mean_variance, q_mean_variance, q_posterior, q_sample
+from ..utils.backend import array_module
+from ..diffusion import p_mean_variance, q_mean_variance, q_posterior, q_sample
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

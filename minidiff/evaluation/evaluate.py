@@ -17,9 +17,9 @@ Stage 7 of the pipeline: judging a trained model (examples/mnist_eval.py runs it
 import numpy as np
 
 from . import degrade
-from .backend import to_numpy
+from ..utils.backend import to_numpy
 from .classifier import predict
-from .diffusion import model_eps
+from ..diffusion import model_eps
 from .likelihood import bpd_exact, bpd_monte_carlo
 from .metrics import class_histogram, class_histogram_entropy, confident_fraction, frechet_distance
 

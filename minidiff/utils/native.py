@@ -19,7 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 def _load():
     try:
-        from . import _core
+        from .. import _core
     except ImportError as e:
         return None, (f"the compiled extension minidiff._core is not available ({e}); {_FIX} and run from "
                       f"outside the source tree (its minidiff/ has no compiled module)")

@@ -23,11 +23,11 @@ one misses shifts: docs/evaluation.md has the calibration that chose these views
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backend import array_module, to_numpy
-from .checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
-from .data import batch_indices, steps_per_epoch
-from .layers import Conv2d, GroupNorm, Linear, Model, SiLU
-from .optim import Adam
+from ..utils.backend import array_module, to_numpy
+from ..utils.checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
+from ..utils.data import batch_indices, steps_per_epoch
+from ..layers import Conv2d, GroupNorm, Linear, Model, SiLU
+from ..optim import Adam
 
 
 class Classifier(Model):

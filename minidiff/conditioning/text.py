@@ -28,8 +28,8 @@ import warnings
 
 import numpy as np
 
-from .backend import array_module, to_numpy
-from .layers import Layer, Linear, SiLU, scatter_add, softmax
+from ..utils.backend import array_module, to_numpy
+from ..layers import Layer, Linear, SiLU, scatter_add, softmax
 
 _TOKEN = re.compile(r"[a-z]+|[0-9]|[\u4e00-\u9fff]")
 

@@ -6,7 +6,7 @@ Images are (N, C, H, W) in [-1, 1], background -1 (NumPy or CuPy); every random 
 """
 import numpy as np
 
-from .backend import array_module
+from ..utils.backend import array_module
 
 
 def blur(x):
