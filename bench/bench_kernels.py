@@ -61,13 +61,13 @@ def main():
         cells = []
         for isa in isas:
             core.set_cpu_isa(isa)
-            f, bw = (best_ms(lambda: fn(*args), a.reps) for fn, args in ((layers.conv2d_same, (x, w, b)),
-                                                                        (layers.conv2d_same_backward, (x, w, d))))
+            f, bw = (best_ms(lambda: fn(*args), a.reps) for fn, args in ((layers.conv2d, (x, w, b, 1, 1)),
+                                                                        (layers.conv2d_backward, (x, w, d, 1, 1))))
             cells.append(f"{flop / f / 1e6:.0f} / {2 * flop / bw / 1e6:.0f}")
         core.set_cpu_isa("auto")
         with kernels.use_reference():
-            f = best_ms(lambda: layers.conv2d_same(x, w, b), max(1, a.reps // 2))
-            bw = best_ms(lambda: layers.conv2d_same_backward(x, w, d), max(1, a.reps // 2))
+            f = best_ms(lambda: layers.conv2d(x, w, b, 1, 1), max(1, a.reps // 2))
+            bw = best_ms(lambda: layers.conv2d_backward(x, w, d, 1, 1), max(1, a.reps // 2))
         cells.append(f"{flop / f / 1e6:.0f} / {2 * flop / bw / 1e6:.0f}")
         if torch is not None:
             xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)      # NCHW view of NHWC: channels_last

@@ -2,10 +2,10 @@
 Stage 5 of the pipeline, with train.py: how the gradients move the weights.
 
 All of them work in place on dicts name -> array (the model's ``params`` and ``grads``), NumPy or CuPy, and
-never read a value back to the host: the per-step scalars (step size, EMA decay) are computed on the host from
-counters and passed in, the gradient norm stays an array. So a whole training step can run on a GPU without a
-synchronisation, and be captured as a CUDA graph (train.TrainStep). The update of each tensor is one
-elementwise chain (adam_update, ema_update), fused into one kernel on CuPy (kernels.py).
+never read a value back to the host: the per-step scalars (learning rate, bias corrections, EMA decay) are computed
+on the host from counters and passed in, the gradient norm stays an array. So a whole training step can run on a
+GPU without a synchronisation, and be captured as a CUDA graph (train_step.TrainStep). The update of each tensor
+is one elementwise chain (adam_update, ema_update), fused into one kernel on CuPy (minidiff/fast/).
 Their state is a flat dict of arrays and ints (``state_dict`` / ``load_state_dict``), so a checkpoint can
 store it with ``np.savez`` (no pickle).
 """
@@ -31,17 +31,19 @@ def _check_state(kind, state, expected, prefixes):
             raise ValueError(f"{kind} state {k!r} has shape {tuple(np.shape(state[k]))}, expected {shape}")
 
 
-@fast.reference
-def adam_update(p, g, m, v, beta1, beta2, step_size, eps_hat, decay):
-    """One Adam(W) update of one tensor, in place:
-        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   p <- decay p - step_size m / (sqrt(v) + eps_hat)
-    with the bias corrections folded into step_size and eps_hat (Adam.hyper), decay = 1 - lr wd."""
+@fast.reference(fuse=True)
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay):
+    """One Adam(W) update of one tensor, in place (Kingma & Ba, Algorithm 1; decoupled weight decay):
+        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2;   m_hat = m / (1 - b1^n);   v_hat = v / (1 - b2^n)
+        p <- p - lr (m_hat / (sqrt(v_hat) + eps) + wd p)
+    with the bias corrections 1 - b1^n, 1 - b2^n computed on the host from the step count n (Adam.hyper)."""
     m *= beta1
     m += (1.0 - beta1) * g
     v *= beta2
     v += (1.0 - beta2) * (g * g)
-    p *= decay
-    p -= step_size * (m / (array_module(v).sqrt(v) + eps_hat))
+    m_hat = m / bias_correction1
+    v_hat = v / bias_correction2
+    p -= lr * (m_hat / (array_module(v).sqrt(v_hat) + eps) + weight_decay * p)
 
 
 class Adam:
@@ -61,21 +63,17 @@ class Adam:
         self.v = {k: array_module(p).zeros_like(p) for k, p in params.items()}   # second moments
 
     def hyper(self, lr=None):
-        """Count a step and return its scalars (step_size, eps_hat, decay), python floats: with the bias
-        corrections bc1 = 1 - b1^n, bc2 = 1 - b2^n,
-            m_hat / (sqrt(v_hat) + eps) = (m / bc1) / ((sqrt(v) + eps sqrt(bc2)) / sqrt(bc2)),
-        so step_size = lr sqrt(bc2) / bc1 and eps_hat = eps sqrt(bc2)."""
-        lr = self.lr if lr is None else float(lr)
+        """Count a step and return its scalars (lr, 1 - b1^n, 1 - b2^n) as python floats."""
         self.step_count += 1
         n = self.step_count
-        bc1, bc2 = 1.0 - self.beta1 ** n, 1.0 - self.beta2 ** n
-        return lr * math.sqrt(bc2) / bc1, self.eps * math.sqrt(bc2), 1.0 - lr * self.weight_decay
+        return (self.lr if lr is None else float(lr)), 1.0 - self.beta1 ** n, 1.0 - self.beta2 ** n
 
-    def apply(self, step_size, eps_hat, decay):
+    def apply(self, lr, bias_correction1, bias_correction2):
         """The update with given scalars (python floats, or 0-d arrays on the device: a captured step reads them
         from device memory)."""
         for k, p in self.params.items():
-            adam_update(p, self.grads[k], self.m[k], self.v[k], self.beta1, self.beta2, step_size, eps_hat, decay)
+            adam_update(p, self.grads[k], self.m[k], self.v[k], lr, self.beta1, self.beta2, self.eps,
+                        bias_correction1, bias_correction2, self.weight_decay)
 
     def step(self, lr=None):
         self.apply(*self.hyper(lr))
@@ -98,7 +96,7 @@ class Adam:
             self.v[k][...] = xp.asarray(d[f"v.{k}"], dtype=p.dtype)
 
 
-@fast.reference
+@fast.reference(fuse=True)
 def ema_update(e, p, decay):
     """ema <- decay ema + (1 - decay) p, in place."""
     e *= decay
@@ -148,19 +146,13 @@ class EMA:
             e[...] = array_module(e).asarray(d[f"params.{k}"], dtype=e.dtype)
 
 
-@fast.reference
-def sum_of_squares(g):
-    """sum g^2 over every element (one fused reduction on CuPy)."""
-    return (g * g).sum()
-
-
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before
     clipping as a 0-d array on the gradients' device (not read back: no host synchronisation). The scale is
     min(1, max_norm / (norm + 1e-6)): exactly 1 below the limit."""
     gs = list(grads.values())
     xp = array_module(gs[0])
-    total = xp.sqrt(sum(sum_of_squares(g) for g in gs))
+    total = xp.sqrt(sum((g * g).sum() for g in gs))
     scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(gs[0].dtype)
     for g in gs:
         g *= scale

@@ -31,7 +31,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .utils import native as _native
-from . import fast
 from .utils.backend import array_module, get_xp, to_numpy
 from .utils.checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
 from .utils.data import batch_indices, load_dataset, to_model_range
@@ -87,20 +86,6 @@ class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
 
 
-@fast.reference
-def squared_error_sum(pred, target, weight):
-    """sum weight (pred - target)^2 over every element (one fused reduction on CuPy); weight broadcasts (1.0, or
-    one per image)."""
-    d = pred - target
-    return (weight * (d * d)).sum()
-
-
-@fast.reference
-def mse_grad(pred, target, scale):
-    """d/d pred of sum scale/2 (pred - target)^2: scale (pred - target)."""
-    return (pred - target) * scale
-
-
 def loss_weights(schedule, prediction_type="epsilon", weighting="uniform", snr_gamma=5.0):
     """The weight w_t of each timestep's squared error, (T,) float64. "uniform": 1 (DDPM's L_simple, eq. 14).
     "min_snr": Min-SNR-gamma (Hang et al. 2023, section 3.4), the x_0-space weight min(SNR_t, gamma) written for
@@ -125,9 +110,9 @@ def loss_simple(model, schedule, x0, t, noise, y=None, rng=None, weights=None):
     x_t = q_sample(schedule, x0, t, noise)
     target = noise if model.cfg.prediction_type == "epsilon" else velocity(schedule, x0, t, noise)
     out = model.forward(x_t, t, y, rng=rng)
-    n = out.size
-    w = 1.0 if weights is None else weights[t].reshape((-1,) + (1,) * (out.ndim - 1))
-    return squared_error_sum(out, target, w) / n, mse_grad(out, target, (2.0 / n) * w)
+    w = 1.0 if weights is None else weights[t].reshape((-1,) + (1,) * (out.ndim - 1))   # w_t per image
+    err = out - target
+    return (w * err * err).mean(), (2.0 / out.size) * w * err          # the loss and its gradient d loss / d out
 
 
 def training_noise(seed, step, shape, xp):

@@ -1,4 +1,4 @@
-"""The fast paths of kernels.py against the readable references they replace.
+"""The fast paths of minidiff/fast/ against the readable references they replace.
 
 Every native CPU kernel (csrc/nn_*.cpp) is compared with its NumPy reference on random float32 inputs of several
 shapes (odd sizes, channel counts that are not multiples of any vector width, one pixel, one channel), for every
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff import fast as kernels, layers
+from minidiff import fast, layers
 from minidiff.utils import native as _native
 from minidiff.unet import UNet, UNetConfig
 from test_layers import rel_error
@@ -39,16 +39,16 @@ def isa(request):
 
 def both(fn, *args):
     """(fast, reference) results of a registered function."""
-    fast = fn(*args)
-    with kernels.use_reference():
+    out = fn(*args)
+    with fast.use_reference():
         ref = fn(*args)
-    return fast, ref
+    return out, ref
 
 
-def assert_close(fast, ref, tol=TOL):
-    fast, ref = (fast, ref) if isinstance(fast, tuple) else ((fast,), (ref,))
-    assert len(fast) == len(ref)
-    for f, r in zip(fast, ref):
+def assert_close(out, ref, tol=TOL):
+    out, ref = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    assert len(out) == len(ref)
+    for f, r in zip(out, ref):
         assert f.shape == r.shape and f.dtype == np.float32
         assert rel_error(f, r) < tol, rel_error(f, r)
 
@@ -63,14 +63,14 @@ CONV_SHAPES = [(2, 5, 7, 3, 5), (3, 28, 28, 32, 32), (2, 7, 7, 64, 64), (2, 14, 
 
 @needs_cpu
 @pytest.mark.parametrize("B,H,W,cin,cout", CONV_SHAPES)
-def test_conv2d_same_kernel_matches_reference(isa, B, H, W, cin, cout):
+def test_conv2d_kernel_matches_reference(isa, B, H, W, cin, cout):
     rng = np.random.default_rng(H * 100 + cin)
     x, w, b = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3, scale=0.3), rand(rng, cout)
     dout = rand(rng, B, H, W, cout)
-    assert_close(*both(layers.conv2d_same, x, w, b))
-    assert_close(*both(layers.conv2d_same_backward, x, w, dout))
+    assert_close(*both(layers.conv2d, x, w, b, 1, 1))
+    assert_close(*both(layers.conv2d_backward, x, w, dout, 1, 1))
     # a bias per image (the ResBlock's time shift) and a residual added in the same pass
-    assert_close(*both(layers.conv2d_same, x, w, rand(rng, B, cout), rand(rng, B, H, W, cout)))
+    assert_close(*both(layers.conv2d, x, w, rand(rng, B, cout), 1, 1, rand(rng, B, H, W, cout)))
 
 
 @needs_cpu
@@ -91,8 +91,8 @@ def test_group_norm_kernel_matches_reference(isa, B, H, W, C, G, silu):
     rng = np.random.default_rng(C + H)
     x = rand(rng, B, H, W, C, scale=2.0) + 0.5
     gamma, beta, dout = rand(rng, C) + 1.0, rand(rng, C), rand(rng, B, H, W, C)
-    fast, ref = both(layers.group_norm, x, gamma, beta, G, 1e-5, silu)
-    assert_close(fast, ref)
+    out, ref = both(layers.group_norm, x, gamma, beta, G, 1e-5, silu)
+    assert_close(out, ref)
     _, mean, rstd = ref
     assert_close(*both(layers.group_norm_backward, dout, x, gamma, beta, mean, rstd, G, silu), tol=5e-6)
 
@@ -116,8 +116,8 @@ def test_conv_kernel_backward_is_the_adjoint(isa, B, H, W, cin, cout):
     of the forward kernel, to float32 rounding."""
     rng = np.random.default_rng(5)
     x, w, d = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3), rand(rng, B, H, W, cout)
-    y = layers.conv2d_same(x, w, np.zeros(cout, np.float32))
-    dx, dw = layers.conv2d_same_backward(x, w, d)
+    y = layers.conv2d(x, w, np.zeros(cout, np.float32), 1, 1)
+    dx, dw = layers.conv2d_backward(x, w, d, 1, 1)
     yd = np.vdot(y.astype(np.float64), d)
     assert np.vdot(x.astype(np.float64), dx) == pytest.approx(yd, rel=1e-5)
     assert np.vdot(w.astype(np.float64), dw) == pytest.approx(yd, rel=1e-5)
@@ -144,7 +144,7 @@ def test_whole_unet_same_both_ways():
     x, t, y, d = rand(rng, 3, 1, 28, 28), np.array([0, 500, 999]), np.array([2, 10, 7]), rand(rng, 3, 1, 28, 28)
     runs = []
     for reference in (False, True):
-        with kernels.use_reference(reference):
+        with fast.use_reference(reference):
             m.zero_grad()
             out = m.forward(x, t, y)
             runs.append((out, m.backward(d), {k: g.copy() for k, g in m.grads.items()}))
@@ -158,24 +158,47 @@ def test_whole_unet_same_both_ways():
 # ------------------------------------------------------------------------------------------ registry and switch
 def test_every_fast_path_names_a_reference():
     import minidiff.optim  # noqa: F401  (registers its references)
-    import minidiff.train  # noqa: F401
-    table = kernels._numpy_table()
-    assert set(table) <= set(kernels._references), set(table) - set(kernels._references)
-    assert set(kernels.FUSED) <= set(kernels._references), set(kernels.FUSED) - set(kernels._references)
+    refs = fast.references()
+    table = fast.table("numpy")
+    assert set(table) <= set(refs), set(table) - set(refs)
+    assert fast._fused <= set(refs) and {"layers.silu", "optim.adam_update", "optim.ema_update"} <= fast._fused
     if STATUS["cpu_kernel"]:
-        assert {"layers.conv2d_same", "layers.conv2d_same_backward", "layers.group_norm", "layers.group_norm_backward",
+        assert {"layers.conv2d", "layers.conv2d_backward", "layers.group_norm", "layers.group_norm_backward",
                 "layers.silu", "layers.silu_backward", "layers.linear", "layers.linear_backward"} <= set(table)
-    st = kernels.status()
+    st = fast.status()
     assert st["reference_only"] is False and st["numpy"] == sorted(table)
+
+
+def test_registry_imports_nothing_above_it():
+    """fast/ is below its clients: no module of the registry imports layers, optim, the step or the trainer."""
+    import ast
+    import minidiff
+    root = os.path.join(os.path.dirname(minidiff.__file__), "fast")
+    for name in os.listdir(root):
+        if name.endswith(".py"):
+            tree = ast.parse(open(os.path.join(root, name)).read())
+            imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+            assert imported <= {"", "cpu", "gpu", "..utils.native", "..utils.backend", "utils.native",
+                                "utils.backend"}, (name, imported)
+
+
+@needs_cpu
+def test_use_reference_for_one_key(monkeypatch):
+    calls = []
+    monkeypatch.setitem(fast._tables, "numpy", {"layers.silu": lambda x: calls.append(1) or np.zeros_like(x)})
+    x = np.ones(5, np.float32)
+    with fast.use_reference("layers.silu"):
+        assert layers.silu(x)[0] == pytest.approx(0.7310586) and calls == []
+    assert not layers.silu(x).any() and calls == [1]
 
 
 @needs_cpu
 def test_switch_runs_the_reference(monkeypatch):
     calls = []
-    monkeypatch.setitem(kernels._tables, "numpy", {"layers.silu": lambda x: calls.append(1) or np.zeros_like(x)})
+    monkeypatch.setitem(fast._tables, "numpy", {"layers.silu": lambda x: calls.append(1) or np.zeros_like(x)})
     x = np.ones(5, np.float32)
     assert not layers.silu(x).any() and calls == [1]              # the registered fast path
-    with kernels.use_reference():
+    with fast.use_reference():
         assert layers.silu(x)[0] == pytest.approx(0.7310586) and calls == [1]
     assert layers.silu.reference(x)[0] == pytest.approx(0.7310586)
 
@@ -192,11 +215,12 @@ def test_float64_and_other_kernel_sizes_run_the_reference():
     """Gradient checks run in float64: the float32 kernels decline and the reference runs (bit for bit)."""
     rng = np.random.default_rng(0)
     x, w, b = rng.standard_normal((2, 6, 6, 3)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
-    fast, ref = both(layers.conv2d_same, x, w, b)
-    assert fast.dtype == np.float64 and np.array_equal(fast, ref)
+    y, ref = both(layers.conv2d, x, w, b, 1, 1)
+    assert y.dtype == np.float64 and np.array_equal(y, ref)
     x32, w5 = x.astype(np.float32), rng.standard_normal((4, 3, 5, 5)).astype(np.float32)
-    fast, ref = both(layers.conv2d_same, x32, w5, b.astype(np.float32))     # 5x5: no native kernel
-    assert np.array_equal(fast, ref)
+    if STATUS["cpu_kernel"]:                    # 5x5: the convolution kernel declines, the reference runs
+        assert fast.table("numpy")["layers.conv2d"](x32, w5, b.astype(np.float32), 1, 2) is NotImplemented
+    assert_close(*both(layers.conv2d, x32, w5, b.astype(np.float32), 1, 2))
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -251,11 +275,11 @@ def test_kernels_are_deterministic():
     rng = np.random.default_rng(9)
     x, w, d = rand(rng, 8, 14, 14, 32), rand(rng, 48, 32, 3, 3), rand(rng, 8, 14, 14, 48)
     g, b, dy = rand(rng, 32) + 1.0, rand(rng, 32), rand(rng, 8, 14, 14, 32)
-    first = layers.conv2d_same_backward(x, w, d) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 48))
+    first = layers.conv2d_backward(x, w, d, 1, 1) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 48))
     _, mean, rstd = layers.group_norm(x, g, b, 8, 1e-5, True)
     gn = layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)
     for _ in range(3):
-        again = layers.conv2d_same_backward(x, w, d) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0],
+        again = layers.conv2d_backward(x, w, d, 1, 1) + layers.linear_backward(x.reshape(-1, 32), w[:, :, 0, 0],
                                                                              d.reshape(-1, 48))
         assert all(np.array_equal(a, b) for a, b in zip(first, again))
         assert all(np.array_equal(a, b) for a, b in zip(gn, layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)))

@@ -93,28 +93,25 @@ def test_conv2d_gradcheck(k, stride, padding):
     assert_small(gradcheck(lyr, [x], lyr.forward, lyr.backward))
 
 
-@pytest.mark.parametrize("form", ["blocked", "whole"])
-@pytest.mark.parametrize("cin,cout,k", [(3, 4, 3), (4, 3, 3), (4, 3, 5)])
-def test_shifted_conv_across_row_blocks_matches_im2col(monkeypatch, cin, cout, k, form):
-    """The shifted-matmul path in the CPU's form (cut into many small row blocks, ROWS = 7, gathering when the
-    output is wider than the input, accumulating otherwise) and in the GPU's form (all rows, gathered, one
-    product), on pad_flat's shared-padding layout (p = 1 and p = 2), gives the im2col path's output and
-    gradients, and passes the finite-difference check."""
-    import minidiff.layers as layers
-    monkeypatch.setattr(layers, "ROWS", 7)
-    monkeypatch.setitem(layers.SHIFTED_FORM, "numpy", form)
-    rng = np.random.default_rng(17)
-    a = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
-    b = Conv2d(cin, cout, k, rng, padding=k // 2, dtype=np.float64)
-    b.params = {name: v.copy() for name, v in a.params.items()}
-    b.same = False
-    assert a.same
-    x, d = rng.standard_normal((2, 5, 6, cin)), rng.standard_normal((2, 5, 6, cout))
-    np.testing.assert_allclose(a.forward(x), b.forward(x), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(a.backward(d), b.backward(d), rtol=1e-12, atol=1e-12)
-    for k in a.grads:
-        np.testing.assert_allclose(a.grads[k], b.grads[k], rtol=1e-12, atol=1e-12)
-    assert_small(gradcheck(a, [x], a.forward, a.backward))
+@pytest.mark.parametrize("k,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0)])
+def test_conv2d_is_its_definition(k, stride, padding):
+    """y[b, p, q, o] = bias[o] + sum_{i, j, c} x_pad[b, s p + i, s q + j, c] W[o, c, i, j], summed term by term
+    over a padded copy, equals layers.conv2d (im2col and one product), with a bias per image and a residual too."""
+    from minidiff.layers import conv2d
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal((2, 7, 6, 3)), rng.standard_normal((4, 3, k, k))
+    bias, shift = rng.standard_normal(4), rng.standard_normal((2, 4))
+    xpad = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    Ho, Wo = (7 + 2 * padding - k) // stride + 1, (6 + 2 * padding - k) // stride + 1
+    want = np.zeros((2, Ho, Wo, 4)) + bias
+    for i in range(k):
+        for j in range(k):
+            patch = xpad[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :]
+            want += patch @ w[:, :, i, j].T
+    np.testing.assert_allclose(conv2d(x, w, bias, stride, padding), want, rtol=1e-12, atol=1e-12)
+    residual = rng.standard_normal(want.shape)
+    np.testing.assert_allclose(conv2d(x, w, bias + shift, stride, padding, residual),
+                               want + shift[:, None, None, :] + residual, rtol=1e-12, atol=1e-12)
 
 
 def test_im2col_col2im_are_adjoint():

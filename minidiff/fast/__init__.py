@@ -1,23 +1,24 @@
-"""Fast paths for the readable reference functions: one table, one switch.
-Stage 4 of the pipeline, for speed: where the native and fused kernels of layers.py, optim.py and train.py
-are registered.
+"""Fast paths beside the readable references: one registry, one table per array kind, one switch.
 
-The math of every layer is written once, as a plain NumPy/CuPy function (layers.py, optim.py, train.py) marked
-``@kernels.reference``. That function is what people read and what the tests prove (finite differences,
-closed forms, PyTorch). For some of them a faster implementation of the same numbers exists:
-  * NumPy float32 arrays: a native C++ kernel of minidiff._core (csrc/nn_*.cpp: AVX-512, AVX2 or SSE2, picked
-    for the CPU at load time; OpenMP over the cores);
-  * CuPy arrays: the reference function itself compiled into one GPU kernel by ``cupy.fuse`` (for the chains
-    of elementwise operations), never a second, hand-copied formula.
-``_numpy_table`` and ``_cupy_table`` below are the one place where they are registered, and calls go to them
-unless the switch says otherwise:
+The math of every hot operation is written once, as a plain NumPy/CuPy function marked ``@fast.reference``
+(``layers.conv2d``, ``layers.group_norm``, ``optim.adam_update``, ``step.step``...). That function is what people
+read and what the tests prove (finite differences, closed forms, PyTorch). Faster implementations of the same
+numbers are registered for it by array kind, in one table each:
 
-    MINIDIFF_REFERENCE=1 python ...            # every call runs the readable reference
-    with kernels.use_reference(): ...          # the same, in code (tests compare both ways)
+  * NumPy arrays (fast/cpu.py): the C++ kernels of minidiff._core (csrc/), AVX-512, AVX2 or SSE2 picked for the CPU
+    when it loads, OpenMP over the cores;
+  * CuPy arrays (fast/gpu.py): the CUDA kernels of minidiff._core, and the references marked
+    ``@fast.reference(fuse=True)`` compiled into one GPU kernel each by ``cupy.fuse`` (never a hand-copied formula).
 
-A fast path may decline a call it does not cover (another dtype, say float64 for gradient checks, or another
-kernel size) by returning NotImplemented; the reference then runs. tests/test_kernels.py checks every entry
-against its reference on random inputs of several shapes.
+A call goes to the fast path for its first argument's array kind, if there is one, unless the switch says otherwise:
+
+    MINIDIFF_REFERENCE=1 python ...              # every call runs the readable reference
+    with fast.use_reference(): ...               # the same, in code
+    with fast.use_reference("step.step"): ...    # only these references
+
+A fast path may decline a call it does not cover (another dtype, such as float64 for the gradient checks, or another
+kernel size) by returning NotImplemented; the reference then runs. tests/test_kernels.py checks every entry against
+its reference. This module imports nothing of minidiff: the tables are loaded on first use, by their names.
 """
 import functools
 import os
@@ -26,20 +27,27 @@ from contextlib import contextmanager
 import numpy as np
 
 _references = {}            # "module.function" -> the reference function
-_tables = {}                # "numpy" / "cupy" -> {"module.function": fast function}, built on first use
+_fused = set()              # keys whose CuPy fast path is the reference compiled by cupy.fuse
+_tables = {}                # "numpy" / "cupy" -> {key: fast function}, built on first use
 _reference_only = os.environ.get("MINIDIFF_REFERENCE", "0") not in ("", "0")
+_reference_keys = frozenset()   # use_reference(*keys): these keys run their reference
 
 
-def reference(fn):
-    """Mark ``fn`` as the readable reference of an operation: calls run the fast path registered for the
-    arrays' module (the first argument's), if any and not switched off, else ``fn``. ``fn.reference`` is the
-    plain function."""
-    key = f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
+def reference(fn=None, *, fuse=False):
+    """Mark ``fn`` as the readable reference of an operation: calls run the fast path registered for the first
+    argument's array kind, if any and not switched off, else ``fn``. ``fuse=True`` declares that on CuPy the fast
+    path is ``fn`` itself compiled by ``cupy.fuse`` (for a chain of elementwise operations). ``fn.reference`` is the
+    plain function. Usable as ``@fast.reference`` and ``@fast.reference(fuse=True)``."""
+    if fn is None:
+        return functools.partial(reference, fuse=fuse)
+    key = f"{fn.__module__.removeprefix('minidiff.')}.{fn.__name__}"
     _references[key] = fn
+    if fuse:
+        _fused.add(key)
 
     @functools.wraps(fn)
     def dispatch(*args, **kwargs):
-        if not _reference_only:
+        if not _reference_only and key not in _reference_keys:
             fast = _fast_path(key, args[0])
             if fast is not None:
                 out = fast(*args, **kwargs)
@@ -48,124 +56,68 @@ def reference(fn):
         return fn(*args, **kwargs)
 
     dispatch.reference = fn
+    dispatch.key = key
     return dispatch
 
 
-def _array_kind(x):
-    """ "numpy" or "cupy" for a real array (a tracing proxy inside cupy.fuse gets the reference)."""
-    if type(x) is np.ndarray:
-        return "numpy"
+def array_kind(x):
+    """ "numpy" or "cupy" for a real array; None otherwise (a tracing proxy inside cupy.fuse gets the reference)."""
     t = type(x)
+    if t is np.ndarray:
+        return "numpy"
     if t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
         return "cupy"
     return None
 
 
+def table(kind):
+    """The fast paths for one array kind: {key: function} ({} when the kernels or CuPy are missing). On CuPy the
+    fused references are compiled when first called, and join the table then."""
+    if kind not in _tables:
+        if kind == "numpy":
+            from .cpu import table as make
+        else:
+            from .gpu import table as make
+        _tables[kind] = make()
+    return _tables[kind]
+
+
 def _fast_path(key, x):
-    kind = _array_kind(x)
+    kind = array_kind(x)
     if kind is None:
         return None
-    table = _tables.get(kind)
-    if table is None:
-        table = _tables[kind] = _numpy_table() if kind == "numpy" else _cupy_table()
-    return table.get(key)
+    fast = table(kind).get(key)
+    if fast is None and kind == "cupy" and key in _fused:
+        from .gpu import fuse
+        fast = _tables["cupy"][key] = fuse(key, _references[key])
+    return fast
+
+
+def references():
+    """{key: reference function} of every reference registered so far (its module imported)."""
+    return dict(_references)
 
 
 @contextmanager
-def use_reference(on=True):
-    """Within the block, every call runs the readable reference (on=True) or the fast paths (on=False)."""
-    global _reference_only
-    saved, _reference_only = _reference_only, bool(on)
+def use_reference(*keys, on=True):
+    """Within the block, every call runs its readable reference (or, given keys such as "step.step", only those
+    do); on=False turns the fast paths back on everywhere."""
+    global _reference_only, _reference_keys
+    saved = _reference_only, _reference_keys
+    if keys:
+        _reference_keys = _reference_keys | frozenset(keys) if on else frozenset()
+    else:
+        _reference_only = bool(on)
+        if not on:
+            _reference_keys = frozenset()
     try:
         yield
     finally:
-        _reference_only = saved
+        _reference_only, _reference_keys = saved
 
 
 def status():
-    """dict: whether the switch is on, and which references have a fast path for NumPy (and CuPy, if usable)."""
-    from ..utils.backend import cupy_status
-    out = dict(reference_only=_reference_only, numpy=sorted(_numpy_table()))
-    out["cupy"] = sorted(_cupy_table()) if cupy_status()[0] else []
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# NumPy: native C++ kernels (csrc/nn_module.cpp), float32 only.
-
-def _float32(*arrays):
-    return all(a is None or a.dtype == np.float32 for a in arrays)
-
-
-def _c(a):
-    return np.ascontiguousarray(a)
-
-
-def _numpy_table():
-    from ..utils import native as _native
-    core = _native.core
-    if core is None:
-        return {}
-
-    def silu(x):
-        return core.silu_forward(_c(x)) if _float32(x) else NotImplemented
-
-    def silu_backward(x, dout):
-        return core.silu_backward(_c(x), _c(dout)) if _float32(x, dout) else NotImplemented
-
-    def group_norm(x, gamma, beta, num_groups, eps, silu=False):
-        if not _float32(x, gamma, beta):
-            return NotImplemented
-        B, H, W, C = x.shape
-        y, mean, rstd = core.group_norm_forward(_c(x).reshape(B, H * W, C), gamma, beta, num_groups, eps, silu)
-        return y.reshape(x.shape), mean, rstd
-
-    def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, silu=False):
-        if not _float32(dout, x, gamma, beta, mean, rstd):
-            return NotImplemented
-        B, H, W, C = x.shape
-        dx, dgamma, dbeta = core.group_norm_backward(_c(dout).reshape(B, H * W, C), _c(x).reshape(B, H * W, C), gamma,
-                                                     beta, _c(mean), _c(rstd), num_groups, silu)
-        return dx.reshape(x.shape), dgamma, dbeta
-
-    def conv2d_same(x, weight, bias, residual=None):
-        if weight.shape[2:] != (3, 3) or not _float32(x, weight, bias, residual):
-            return NotImplemented
-        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), None if residual is None else _c(residual))
-
-    def conv2d_same_backward(x, weight, dout):
-        if weight.shape[2:] != (3, 3) or not _float32(x, weight, dout):
-            return NotImplemented
-        return core.conv3x3_backward(_c(x), _c(weight), _c(dout))
-
-    def linear(x, weight, bias):
-        if not _float32(x, weight, bias):
-            return NotImplemented
-        return core.linear_forward(_c(x), _c(weight), bias)
-
-    def linear_backward(x, weight, dout):
-        if not _float32(x, weight, dout):
-            return NotImplemented
-        return core.linear_backward(_c(x), _c(weight), _c(dout))
-
-    return {"layers.linear": linear, "layers.linear_backward": linear_backward,
-            "layers.silu": silu, "layers.silu_backward": silu_backward,
-            "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
-            "layers.conv2d_same": conv2d_same, "layers.conv2d_same_backward": conv2d_same_backward}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CuPy: elementwise chains fused into one kernel each, compiled from the reference function itself.
-
-FUSED = ("layers.silu", "layers.silu_backward", "layers.scale_shift", "layers.scale_shift_silu",
-         "layers.scale_shift_silu_backward", "layers.group_norm_combine", "layers.bias_add", "layers.bias_residual_add",
-         "optim.adam_update", "optim.ema_update", "optim.sum_of_squares", "train.squared_error_sum", "train.mse_grad")
-
-
-def _cupy_table():
-    try:
-        import cupy
-    except ImportError:
-        return {}
-    from .. import layers, optim, train  # noqa: F401  (their @reference functions register on import)
-    return {key: cupy.fuse(kernel_name=key.replace(".", "_"))(_references[key]) for key in FUSED}
+    """dict: whether the switch is on, and which references have a fast path for NumPy (and for CuPy)."""
+    from .gpu import available
+    cupy = sorted(set(table("cupy")) | (_fused if available() else set()))
+    return dict(reference_only=_reference_only, numpy=sorted(table("numpy")), cupy=cupy)

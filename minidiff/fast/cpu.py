@@ -1,0 +1,85 @@
+"""The NumPy table of fast paths: C++ kernels of minidiff._core (csrc/nn_*.cpp, csrc/step_cpu.cpp), float32 only.
+
+Each function takes the arguments of the reference named by its key and returns the same values, or NotImplemented
+for a call it does not cover (then the reference runs). The kernels pick AVX-512, AVX2 or SSE2 when the module
+loads and run on all cores (OpenMP); tests/test_kernels.py compares each with its reference.
+"""
+import numpy as np
+
+from ..utils.native import core
+
+
+def _float32(*arrays):
+    return all(a is None or (type(a) is np.ndarray and a.dtype == np.float32) for a in arrays)
+
+
+def _c(a):
+    return None if a is None else np.ascontiguousarray(a)
+
+
+def linear(x, weight, bias):
+    if not _float32(x, weight, bias):
+        return NotImplemented
+    return core.linear_forward(_c(x), _c(weight), _c(bias))
+
+
+def linear_backward(x, weight, dout):
+    if not _float32(x, weight, dout):
+        return NotImplemented
+    return core.linear_backward(_c(x), _c(weight), _c(dout))
+
+
+def silu(x):
+    return core.silu_forward(_c(x)) if _float32(x) else NotImplemented
+
+
+def silu_backward(x, dout):
+    return core.silu_backward(_c(x), _c(dout)) if _float32(x, dout) else NotImplemented
+
+
+def group_norm(x, gamma, beta, num_groups, eps, with_silu=False):
+    """The kernel keeps its statistics per channel (B, C); the reference's are per group (B, G)."""
+    if not _float32(x, gamma, beta):
+        return NotImplemented
+    B, H, W, C = x.shape
+    y, mean, rstd = core.group_norm_forward(_c(x).reshape(B, H * W, C), gamma, beta, num_groups, eps, with_silu)
+    step = C // num_groups
+    return y.reshape(x.shape), mean[:, ::step].copy(), rstd[:, ::step].copy()
+
+
+def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, with_silu=False):
+    if not _float32(dout, x, gamma, beta, mean, rstd):
+        return NotImplemented
+    B, H, W, C = x.shape
+    per_channel = lambda s: np.ascontiguousarray(np.repeat(s, C // num_groups, axis=1))  # noqa: E731 (B, G) -> (B, C)
+    dx, dgamma, dbeta = core.group_norm_backward(_c(dout).reshape(B, H * W, C), _c(x).reshape(B, H * W, C), gamma,
+                                                 beta, per_channel(mean), per_channel(rstd), num_groups, with_silu)
+    return dx.reshape(x.shape), dgamma, dbeta
+
+
+def _conv3x3(weight, stride, padding):
+    return weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
+
+
+def conv2d(x, weight, bias, stride=1, padding=0, residual=None):
+    """The 3x3 stride-1 convolution (the U-Net's), bias and residual added in the kernel's last pass; the others
+    run the reference, whose matrix product is the native linear kernel."""
+    if not _conv3x3(weight, stride, padding) or not _float32(x, weight, bias, residual):
+        return NotImplemented
+    return core.conv3x3_forward(_c(x), _c(weight), _c(bias), _c(residual))
+
+
+def conv2d_backward(x, weight, dout, stride=1, padding=0):
+    if not _conv3x3(weight, stride, padding) or not _float32(x, weight, dout):
+        return NotImplemented
+    return core.conv3x3_backward(_c(x), _c(weight), _c(dout))
+
+
+def table():
+    """{reference key: fast path}; empty without the compiled extension."""
+    if core is None:
+        return {}
+    return {"layers.linear": linear, "layers.linear_backward": linear_backward,
+            "layers.silu": silu, "layers.silu_backward": silu_backward,
+            "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
+            "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward}
