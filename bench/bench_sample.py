@@ -16,10 +16,12 @@ import time
 
 import numpy as np
 
-from minidiff.utils.backend import get_xp
+from minidiff import fast
 from minidiff.sample import sample
 from minidiff.schedule import NoiseSchedule
 from minidiff.unet import UNet, UNetConfig
+from minidiff.utils.backend import get_xp
+from minidiff.utils.checkpoint import load_model
 
 
 def timed(fn):
@@ -36,16 +38,14 @@ def main():
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--ddpm-steps", type=int, default=20, help="reverse steps actually timed for DDPM")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--reference", action="store_true", help="also time the NumPy reference step (backend='numpy')")
+    p.add_argument("--reference", action="store_true", help="also time the readable reference step (step.step)")
     a = p.parse_args()
     try:
         xp = get_xp(a.device)
     except RuntimeError as e:
         sys.exit(f"error: {e}")
     if a.checkpoint:
-        from minidiff.train import load_model
-        model, tcfg, _ = load_model(a.checkpoint, device=a.device)
-        sched = tcfg.schedule()
+        model, sched, _ = load_model(a.checkpoint, device=a.device)
     else:
         model, sched = UNet(UNetConfig(), seed=0).to(xp), NoiseSchedule()
     if a.device == "cuda":
@@ -62,15 +62,16 @@ def main():
                                                                      num_steps=a.ddim_steps // 2), 1.0),
              (f"DDPM T={T} (scaled from {a.ddpm_steps} steps)", NoiseSchedule(betas=sched.betas[:a.ddpm_steps]),
               dict(sampler="ddpm"), T / a.ddpm_steps)]
-    ways = [("fused kernel" + (", CUDA graph" if a.device == "cuda" else ""), dict(backend="native"))]
+    ways = [("fused kernel" + (", CUDA graph" if a.device == "cuda" else ""), {}, ())]
     if a.device == "cuda":
-        ways.append(("fused kernel, eager", dict(backend="native", cuda_graph=False)))
+        ways.append(("fused kernel, eager", dict(cuda_graph=False), ()))
     if a.reference:
-        ways.append(("NumPy reference step", dict(backend="numpy")))
+        ways.append(("reference step", {}, ("step.step",)))
     print("| sampler | step | batch | images/s | s per image |\n| --- | --- | --- | --- | --- |")
     for name, s, case, scale in cases:
-        for way, opts in ways:
-            dt = timed(lambda: sample(model, s, a.batch, **case, **opts, **kw)) * scale
+        for way, opts, reference in ways:
+            with fast.use_reference(*reference, on=bool(reference)):
+                dt = timed(lambda: sample(model, s, a.batch, **case, **opts, **kw)) * scale
             print(f"| {name} | {way} | {a.batch} | {a.batch / dt:.1f} | {dt / a.batch:.4f} |", flush=True)
 
 

@@ -7,8 +7,9 @@
 Rows per input size (DDPM t = 500, fixed_small, clip_sample=True):
   philox + ddpm_step         the reference: philox_normal (same noise as the kernel) then ddpm_step
   rng + ddpm_step            the array library's own generator, then ddpm_step; different noise
-  fused, 1 thread            fused_step(..., threads=1): guidance-free step + Philox noise in one pass (CPU)
-  fused, all threads         fused_step(..., threads=0) (CPU); on the GPU the CUDA kernel
+  fused, 1 thread            step.step's C++ fast path (fast/cpu.py) on one thread: the step and its Philox noise in
+                             one pass
+  fused, all threads         the same on every core (threads=0); on the GPU the CUDA kernel
 Times are medians (and the best) over --reps runs after warm-up (on the GPU each run is synchronised); speed-up
 compares medians with the first row. On a shared machine the all-threads row waits for a free core: compare the
 best times there.
@@ -20,11 +21,12 @@ import time
 
 import numpy as np
 
+from minidiff.fast import cpu as fast_cpu
+from minidiff.schedule import NoiseSchedule
+from minidiff.step import StepParams, ddpm_coefficients, ddpm_step, step
 from minidiff.utils import native as _native
 from minidiff.utils.backend import get_xp
 from minidiff.utils.philox import philox_normal
-from minidiff.schedule import NoiseSchedule
-from minidiff.step import ddpm_coefficients, ddpm_step, fused_step
 
 
 def time_ms(fn, reps, sync, warmup=3):
@@ -57,7 +59,7 @@ def main():
         sys.exit(f"error: {e}")
     sync = (lambda: None) if xp is np else xp.cuda.Device().synchronize  # noqa: E731
     sched, t, seed = NoiseSchedule(1000), 500, 0
-    coefs = ddpm_coefficients(sched, t, "fixed_small")
+    params = StepParams(ddpm_coefficients(sched, t, "fixed_small"), seed=seed, t=t)
     rng = np.random.default_rng(0)
     where = (f"cores: {os.cpu_count()}, kernel threads (threads=0): {_native.core.max_threads()}" if xp is np else
              f"GPU: {xp.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {xp.__version__}")
@@ -82,10 +84,10 @@ def main():
 
             rows = [(f"{lib} philox + ddpm_step", reference), (f"{lib} rng + ddpm_step", library_rng)]
             if xp is np:
-                rows += [("fused C++, 1 thread", lambda: fused_step(x_t, eps, coefs, seed=seed, step=t, threads=1)),
-                         ("fused C++, all threads", lambda: fused_step(x_t, eps, coefs, seed=seed, step=t, threads=0))]
+                rows += [("fused C++, 1 thread", lambda: fast_cpu.step(x_t, eps, params, threads=1)),
+                         ("fused C++, all threads", lambda: fast_cpu.step(x_t, eps, params, threads=0))]
             else:
-                rows += [("fused CUDA", lambda: fused_step(x_t, eps, coefs, seed=seed, step=t))]
+                rows += [("fused CUDA", lambda: step(x_t, eps, params))]
             base = None
             for name, fn in rows:
                 ms, best = time_ms(fn, args.reps, sync)

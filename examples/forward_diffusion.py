@@ -15,10 +15,10 @@ import sys
 
 import numpy as np
 
-from minidiff.utils.data import DataError, load_dataset, to_model_range
 from minidiff.diffusion import q_sample
-from minidiff.utils.image import save_figure
 from minidiff.schedule import NoiseSchedule
+from minidiff.utils.data import DataError, load_dataset, to_model_range
+from minidiff.utils.image import save_figure
 
 
 def forward_figure(images, out, seed=0):
@@ -45,14 +45,18 @@ def forward_figure(images, out, seed=0):
 
 def reverse_figure(checkpoint, out, n=6, seed=0):
     from minidiff.sample import sample
-    from minidiff.train import load_model
-    model, tcfg, _ = load_model(checkpoint)
-    sched = tcfg.schedule()
+    from minidiff.utils.backend import to_numpy
+    from minidiff.utils.checkpoint import load_model
+    model, sched, _ = load_model(checkpoint)
     T = sched.num_train_timesteps
     shown = [T - 1, int(T * 0.8), int(T * 0.6), int(T * 0.4), int(T * 0.3), int(T * 0.2), int(T * 0.1), int(T * 0.05), 0]
-    _, rec = sample(model, sched, n, sampler="ddpm", seed=seed, record_steps=set(shown) | {-1})
-    cols = [rec[t] for t in shown] + [rec[-1]]
-    rows = np.stack(cols, axis=1)                            # (n, columns, 1, 28, 28)
+    seen = {}
+
+    def keep(t, x):                                          # the network's input x_t before the step at t
+        if t in shown:
+            seen[t] = to_numpy(x).copy()
+    x0 = sample(model, sched, n, sampler="ddpm", seed=seed, callback=keep)
+    rows = np.stack([seen[t] for t in shown] + [x0], axis=1)  # (n, columns, 1, 28, 28)
     return save_figure(rows, out, col_labels=[f"t={t + 1}" for t in shown] + ["x0"])
 
 

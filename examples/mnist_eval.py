@@ -31,15 +31,14 @@ import time
 
 import numpy as np
 
-from minidiff.utils.checkpoint import CheckpointError
-from minidiff.evaluation.classifier import load_classifier, predict
-from minidiff.utils.data import DataError, load_dataset, to_model_range
-from minidiff.evaluation.evaluate import TARGET, bound, calibration_sets, frechet_floor, sample_quality, target_misses
-from minidiff.utils.image import save_figure, save_grid, save_line_plot
 from minidiff.conditioning.prompts import class_prompts
-from minidiff.sample import sample
 from minidiff.conditioning.text import encode_prompts
-from minidiff.train import load_model, load_tokenizer
+from minidiff.evaluation.classifier import load_classifier, predict
+from minidiff.evaluation.evaluate import TARGET, bound, calibration_sets, frechet_floor, sample_quality, target_misses
+from minidiff.sample import sample
+from minidiff.utils.checkpoint import CheckpointError, load_model
+from minidiff.utils.data import DataError, load_dataset, to_model_range
+from minidiff.utils.image import save_figure, save_grid, save_line_plot
 
 
 def parse_sampler(name):
@@ -58,11 +57,11 @@ def conditions(model, meta, split, n):
     """(labels (n,), model inputs y) for a conditional model: digits 0..9 in turn, and for text models the
     templates of the prompt split in turn."""
     labels = np.arange(n) % 10
-    if model.config.num_classes:
+    if model.cond.num_classes:
         return labels, labels
     prompts = class_prompts(meta["config"]["train"]["dataset"], split)
     texts = [prompts[c][(i // 10) % len(prompts[c])] for i, c in enumerate(labels)]
-    return labels, encode_prompts(load_tokenizer(meta), texts, model.config.text_len)
+    return labels, encode_prompts(model.tokenizer, texts, model.cond.text_len)
 
 
 def main(argv=None):
@@ -132,9 +131,8 @@ def main(argv=None):
                                  f" images in [-1, 1]")
             judge(images, None if a.labels is None else np.load(a.labels), dict(source=a.source))
         else:
-            model, tcfg, meta = load_model(a.source, a.weights)
+            model, schedule, meta = load_model(a.source, a.weights)
             guide = None if a.autoguidance is None else load_model(a.source, "guide")[0]
-            schedule = tcfg.schedule()
             if a.bpd_exact or a.bpd_mc:
                 t0 = time.perf_counter()
                 b = bound(model, schedule, x_test, a.bpd_exact, a.bpd_mc, seed=a.seed, batch_size=a.batch_size)
@@ -144,10 +142,11 @@ def main(argv=None):
                                          f"mean of {b['exact_images']} test images")
                 b["seconds"] = time.perf_counter() - t0
                 results["bound"] = b
-            conditional = bool(model.config.num_classes or model.config.text_cond)
+            cond = getattr(model, "cond", None)
+            conditional = cond is not None
             for name in a.samplers.split(","):
                 sampler, steps = parse_sampler(name)
-                for split in (a.prompts.split(",") if model.config.text_cond else ["-"]):
+                for split in (a.prompts.split(",") if conditional and cond.text_cond else ["-"]):
                     weights = ([float(g) for g in a.autoguidance.split(",")] if guide is not None else
                                [float(g) for g in a.guidance.split(",")] if conditional else [None])
                     for w in weights:

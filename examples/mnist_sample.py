@@ -18,12 +18,11 @@ import time
 
 import numpy as np
 
-from minidiff.utils.backend import get_xp
-from minidiff.utils.checkpoint import CheckpointError
-from minidiff.utils.image import save_grid
-from minidiff.sample import sample
 from minidiff.conditioning.text import encode_prompts
-from minidiff.train import load_model, load_tokenizer
+from minidiff.sample import sample
+from minidiff.utils.backend import get_xp
+from minidiff.utils.checkpoint import CheckpointError, load_model
+from minidiff.utils.image import save_grid
 
 
 def main(argv=None):
@@ -48,36 +47,38 @@ def main(argv=None):
     p.add_argument("--autoguidance", type=float, default=None,
                    help="guide by the checkpoint's early EMA weights with this weight w (autoguidance; replaces "
                         "classifier-free guidance)")
-    p.add_argument("--backend", choices=["auto", "native", "numpy"], default="auto",
-                   help="fused C++/CUDA step kernel, or the readable NumPy reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    if a.num_images is not None and a.num_images < 1:
+        p.error(f"-n/--num-images must be at least 1, got {a.num_images}")
     try:
-        model, tcfg, meta = load_model(a.checkpoint, a.weights, a.device)
+        model, schedule, meta = load_model(a.checkpoint, a.weights, a.device)
         guide = None if a.autoguidance is None else load_model(a.checkpoint, "guide", a.device)[0]
         y, nrow = None, None
         if a.prompt:
-            if not model.config.text_cond:
+            if getattr(model, "tokenizer", None) is None:
                 raise ValueError("--prompt needs a text-conditional checkpoint (trained with --text add|concat)")
-            per = a.num_images or 8
-            ids = encode_prompts(load_tokenizer(meta, a.checkpoint), a.prompt, model.config.text_len)
+            per = 8 if a.num_images is None else a.num_images
+            ids = encode_prompts(model.tokenizer, a.prompt, model.cond.text_len)
             y, a.num_images, nrow = np.repeat(ids, per, axis=0), per * len(a.prompt), per
-        a.num_images = a.num_images or 64
+        a.num_images = 64 if a.num_images is None else a.num_images
         if a.class_label is not None:
-            if not model.config.num_classes:
+            num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
+            if not num_classes:
                 raise ValueError("--class-label needs a class-conditional checkpoint (trained with --class-conditional)")
-            if not 0 <= a.class_label < model.config.num_classes:
-                raise ValueError(f"--class-label must be in [0, {model.config.num_classes})")
+            if not 0 <= a.class_label < num_classes:
+                raise ValueError(f"--class-label must be in [0, {num_classes})")
             y = np.full(a.num_images, a.class_label)
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)),
                                     f"samples_{a.sampler}{'' if a.sampler == 'ddpm' else a.steps}"
                                     f"{'' if guide is None else f'_ag{a.autoguidance:g}'}_seed{a.seed}.png")
         t0 = time.perf_counter()
-        imgs = sample(model, tcfg.schedule(), a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
+        imgs = sample(model, schedule, a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
                       variance_type=a.variance, clip_sample=not a.no_clip, seed=a.seed, batch_size=a.batch_size,
-                      y=y, guidance=a.guidance if guide is None else a.autoguidance, backend=a.backend,
-                      timestep_spacing=a.spacing, xp=get_xp(a.device), guide=guide)
+                      y=y, guidance=a.guidance if guide is None else a.autoguidance, timestep_spacing=a.spacing,
+                      xp=get_xp(a.device), guide=guide, progress=not a.no_progress)
         dt = time.perf_counter() - t0
     except (CheckpointError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")

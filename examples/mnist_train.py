@@ -19,13 +19,15 @@ import time
 
 import numpy as np
 
-from minidiff.utils.image import save_grid
 from minidiff.conditioning.prompts import build_tokenizer, prompt_table
+from minidiff.conditioning.unet import ConditionConfig, build_unet
 from minidiff.sample import sample
-from minidiff.train import TrainConfig, TrainingError, load_model, train
-from minidiff.utils.checkpoint import CheckpointError
-from minidiff.utils.data import DataError
+from minidiff.train import TrainConfig, TrainingError, train
 from minidiff.unet import UNetConfig
+from minidiff.utils.backend import get_xp
+from minidiff.utils.checkpoint import CheckpointError, load_model
+from minidiff.utils.data import DataError
+from minidiff.utils.image import save_grid
 
 # "cpu": the main job, sized so that 2 CPU cores train and draw the grid within 30 minutes (docs/training.md has
 #        the measured run and the recipes compared): the U-Net at C = 24 with one ResBlock per level (627k
@@ -100,43 +102,49 @@ def main(argv=None):
         tcfg.steps = max(1, round(a.epochs * 60000 / tcfg.batch_size))
     if a.channels is not None:
         mcfg.base_channels = a.channels
+    cond = None
     if a.class_conditional:
-        mcfg.num_classes = 10
+        cond = ConditionConfig(num_classes=10)
     if a.text:
-        mcfg.text_cond, mcfg.vocab_size = a.text, len(build_tokenizer(a.dataset))
+        cond = ConditionConfig(text_cond=a.text, prompt_set=a.dataset, vocab_size=len(build_tokenizer(a.dataset)))
+    if a.final_images < 1:
+        p.error(f"--final-images must be at least 1, got {a.final_images}")
 
-    print(f"model: {mcfg}\n       {count_parameters(mcfg):,} parameters\ntraining: {tcfg}")
     try:
+        model = build_unet(mcfg, cond, seed=tcfg.seed)
+        print(f"model: {mcfg}\n       {cond or 'unconditional'}\n       {model.num_parameters():,} parameters\n"
+              f"training: {tcfg}")
         t0 = time.perf_counter()
-        _, _, step = train(tcfg, mcfg, resume=a.resume, progress=not a.no_progress)
+        _, _, step = train(tcfg, model, resume=a.resume, progress=not a.no_progress)
         elapsed = time.perf_counter() - t0
         print(f"trained to step {step} in {elapsed:.0f} s")
         out_of_time = tcfg.max_minutes and elapsed >= 60 * tcfg.max_minutes     # stopped by the budget: draw anyway
         if a.final_sampler != "none" and (step >= tcfg.steps or out_of_time):
-            from minidiff.utils.backend import get_xp
-            t0 = time.perf_counter()
-            labels = np.arange(a.final_images) % 10                    # conditional models: digits 0..9 per row
-            y = (labels if mcfg.num_classes else None if not mcfg.text_cond else
-                 prompt_table(build_tokenizer(a.dataset), a.dataset, "train", mcfg.text_len)[labels, 0])
-            ckpt = os.path.join(tcfg.out_dir, "checkpoint.npz")
-            model, _, _ = load_model(ckpt, "ema", a.device)
-            # unconditional models: autoguidance by the run's early EMA weights; conditional: classifier-free, w = 3
-            guide = (load_model(ckpt, "guide", a.device)[0] if y is None and tcfg.guide_step
-                     and step >= tcfg.guide_step else None)
-            w = 3.0 if y is not None else a.autoguidance if guide is not None else 1.0
-            imgs = sample(model, tcfg.schedule(), a.final_images, sampler=a.final_sampler,
-                          num_steps={"ddpm": None, "ddim": 100, "dpmsolver++": 20}[a.final_sampler], seed=a.seed,
-                          y=y, guidance=w, guide=guide, xp=get_xp(a.device))
-            path = save_grid(imgs, os.path.join(tcfg.out_dir, f"final_{a.final_sampler}.png"),
-                             nrow=10 if y is not None else 6)
-            print(f"wrote {path} ({time.perf_counter() - t0:.0f} s of sampling)")
+            final_grid(a, tcfg, step)
     except (DataError, CheckpointError, TrainingError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 
-def count_parameters(mcfg):
-    from minidiff.unet import UNet
-    return UNet(mcfg, seed=0).num_parameters()
+def final_grid(a, tcfg, step):
+    """The run's final grid from the checkpoint just written: its EMA weights, and for unconditional models
+    autoguidance by the run's early EMA weights; conditional models: classifier-free guidance, w = 3, one digit per
+    column."""
+    t0 = time.perf_counter()
+    ckpt = os.path.join(tcfg.out_dir, "checkpoint.npz")
+    model, schedule, _ = load_model(ckpt, "ema", a.device)
+    labels = np.arange(a.final_images) % 10
+    cond = getattr(model, "cond", None)
+    y = (None if cond is None else labels if cond.num_classes else
+         prompt_table(model.tokenizer, cond.prompt_set, "train", cond.text_len)[labels, 0])
+    guide = (load_model(ckpt, "guide", a.device)[0] if y is None and tcfg.guide_step and step >= tcfg.guide_step
+             else None)
+    w = 3.0 if y is not None else a.autoguidance if guide is not None else 1.0
+    imgs = sample(model, schedule, a.final_images, sampler=a.final_sampler,
+                  num_steps={"ddpm": None, "ddim": 100, "dpmsolver++": 20}[a.final_sampler], seed=a.seed,
+                  y=y, guidance=w, guide=guide, xp=get_xp(a.device), progress=not a.no_progress)
+    path = save_grid(imgs, os.path.join(tcfg.out_dir, f"final_{a.final_sampler}.png"),
+                     nrow=10 if y is not None else 6)
+    print(f"wrote {path} ({time.perf_counter() - t0:.0f} s of sampling)")
 
 
 if __name__ == "__main__":

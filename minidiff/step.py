@@ -1,5 +1,5 @@
-"""One reverse-process step x_t -> x_{t-1}: the readable reference and the fused native kernel.
-Stage 6 of the pipeline, inside sample.py: the arithmetic of one step.
+"""One reverse-process step x_t -> x_{t-1}, for every sampler, as one formula.
+Step 3 of the reading order: the arithmetic of sampling (sample.py runs it in a loop).
 
 DDPM (Ho et al. 2020) ancestral sampling, DDIM (Song et al. 2021) and DPM-Solver++(2M) (Lu et al. 2022), all from
 a noise prediction eps_theta(x_t, t), optionally with classifier-free guidance (Ho & Salimans 2022). Article
@@ -16,33 +16,31 @@ DPM-Solver++ (its paper's notation; t_prev is the step's target, t_last the time
     h          lambda_{t_prev} - lambda_t > 0     h_last = lambda_t - lambda_{t_last},  r = h_last / h
     x0_prev    the x_0 predicted by the previous step (from x_{t_last}); Algorithm 2's buffer Q
 
-`ddpm_step` / `ddim_step` / `dpmpp_2m_step` are the reference, equation by equation, for NumPy and CuPy arrays
-alike. `fused_step` does the same arithmetic in one pass (csrc/step_math.h): guidance, x_0 prediction,
-clipping, the posterior combination and the Philox noise, with the scalars from `ddpm_coefficients`,
-`ddim_coefficients` or `dpmpp_2m_coefficients`. Every step can be written as
-    x_{t-1} = c_x0 * x0 + c_x0prev * x0_prev + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps,
-where, with clipping and guidance w > 1, eps is re-derived from the clipped x0: eps = (a * x_t - x0) / b
-(only DDIM uses eps; c_eps = 0 for DDPM and DPM-Solver++, which works on x0 alone; only DPM-Solver++ uses x0_prev).
+The file reads in three parts:
+  1. ``ddpm_step`` / ``ddim_step`` / ``dpmpp_2m_step``: each sampler's step in its paper's form, equation by equation;
+  2. ``ddpm_coefficients`` / ``ddim_coefficients`` / ``dpmpp_2m_coefficients`` and ``sampler_steps``: the scalars
+     that turn every one of them into the same formula
+        x_{t-1} = c_x0 * x0 + c_x0prev * x0_prev + c_xt * x_t + c_eps * eps + sigma * z,   x0 = a * x_t - b * eps,
+     where, with clipping and guidance w > 1, eps is re-derived from the clipped x0: eps = (a * x_t - x0) / b
+     (only DDIM uses eps; c_eps = 0 for DDPM and DPM-Solver++, which works on x0 alone; only DPM-Solver++ uses
+     x0_prev). tests/test_step.py checks that each sampler's coefficients give its paper-form step;
+  3. ``step``: that formula, the one step the sampling loop calls. It is a reference with fast paths (minidiff/
+     fast/: one fused C++ or CUDA pass that also draws the noise); tests/test_native.py checks them against it.
 """
 import math
 from collections import namedtuple
 
 import numpy as np
 
-from .utils import native as _native
+from . import fast
 from .utils.backend import array_module
-from .utils.philox import _check_u64
+from .utils.philox import philox_normal
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 StepCoefficients = namedtuple("StepCoefficients", "a b c_x0 c_xt c_eps sigma c_x0prev", defaults=(0.0,))
 StepCoefficients.__doc__ = """Scalars of one step (python floats): x0 = a x_t - b eps,
 x_{t-1} = c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z (c_x0prev: DPM-Solver++(2M) only, default 0)."""
-
-
-class NativeUnavailableError(RuntimeError, ValueError):
-    """The native kernel needed for these arrays was not built (the message says how to build it). A ValueError
-    too, so callers that validate inputs (a CuPy array without the CUDA kernel is a bad input) catch it."""
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -92,7 +90,7 @@ def _noise(z, sigma, x_t):
     return sigma * z
 
 
-# --------------------------------------------------------------------------- the reference
+# --------------------------------------------------------------------------- 1. each sampler's step
 def ddpm_step(schedule, x_t, eps, t, z, variance_type="fixed_small", clip_sample=True, eps_uncond=None,
               guidance=1.0, return_x0=False):
     """DDPM ancestral step: sample x_{t-1} ~ p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I).
@@ -250,7 +248,7 @@ def dpmpp_2m_step(schedule, x_t, eps, t, t_prev, x0_prev=None, t_last=None, clip
     return (x_prev, x0) if return_x0 else x_prev
 
 
-# --------------------------------------------------------------------------- coefficients for the kernel
+# --------------------------------------------------------------------------- 2. the coefficients of one formula
 def ddpm_coefficients(schedule, t, variance_type="fixed_small"):
     """The scalars of ddpm_step at t as a StepCoefficients of python floats."""
     t = _check_t(schedule, t)
@@ -297,129 +295,93 @@ def dpmpp_2m_coefficients(schedule, t, t_prev, t_last=None):
     return StepCoefficients(a=a, b=b, c_x0=c_x0, c_xt=sigma_prev / sigma_t, c_eps=0.0, sigma=0.0, c_x0prev=c_x0prev)
 
 
-# --------------------------------------------------------------------------- the fused kernel
-def _check_array(x, name, ref, xp):
-    if not all(hasattr(x, attr) for attr in ("dtype", "shape", "flags")):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
-    if array_module(x) is not xp:
-        raise ValueError(f"{name} is a {array_module(x).__name__} array but x_t is a {xp.__name__} array; "
-                         f"keep every array on the same device")
-    if x.dtype != np.float32:
-        raise TypeError(f"{name} must be float32 (the kernel's type), got {x.dtype}")
-    if x.shape != ref.shape:
-        raise ValueError(f"{name} has shape {x.shape}, x_t has shape {ref.shape}")
-    if not x.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use xp.ascontiguousarray)")
-    if xp is not np and x.device.id != ref.device.id:
-        raise ValueError(f"{name} is on GPU {x.device.id} but x_t is on GPU {ref.device.id}")
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+SPACINGS = ("linspace", "logsnr")
 
 
-def fused_step(x_t, eps, coefs, *, seed=None, step=None, clip_sample=True, eps_uncond=None, guidance=1.0, z=None,
-               x0_prev=None, out=None, x0_out=None, threads=0):
-    """x_{t-1} in one pass: guidance, x0 = a x_t - b eps (clipped; then, if w > 1, eps = (a x_t - x0) / b),
-    c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z.
-
-    NumPy arrays run the C++ kernel (OpenMP, `threads` = 0: all cores), CuPy arrays the CUDA kernel on
-    the current stream of their device (not synchronised). All arrays: float32, C-contiguous, same shape
-    and device. coefs: a StepCoefficients (ddpm_coefficients / ddim_coefficients / dpmpp_2m_coefficients).
-    The noise z is drawn from Philox with (seed, step), equal to philox.philox_normal(seed, step, x_t.size),
-    unless z is given (or sigma = 0). x0_prev: the previous step's x0 (DPM-Solver++(2M); needed when
-    c_x0prev != 0). out (may be x_t itself) and x0_out are optional outputs. Returns x_{t-1}, or
-    (x_{t-1}, x0_out) when x0_out is given.
-    """
-    xp = array_module(x_t)
-    coefs = StepCoefficients(*coefs)
-    arrays = dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, z=z, x0_prev=x0_prev, out=out, x0_out=x0_out)
-    for name, a in arrays.items():
-        if a is not None:
-            _check_array(a, name, x_t, xp)
-    if z is None and coefs.sigma != 0.0:
-        if seed is None or step is None:
-            raise ValueError("seed and step are required to draw the noise (or pass z)")
-    if x0_prev is None and coefs.c_x0prev != 0.0:
-        raise ValueError(f"x0_prev (the previous step's x_0 prediction) is required: c_x0prev = {coefs.c_x0prev:g}")
-    seed = _check_u64(0 if seed is None else seed, "seed")
-    step = _check_u64(0 if step is None else step, "step")
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
-        raise ValueError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
-    if out is None:
-        out = xp.empty_like(x_t)
-    scalars = dict(a=coefs.a, b=coefs.b, c_x0=coefs.c_x0, c_x0prev=coefs.c_x0prev, c_xt=coefs.c_xt, c_eps=coefs.c_eps,
-                   sigma=coefs.sigma, guidance=float(guidance), clip=bool(clip_sample), seed=seed, step=step)
-
-    status = _native.native_status()
-    if xp is np:
-        if not status["cpu_kernel"]:
-            raise NativeUnavailableError(f"fused_step needs the C++ kernel: {status['reason']}")
-        _native.core.step_cpu(x_t, eps, eps_uncond, z, x0_prev, out, x0_out, threads=int(threads), **scalars)
-    else:
-        if not status["cuda_kernel"]:
-            raise NativeUnavailableError(f"fused_step got CuPy arrays but the CUDA kernel is unavailable: "
-                                         f"{status['reason']}")
-        ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731 (0 = absent)
-        with x_t.device:
-            _native.core.step_cuda(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(z), ptr(x0_prev), ptr(out), ptr(x0_out),
-                                   x_t.size, stream=xp.cuda.get_current_stream().ptr, **scalars)
-    return (out, x0_out) if x0_out is not None else out
+def timesteps(num_train_timesteps, num_steps, spacing="linspace", schedule=None):
+    """S timestep indices over [0, T-1], descending, from T-1 (the pure-noise end) to 0. "linspace": evenly spaced
+    in t (DDIM's choice). "logsnr": evenly spaced in lambda_t = log(sqrt(ab_t) / sqrt(1 - ab_t)) (needs
+    ``schedule``), each rounded to the nearest timestep: the spacing DPM-Solver recommends for low-resolution
+    images, where a high-order solver's steps are most even. (Rounding can merge neighbours: then fewer than S.)"""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if spacing == "linspace":
+        return np.unique(np.linspace(0, num_train_timesteps - 1, num_steps).round().astype(np.int64))[::-1]
+    if spacing != "logsnr":
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    ab = schedule.alphas_cumprod
+    lam = 0.5 * np.log(ab / (1.0 - ab))                                        # decreasing in t
+    targets = np.linspace(lam[-1], lam[0], num_steps)
+    t = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)                 # nearest timestep to each target
+    return np.unique(t.astype(np.int64))[::-1]
 
 
-# One step's scalars as csrc/step_math.h's StepParams record lays them out (tests/test_native.py checks the offsets
-# against the compiled struct): what a CUDA graph of a sampling step reads when it is replayed.
-STEP_PARAMS = np.dtype({"names": ["a", "b", "c_x0", "c_x0prev", "c_xt", "c_eps", "sigma", "guidance", "clip",
-                                  "has_uncond", "seed", "step"],
-                        "formats": ["<f4"] * 8 + ["<i4", "<i4", "<u8", "<u8"],
-                        "offsets": [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 48], "itemsize": 56})
+def sampler_steps(schedule, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
+                  spacing="linspace"):
+    """[(t, StepCoefficients)] of every step of a sampler, from the pure-noise end down: the one place where the
+    samplers differ. "ddpm": all T timesteps; "ddim" (stochasticity eta) and "dpmsolver++" (deterministic, eta 0):
+    ``num_steps`` (default 50) of ``timesteps``. Step i goes from t_i to t_{i+1} (the last one to -1, the image)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampler == "dpmsolver++" and eta != 0:
+        raise ValueError(f"eta = {eta!r}: DPM-Solver++(2M) solves the deterministic ODE (eta = 0); "
+                         f"for stochastic sampling use sampler='ddim' with eta > 0 or 'ddpm'")
+    T = schedule.num_train_timesteps
+    ts = (np.arange(T - 1, -1, -1) if sampler == "ddpm" else
+          timesteps(T, 50 if num_steps is None else num_steps, spacing, schedule))
+    plan, t_last = [], None
+    for i, t in enumerate(ts):
+        t, t_prev = int(t), int(ts[i + 1]) if i + 1 < len(ts) else -1
+        if sampler == "ddpm":
+            coefs = ddpm_coefficients(schedule, t, variance_type)
+        elif sampler == "ddim":
+            coefs = ddim_coefficients(schedule, t, t_prev, eta)
+        else:
+            coefs, t_last = dpmpp_2m_coefficients(schedule, t, t_prev, t_last), t
+        plan.append((t, coefs))
+    return plan
 
 
-def step_params(coefs, *, seed=0, step=0, clip_sample=True, guidance=1.0):
-    """A STEP_PARAMS record (a NumPy array of shape ()) of the scalars fused_step would take."""
-    coefs = StepCoefficients(*coefs)
-    rec = np.zeros((), STEP_PARAMS)
-    for name in StepCoefficients._fields:
-        rec[name] = getattr(coefs, name)
-    rec["guidance"], rec["clip"] = float(guidance), int(bool(clip_sample))
-    rec["seed"], rec["step"] = _check_u64(seed, "seed"), _check_u64(step, "step")
-    return rec
+# --------------------------------------------------------------------------- 3. the step
+StepParams = namedtuple("StepParams", "coefs guidance clip_sample seed t", defaults=(1.0, True, 0, 0))
+StepParams.__doc__ = """Everything one step needs besides the arrays: its StepCoefficients, the guidance weight w, whether
+x0 is clipped to [-1, 1], and the noise's Philox key (seed) and counter (t): z = philox_normal(seed, t, x_t.size)."""
 
 
-def fused_step_params(x_t, eps, params, *, eps_uncond=None, x0_prev=None, out=None, x0_out=None):
-    """fused_step on CuPy arrays with its scalars read from ``params`` (a CuPy uint8 array holding one STEP_PARAMS
-    record: step_params(...).view(np.uint8), copied to the device) when the kernel runs, not when it is launched:
-    a CUDA graph captured once replays it for every timestep with the record rewritten in between. The noise is
-    drawn (sigma != 0); x0_prev must be given when its coefficient is not 0 (not checked: the record is on the
-    device)."""
-    xp = array_module(x_t)
-    if xp is np:
-        raise ValueError("fused_step_params is for CuPy arrays (NumPy: use fused_step)")
-    for name, a in dict(x_t=x_t, eps=eps, eps_uncond=eps_uncond, x0_prev=x0_prev, out=out, x0_out=x0_out).items():
-        if a is not None:
-            _check_array(a, name, x_t, xp)
-    if params.dtype != np.uint8 or params.size != STEP_PARAMS.itemsize or array_module(params) is not xp:
-        raise ValueError(f"params must be a device uint8 array of {STEP_PARAMS.itemsize} bytes (one STEP_PARAMS record)")
-    status = _native.native_status()
-    if not status["cuda_kernel"]:
-        raise NativeUnavailableError(f"fused_step_params needs the CUDA kernel: {status['reason']}")
-    out = xp.empty_like(x_t) if out is None else out
-    ptr = lambda a: 0 if a is None else a.data.ptr  # noqa: E731 (0 = absent)
-    with x_t.device:
-        _native.core.step_cuda_params(ptr(x_t), ptr(eps), ptr(eps_uncond), ptr(x0_prev), ptr(out), ptr(x0_out),
-                                      x_t.size, params.data.ptr, xp.cuda.get_current_stream().ptr)
-    return out
+@fast.reference
+def step(x_t, eps, params, eps_uncond=None, x0_prev=None, out=None, x0_out=None):
+    """x_{t-1} and this step's x0 prediction from x_t and eps_theta(x_t, t) (with guidance: eps_cond, and
+    eps_uncond, the unconditional model's or the guide's), for any sampler (params: a StepParams; x0_prev: the
+    previous step's x0, DPM-Solver++(2M)). Writes into ``out`` (may be x_t) and ``x0_out`` (may be x0_prev) when
+    given. Returns (x_{t-1}, x0)."""
+    c = StepCoefficients(*params.coefs)
+    for name, a in dict(eps=eps, eps_uncond=eps_uncond, x0_prev=x0_prev).items():
+        if a is not None and a.shape != x_t.shape:
+            raise ValueError(f"{name} has shape {a.shape}, x_t has shape {x_t.shape}")
+    if x0_prev is None and c.c_x0prev != 0.0:
+        raise ValueError(f"x0_prev (the previous step's x_0 prediction) is required: c_x0prev = {c.c_x0prev:g}")
+    eps = _guided_eps(eps, eps_uncond, params.guidance)
 
+    # 1. predicted x_0 = a x_t - b eps (DDPM eq. 15, DDIM eq. 12), clipped; guided (w > 1): eps from the clipped x_0
+    x0 = c.a * x_t - c.b * eps
+    if params.clip_sample:
+        x0 = x0.clip(-1.0, 1.0)
+        if eps_uncond is not None and np.float32(params.guidance) > 1.0:
+            eps = (c.a * x_t - x0) / c.b
 
-def native_normal(seed, step, n, xp=np, threads=0):
-    """philox.philox_normal(seed, step, n) from the native generator: C++ for xp = numpy, CUDA for cupy
-    (on the current device and stream, not synchronised)."""
-    seed, step = _check_u64(seed, "seed"), _check_u64(step, "step")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-        raise ValueError(f"n must be an integer >= 0, got {n!r}")
-    status = _native.native_status()
-    if xp is np:
-        if not status["cpu_kernel"]:
-            raise NativeUnavailableError(f"native_normal needs the C++ kernel: {status['reason']}")
-        return _native.core.normal_cpu(seed, step, int(n), int(threads))
-    if not status["cuda_kernel"]:
-        raise NativeUnavailableError(f"native_normal on CuPy needs the CUDA kernel: {status['reason']}")
-    out = xp.empty(int(n), dtype=xp.float32)
-    _native.core.normal_cuda(out.data.ptr, int(n), seed, step, xp.cuda.get_current_stream().ptr)
-    return out
+    # 2. x_{t-1} = c_x0 x0 + c_x0prev x0_prev + c_xt x_t + c_eps eps + sigma z
+    x_prev = c.c_x0 * x0 + c.c_xt * x_t + c.c_eps * eps
+    if c.c_x0prev != 0.0:
+        x_prev = x_prev + c.c_x0prev * x0_prev
+    if c.sigma != 0.0:
+        z = philox_normal(params.seed, params.t, x_t.size, xp=array_module(x_t)).reshape(x_t.shape)
+        z = z.astype(x_t.dtype, copy=False)
+        x_prev = x_prev + c.sigma * z
+    if out is not None:
+        out[...] = x_prev
+        x_prev = out
+    if x0_out is not None:
+        x0_out[...] = x0
+        x0 = x0_out
+    return x_prev, x0

@@ -1,14 +1,10 @@
-"""The noise-prediction network eps_theta(x_t, t[, y]): the DDPM U-Net scaled to 28x28.
-Stage 4 of the pipeline: the network eps_theta that train.py fits and sample.py calls at every step.
+"""The noise-prediction network eps_theta(x_t, t): the DDPM U-Net.
+Step 5 of the reading order (its parts are layers.py); train_step.py fits it, sample.py calls it at every step.
 
-Architecture (Ho et al. 2020, appendix B and their code; the same as diffusers' UNet2DModel with
-DDPM blocks), all of it described by ``UNetConfig``:
-  time embedding  sinusoidal(t) of dim C -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)  (+ class embedding)
-  text (optional) token ids -> TextEncoder (text.py) -> vector c, then either
-                  "add":    temb += Linear(c)                       (the usual way: like the class embedding), or
-                  "concat": x_t <- concat(x_t, broadcast(Linear(c)))  (the article's section 3.3, literally:
-                            the text vector joins x_t as extra input channels at every pixel)
-  conv_in         3x3, in_channels (+ text_channels with "concat") -> C
+Architecture (Ho et al. 2020, appendix B and their code; the same as diffusers' UNet2DModel with DDPM blocks), all
+of it described by ``UNetConfig``:
+  time embedding  sinusoidal(t) of dim C -> Linear(C, 4C) -> SiLU -> Linear(4C, 4C)
+  conv_in         3x3, in_channels -> C
   down            per level (resolutions 28, 14, 7 with ch_mult (1, 2, 2)): num_res_blocks ResBlocks
                   (+ self-attention at attn_resolutions), then a 3x3 stride-2 conv except at the last level
   mid             ResBlock, self-attention, ResBlock
@@ -22,6 +18,9 @@ Init as in the DDPM code: the last conv of each ResBlock, each attention output 
 conv start at zero, so the network starts as (almost) the identity on each residual path; everything
 else uses PyTorch's fan-in uniform init. C = 32 gives 1,623,169 parameters.
 
+Conditioning on class labels or text lives apart (minidiff/conditioning/: ConditionalUNet subclasses this one, as
+GLIDE's Text2ImUNet does): a conditioner adds an offset to the time embedding (``forward(..., emb=...)``) or joins
+extra channels to x_t (``extra_in_channels``).
 Public layout is NCHW; inside, activations are NHWC (see layers.py). ``backward`` mirrors ``forward``
 in reverse, one call per line.
 """
@@ -30,12 +29,10 @@ import json
 
 import numpy as np
 
+from .layers import (AttnBlock, Concat, Conv2d, Dropout, GroupNormSiLU, Layer, Linear, Model, SiLU, Upsample2x,
+                     timestep_embedding)
 from .utils.backend import array_module
-from .layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNormSiLU, Layer, Linear, Model, SiLU,
-                     Upsample2x, timestep_embedding)
-from .conditioning.text import TextEncoder, Tokenizer
 
-TEXT_CONDITIONING = (None, "add", "concat")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 NUM_GROUPS = 8  # GroupNorm groups everywhere, as in the DDPM code (which uses 32 with C = 128)
@@ -50,15 +47,6 @@ class UNetConfig:
     num_res_blocks: int = 2              # ResBlocks per level on the way down (num_res_blocks + 1 up)
     attn_resolutions: tuple = (7,)       # self-attention after each ResBlock at these resolutions
     dropout: float = 0.0                 # dropout before the second conv of each ResBlock (training only)
-    num_classes: int = None              # class-conditional when set: table of num_classes + 1 rows,
-                                         # the last row being the "no condition" token for guidance
-    text_cond: str = None                # prompt-conditional when set: "add" (to temb) or "concat" (article 3.3)
-    vocab_size: int = None               # text models: tokenizer size (specials included)
-    text_len: int = 16                   # text models: token positions (CLS + up to 15 tokens)
-    text_dim: int = 64                   # text models: width of the transformer encoder and of its pooled vector
-    text_layers: int = 2
-    text_heads: int = 4
-    text_channels: int = 8               # "concat": extra input channels the text vector is projected to
     prediction_type: str = "epsilon"     # what the network outputs: "epsilon" (eps_theta, DDPM) or "v_prediction"
                                          # (v = sqrt(ab) eps - sqrt(1 - ab) x_0; diffusion.eps_from_velocity)
 
@@ -73,16 +61,8 @@ class UNetConfig:
                              f"{2 ** (len(self.ch_mult) - 1)} for ch_mult {self.ch_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
-        if self.text_cond not in TEXT_CONDITIONING:
-            raise ValueError(f"unknown text_cond {self.text_cond!r}; choose one of {TEXT_CONDITIONING}")
-        if self.text_cond and self.num_classes is not None:
-            raise ValueError("a UNet is conditioned on class labels (num_classes) or on text (text_cond), not both")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {self.prediction_type!r}; choose one of {PREDICTION_TYPES}")
-        if self.text_cond and not (self.vocab_size or 0) > 2:
-            raise ValueError(f"text_cond needs vocab_size (the tokenizer's size), got {self.vocab_size}")
 
     def asdict(self):
         """Plain dict (tuples become lists when written as JSON)."""
@@ -166,30 +146,21 @@ class Level(Layer):
 
 
 class UNet(Model):
-    def __init__(self, cfg=None, seed=0, dtype=np.float32):
+    def __init__(self, cfg=None, seed=0, dtype=np.float32, extra_in_channels=0):
+        """extra_in_channels: channels a conditioner joins to x_t (the article's concat mode), read by conv_in."""
         super().__init__()
         cfg = cfg or UNetConfig()
         self.cfg, self.dtype = cfg, np.dtype(dtype)
         rng = np.random.default_rng(seed)
         C, temb_dim = cfg.base_channels, 4 * cfg.base_channels
 
-        # time (and class) embedding
+        # time embedding
         self.temb_fc1 = self.add("temb.fc1", Linear(C, temb_dim, rng, dtype))
         self.temb_act = self.add("temb.act", SiLU())
         self.temb_fc2 = self.add("temb.fc2", Linear(temb_dim, temb_dim, rng, dtype))
-        self.class_emb = (self.add("class_emb", Embedding(cfg.num_classes + 1, temb_dim, rng, dtype))
-                          if cfg.num_classes is not None else None)
-        self.text_enc = self.text_proj = None
-        if cfg.text_cond:
-            self.text_enc = self.add("text_enc", TextEncoder(cfg.vocab_size, cfg.text_len, cfg.text_dim,
-                                                             cfg.text_layers, cfg.text_heads, rng, dtype))
-            self.text_proj = self.add("text_proj", Linear(cfg.text_dim, temb_dim if cfg.text_cond == "add"
-                                                          else cfg.text_channels, rng, dtype))
-            self.text_cat = self.add("text_cat", Concat()) if cfg.text_cond == "concat" else None
         self.emb_act = self.add("emb_act", SiLU())                   # SiLU(temb), shared by every ResBlock's temb_proj
-
-        cin = cfg.in_channels + (cfg.text_channels if cfg.text_cond == "concat" else 0)
-        self.conv_in = self.add("conv_in", Conv2d(cin, C, 3, rng, padding=1, dtype=dtype))
+        self.conv_in = self.add("conv_in", Conv2d(cfg.in_channels + extra_in_channels, C, 3, rng, padding=1,
+                                                  dtype=dtype))
 
         # down path; skip_ch records the channels of every saved skip
         chans = [C * m for m in cfg.ch_mult]
@@ -248,22 +219,15 @@ class UNet(Model):
     def config(self):
         return self.cfg
 
-    def null_condition(self, n):
-        """The "no condition" input of classifier-free guidance for n images: the last class-table row, or the
-        empty prompt (CLS then padding); None for an unconditional model."""
-        if self.cfg.num_classes is not None:
-            return np.full((n,), self.cfg.num_classes, dtype=np.int64)
-        if self.cfg.text_cond:
-            ids = np.full((n, self.cfg.text_len), Tokenizer.PAD_ID, dtype=np.int64)
-            ids[:, 0] = Tokenizer.CLS_ID
-            return ids
-        return None
+    def config_dict(self):
+        """The model configuration a checkpoint keeps."""
+        return self.cfg.asdict()
 
     # ---- forward / backward -----------------------------------------------------------------------
-    def _check_inputs(self, x, t, y):
+    def _check_inputs(self, x, t):
         xp = array_module(x)
-        cfg = self.cfg
-        want = (cfg.in_channels, cfg.resolution, cfg.resolution)
+        cin = self.conv_in.params["weight"].shape[1]
+        want = (cin, self.cfg.resolution, self.cfg.resolution)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"UNet expects x of shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}")
         if x.dtype != self.dtype:
@@ -271,33 +235,17 @@ class UNet(Model):
         t = xp.asarray(t)
         if t.shape != (x.shape[0],) or t.dtype.kind not in "iu":
             raise ValueError(f"t must be an int array of shape ({x.shape[0]},), got {t.dtype} {t.shape}")
-        if cfg.text_cond:
-            y = xp.asarray(self.null_condition(x.shape[0]) if y is None else y)
-            if y.ndim != 2 or y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
-                raise ValueError(f"a text-conditional UNet takes token ids y of shape ({x.shape[0]}, L), "
-                                 f"got {y.dtype} {tuple(y.shape)}")
-            return t, y
-        if y is not None:
-            if cfg.num_classes is None:
-                raise ValueError("class labels y given but the UNet was built with num_classes=None")
-            on_host = array_module(y) is np
-            y = np.asarray(y) if on_host else y
-            if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
-                raise ValueError(f"y must be an int array of shape ({x.shape[0]},), got {y.dtype} {y.shape}")
-            # the range is checked for labels on the host: reading labels already on a GPU would stall it
-            # (TrainStep checks them before they go there)
-            if on_host and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
-                raise ValueError(f"class labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = no condition)")
-            y = xp.asarray(y)
-        elif cfg.num_classes is not None:
-            y = xp.full((x.shape[0],), cfg.num_classes)           # unconditional: the "no condition" token
-        return t, y
+        return t
 
-    def forward(self, x, t, y=None, rng=None):
-        """eps_theta(x_t, t, y): x (B, C, H, W), t int (B,), y None, class labels (B,) or, for text models, token
-        ids (B, L) -> (B, C, H, W). rng (np.random.Generator) drives dropout in training mode."""
+    def forward(self, x, t, y=None, rng=None, emb=None):
+        """eps_theta(x_t, t): x (B, C, H, W), t int (B,) -> (B, C, H, W). rng (np.random.Generator) drives dropout
+        in training mode. ``emb`` (B, 4C): an offset added to the time embedding (a conditioner's, ConditionalUNet).
+        An unconditional network takes no condition y."""
+        if y is not None:
+            raise ValueError("a condition y was given to an unconditional UNet (ConditionalUNet takes class labels "
+                             "or prompts: minidiff/conditioning/)")
         xp = array_module(x)
-        t, y = self._check_inputs(x, t, y)
+        t = self._check_inputs(x, t)
         if not self.training or self.cfg.dropout == 0.0:
             rng = None
         elif rng is None:
@@ -305,15 +253,10 @@ class UNet(Model):
 
         temb = self.temb_fc2.forward(self.temb_act.forward(self.temb_fc1.forward(
             timestep_embedding(t, self.cfg.base_channels, self.dtype))))                   # (B, 4C)
-        if self.class_emb is not None:
-            temb = temb + self.class_emb.forward(y)
-        x = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))                                  # NCHW -> NHWC
-        if self.cfg.text_cond == "add":
-            temb = temb + self.text_proj.forward(self.text_enc.forward(y))
-        elif self.cfg.text_cond == "concat":                                               # article 3.3
-            c = self.text_proj.forward(self.text_enc.forward(y))                           # (B, text_channels)
-            x = self.text_cat.forward(x, xp.broadcast_to(c[:, None, None, :], x.shape[:3] + c.shape[1:]))
+        if emb is not None:
+            temb = temb + emb
         emb = self.emb_act.forward(temb)
+        x = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))                                  # NCHW -> NHWC
 
         h = self.conv_in.forward(x)
         hs = [h]
@@ -344,6 +287,11 @@ class UNet(Model):
 
     def backward(self, dout):
         """dL/d eps (B, C, H, W) -> dL/dx (B, C, H, W); adds every parameter gradient into self.grads."""
+        return self.backward_with_emb(dout)[0]
+
+    def backward_with_emb(self, dout):
+        """backward, returning (dL/dx, dL/d emb): the second is the gradient reaching the time embedding, which a
+        conditioner's offset ``emb`` receives."""
         if not self.training:
             raise RuntimeError("UNet.backward needs a forward pass in training mode (model.train(True))")
         xp = array_module(dout)
@@ -382,12 +330,5 @@ class UNet(Model):
         assert not dskips
 
         dtemb = self.emb_act.backward(demb)
-        if self.class_emb is not None:
-            self.class_emb.backward(dtemb)
-        if self.cfg.text_cond == "add":
-            self.text_enc.backward(self.text_proj.backward(dtemb))
-        elif self.cfg.text_cond == "concat":                       # the broadcast's adjoint sums over the pixels
-            dx, dc = self.text_cat.backward(dx)
-            self.text_enc.backward(self.text_proj.backward(dc.sum(axis=(1, 2))))
         self.temb_fc1.backward(self.temb_act.backward(self.temb_fc2.backward(dtemb)))
-        return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2))                               # NHWC -> NCHW
+        return xp.ascontiguousarray(dx.transpose(0, 3, 1, 2)), dtemb                       # NHWC -> NCHW

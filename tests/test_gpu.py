@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 
 from minidiff import fast as kernels
+from minidiff.conditioning.unet import ConditionConfig
+from minidiff.sample import sample
+from minidiff.train import TrainConfig
+from minidiff.unet import UNetConfig
 from minidiff.utils import native as _native
 from minidiff.utils.backend import cupy_status
-from minidiff.sample import sample
-from minidiff.train import TrainConfig, load_model, train
-from minidiff.unet import UNetConfig
+from minidiff.utils.checkpoint import load_model
 from test_layers import rel_error
-from test_train import TINY, _cfg, toy_data  # noqa: F401  (toy_data is a fixture)
+from test_train import TINY, _cfg, _train, toy_data  # noqa: F401  (toy_data is a fixture)
 
 CUPY_OK, CUPY_WHY = cupy_status()
 STATUS = _native.native_status()
@@ -38,7 +40,7 @@ def test_fused_chain_equals_its_reference(key):
     import minidiff.optim  # noqa: F401  (registers its references)
     assert key in kernels._fused
     rng = np.random.default_rng(0)
-    fused = kernels._fast_path(key, cp.zeros(1))
+    fused = kernels._fast_path(key, "cupy")
     ref_args = _chain_args(key, cp, rng)
     fused_args = tuple(a.copy() if isinstance(a, cp.ndarray) else a for a in ref_args)
     want, got = kernels.references()[key](*ref_args), fused(*fused_args)
@@ -52,22 +54,22 @@ def test_cupy_training_equals_numpy(toy_data, tmp_path):  # noqa: F811
     """A few steps of the tiny model: CuPy (eager and with the graph) and NumPy end with the same weights, to
     float32 rounding (the training noise comes from the CUDA Philox kernel there, within 1e-6 of NumPy's)."""
     mcfg = UNetConfig(**TINY)
-    ref, _, _ = train(_cfg(toy_data, tmp_path / "cpu", 4), mcfg, progress=False)
+    ref, _, _ = _train(_cfg(toy_data, tmp_path / "cpu", 4), mcfg, progress=False)
     for graphs in (False, True):
         cfg = _cfg(toy_data, tmp_path / f"gpu{graphs}", 4, device="cuda", cuda_graphs=graphs)
-        gpu, _, _ = train(cfg, mcfg, progress=False)
+        gpu, _, _ = _train(cfg, mcfg, progress=False)
         for k, p in ref.params.items():
             assert rel_error(p, gpu.params[k].get()) < 1e-4, (graphs, k)
 
 
 def test_captured_step_equals_eager_and_resumes_exactly(toy_data, tmp_path):  # noqa: F811
     mcfg = UNetConfig(**TINY)
-    eager, _, _ = train(_cfg(toy_data, tmp_path / "eager", 6, device="cuda", cuda_graphs=False), mcfg, progress=False)
-    graph, _, _ = train(_cfg(toy_data, tmp_path / "graph", 6, device="cuda"), mcfg, progress=False)
+    eager, _, _ = _train(_cfg(toy_data, tmp_path / "eager", 6, device="cuda", cuda_graphs=False), mcfg, progress=False)
+    graph, _, _ = _train(_cfg(toy_data, tmp_path / "graph", 6, device="cuda"), mcfg, progress=False)
     for k, p in eager.params.items():
         assert rel_error(p.get(), graph.params[k].get()) < 1e-6, k
-    train(_cfg(toy_data, tmp_path / "split", 3, device="cuda"), mcfg, progress=False)
-    resumed, _, _ = train(_cfg(toy_data, tmp_path / "split", 6, device="cuda"), mcfg, resume=True, progress=False)
+    _train(_cfg(toy_data, tmp_path / "split", 3, device="cuda"), mcfg, progress=False)
+    resumed, _, _ = _train(_cfg(toy_data, tmp_path / "split", 6, device="cuda"), mcfg, resume=True, progress=False)
     for k, p in graph.params.items():
         assert np.array_equal(p.get(), resumed.params[k].get()), k
 
@@ -76,17 +78,17 @@ def test_captured_step_equals_eager_and_resumes_exactly(toy_data, tmp_path):  # 
 def test_end_to_end_and_captured_sampler(toy_data, tmp_path, sampler):  # noqa: F811
     """--device cuda train, load, sample: the captured sampler gives the eager sampler's images, guided too."""
     import cupy as cp
-    mcfg = UNetConfig(**dict(TINY, num_classes=4))
-    train(_cfg(toy_data, tmp_path, 3, device="cuda"), mcfg, progress=False)
-    model, tcfg, _ = load_model(str(tmp_path / "checkpoint.npz"), device="cuda")
+    _train(_cfg(toy_data, tmp_path, 3, device="cuda"), UNetConfig(**TINY), ConditionConfig(num_classes=4),
+           progress=False)
+    model, sched, _ = load_model(str(tmp_path / "checkpoint.npz"), device="cuda")
     kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, y=np.array([0, 1, 2, 3]), guidance=2.0,
               progress=False, xp=cp)
-    eager = sample(model, tcfg.schedule(), 4, cuda_graph=False, **kw)
-    graphed = sample(model, tcfg.schedule(), 4, cuda_graph=True, **kw)
+    eager = sample(model, sched, 4, cuda_graph=False, **kw)
+    graphed = sample(model, sched, 4, cuda_graph=True, **kw)
     assert graphed.shape == (4, 1, 14, 14) and np.all(np.isfinite(graphed))
     np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-5)
     cpu_model, _, _ = load_model(str(tmp_path / "checkpoint.npz"))
-    cpu = sample(cpu_model, tcfg.schedule(), 4, **dict(kw, xp=np))
+    cpu = sample(cpu_model, sched, 4, **dict(kw, xp=np))
     np.testing.assert_allclose(graphed, cpu, rtol=0, atol=1e-3)
 
 
@@ -95,15 +97,15 @@ def test_autoguided_captured_sampler(toy_data, tmp_path, sampler):  # noqa: F811
     """Autoguidance on the GPU: the guide kept by a CuPy run, the captured sampler running both networks, equal to
     the eager sampler and to the CPU."""
     import cupy as cp
-    train(_cfg(toy_data, tmp_path, 3, device="cuda", guide_step=1), UNetConfig(**TINY), progress=False)
+    _train(_cfg(toy_data, tmp_path, 3, device="cuda", guide_step=1), UNetConfig(**TINY), progress=False)
     path = str(tmp_path / "checkpoint.npz")
-    model, tcfg, _ = load_model(path, device="cuda")
+    model, sched, _ = load_model(path, device="cuda")
     guide = load_model(path, weights="guide", device="cuda")[0]
     kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, guidance=2.0, progress=False, xp=cp)
-    eager = sample(model, tcfg.schedule(), 4, cuda_graph=False, guide=guide, **kw)
-    graphed = sample(model, tcfg.schedule(), 4, cuda_graph=True, guide=guide, **kw)
+    eager = sample(model, sched, 4, cuda_graph=False, guide=guide, **kw)
+    graphed = sample(model, sched, 4, cuda_graph=True, guide=guide, **kw)
     np.testing.assert_allclose(graphed, eager, rtol=0, atol=1e-5)
-    cpu = sample(load_model(path)[0], tcfg.schedule(), 4, guide=load_model(path, weights="guide")[0],
+    cpu = sample(load_model(path)[0], sched, 4, guide=load_model(path, weights="guide")[0],
                  **dict(kw, xp=np))
     np.testing.assert_allclose(graphed, cpu, rtol=0, atol=1e-3)
 

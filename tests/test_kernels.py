@@ -15,7 +15,8 @@ import pytest
 
 from minidiff import fast, layers
 from minidiff.utils import native as _native
-from minidiff.unet import UNet, UNetConfig
+from minidiff.conditioning.unet import ClassConditionalUNet, ConditionConfig
+from minidiff.unet import UNetConfig
 from test_layers import rel_error
 
 STATUS = _native.native_status()
@@ -138,7 +139,7 @@ def test_whole_unet_same_both_ways():
     """The class-conditional C = 32 U-Net with random weights (none zero): output, input gradient and every
     parameter gradient agree between the native kernels and the references."""
     from test_unet import randomize
-    m = UNet(UNetConfig(num_classes=10), seed=0)
+    m = ClassConditionalUNet(UNetConfig(), ConditionConfig(num_classes=10), seed=0)
     rng = np.random.default_rng(3)
     randomize(m, rng, scale=0.1)
     x, t, y, d = rand(rng, 3, 1, 28, 28), np.array([0, 500, 999]), np.array([2, 10, 7]), rand(rng, 3, 1, 28, 28)

@@ -1,17 +1,19 @@
-"""The fused native step (C++ now, CUDA with a GPU) against the readable reference, and its error handling."""
+"""The fused sampling step (step.step's fast paths: C++ now, CUDA with a GPU) against its readable reference and the
+samplers' paper forms, and the extension's loading and error handling."""
 import sys
 import types
 
 import numpy as np
 import pytest
 
-from minidiff import step as step_mod
+from minidiff import fast
+from minidiff.fast.gpu import STEP_PARAMS, step_record
+from minidiff.schedule import NoiseSchedule
+from minidiff.step import (StepCoefficients, StepParams, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step,
+                           dpmpp_2m_coefficients, dpmpp_2m_step, sampler_steps, step)
 from minidiff.utils import native as _native
 from minidiff.utils.backend import cupy_status
 from minidiff.utils.philox import philox_normal
-from minidiff.schedule import NoiseSchedule
-from minidiff.step import (NativeUnavailableError, ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step,
-                           dpmpp_2m_coefficients, dpmpp_2m_step, fused_step)
 
 STATUS = _native.native_status()
 needs_cpu = pytest.mark.skipif(not STATUS["cpu_kernel"], reason=f"native extension unavailable: {STATUS['reason']}")
@@ -102,43 +104,34 @@ def test_stale_extension_is_reported(monkeypatch):
     assert core is None and "stale" in reason and "pip install ." in reason
 
 
-def test_fused_step_without_extension_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(_native, "core", None)
-    monkeypatch.setattr(_native, "_reason", "the compiled extension minidiff._core is not available; "
-                                            "build it with `pip install .`")
+def test_without_the_extension_the_step_runs_its_reference(monkeypatch):
+    monkeypatch.setitem(fast._tables, "numpy", {})              # what fast/cpu.py gives without minidiff._core
     x_t, eps, _ = _inputs((2, 3))
-    with pytest.raises(NativeUnavailableError, match="pip install"):
-        fused_step(x_t, eps, ddpm_coefficients(SCHEDULE, 10), seed=0, step=0)
-    with pytest.raises(NativeUnavailableError, match="pip install"):
-        step_mod.native_normal(0, 0, 8)
-    # the reference path does not need it
-    ddpm_step(SCHEDULE, x_t, eps, 10, philox_normal(0, 0, x_t.size).reshape(x_t.shape))
+    params = StepParams(ddpm_coefficients(SCHEDULE, 10), seed=0, t=10)
+    got, _ = step(x_t, eps, params)
+    np.testing.assert_array_equal(got, step.reference(x_t, eps, params)[0])
 
 
-# ------------------------------------------------------------------ C++ kernel == reference
+# ------------------------------------------------------------------ C++ kernel == reference == the paper's form
 @needs_cpu
 @pytest.mark.parametrize("kind, kw, shape, guided, clip", list(_cases()))
 def test_cpu_kernel_matches_reference(kind, kw, shape, guided, clip):
     x_t, eps, eps_u = _inputs(shape, guided=guided)
     w = 3.0 if guided else 1.0
-    coefs = _coefs(kind, kw)
-    seed, step = 1234, kw["t"]
-    z = philox_normal(seed, step, x_t.size).reshape(shape)
-    ref, ref_x0 = _reference(kind, kw, x_t, eps, z, clip, eps_u, w)
+    seed, t = 1234, kw["t"]
+    params = StepParams(_coefs(kind, kw), w, clip, seed, t)
+    paper, paper_x0 = _reference(kind, kw, x_t, eps, philox_normal(seed, t, x_t.size).reshape(shape), clip, eps_u, w)
     x0_prev = _x0_prev(shape) if kw.get("t_last") is not None else None
-
-    # given z: the same float32 arithmetic, so equal to ~1e-6 relative (in practice bit for bit)
+    ref, ref_x0 = step.reference(x_t, eps, params, eps_uncond=eps_u, x0_prev=x0_prev)
+    np.testing.assert_allclose(ref, paper, rtol=1e-6, atol=1e-6)        # one formula = each sampler's own
+    np.testing.assert_allclose(ref_x0, paper_x0, rtol=1e-6, atol=1e-6)
+    # the kernel draws its own Philox noise: philox_normal to within 1e-6 (tests/test_philox.py), times sigma <= 1
     x0 = np.empty_like(x_t)
-    got, _ = fused_step(x_t, eps, coefs, clip_sample=clip, eps_uncond=eps_u, guidance=w, z=z, x0_prev=x0_prev,
-                        x0_out=x0)
-    assert got.dtype == np.float32 and got.shape == shape
+    got, got_x0 = fast.cpu.step(x_t, eps, params, eps_uncond=eps_u, x0_prev=x0_prev, x0_out=x0)
+    assert got.dtype == np.float32 and got.shape == shape and got_x0 is x0
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(x0, ref_x0, rtol=1e-6, atol=1e-6)
-
-    # the kernel's own Philox noise: philox_normal to within 1e-6 (tests/test_philox.py), scaled by sigma <= 1
-    own = fused_step(x_t, eps, coefs, seed=seed, step=step, clip_sample=clip, eps_uncond=eps_u, guidance=w,
-                     x0_prev=x0_prev)
-    np.testing.assert_allclose(own, ref, rtol=1e-6, atol=1e-6)
+    assert step(x_t, eps, params, eps_uncond=eps_u, x0_prev=x0_prev)[0].tobytes() == got.tobytes()   # dispatched
 
 
 @needs_cpu
@@ -146,86 +139,54 @@ def test_kernel_noise_is_philox_normal():
     # c_x0 = c_xt = c_eps = 0, sigma = 1: x_prev is the kernel's z
     n = 4099
     zero = np.zeros(n, dtype=np.float32)
-    coefs = step_mod.StepCoefficients(a=1.0, b=1.0, c_x0=0.0, c_xt=0.0, c_eps=0.0, sigma=1.0)
-    z = fused_step(zero, zero, coefs, seed=2 ** 40 + 3, step=2 ** 33 + 5)
+    coefs = StepCoefficients(a=1.0, b=1.0, c_x0=0.0, c_xt=0.0, c_eps=0.0, sigma=1.0)
+    z, _ = fast.cpu.step(zero, zero, StepParams(coefs, seed=2 ** 40 + 3, t=2 ** 33 + 5))
     np.testing.assert_allclose(z, philox_normal(2 ** 40 + 3, 2 ** 33 + 5, n), rtol=0, atol=1e-6)
-    assert not np.array_equal(z, fused_step(zero, zero, coefs, seed=2 ** 40 + 3, step=2 ** 33 + 6))
-
-
-@needs_cpu
-def test_no_noise_needed_when_sigma_is_zero():
-    # deterministic DDIM (eta = 0) and the last DDPM step draw no noise: seed and step may be omitted
-    x_t, eps, _ = _inputs((3, 1, 28, 28))
-    for kind, kw in [("ddim", dict(t=300, t_prev=250, eta=0.0)), ("ddpm", dict(t=0, variance_type="fixed_large"))]:
-        coefs = _coefs(kind, kw)
-        assert coefs.sigma == 0.0
-        ref = _reference(kind, kw, x_t, eps, None, True, None, 1.0)[0]
-        np.testing.assert_allclose(fused_step(x_t, eps, coefs), ref, rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(z, fast.cpu.step(zero, zero, StepParams(coefs, seed=2 ** 40 + 3, t=2 ** 33 + 6))[0])
 
 
 @needs_cpu
 def test_thread_count_does_not_change_results():
     x_t, eps, eps_u = _inputs((64, 3, 32, 32), guided=True)  # large enough to run in parallel
-    coefs = ddpm_coefficients(SCHEDULE, 700, "fixed_large")
-    runs = [fused_step(x_t, eps, coefs, seed=9, step=700, eps_uncond=eps_u, guidance=2.0, threads=th)
-            for th in (1, 0, 2, 5)]
+    params = StepParams(ddpm_coefficients(SCHEDULE, 700, "fixed_large"), 2.0, True, 9, 700)
+    runs = [fast.cpu.step(x_t, eps, params, eps_uncond=eps_u, threads=th)[0] for th in (1, 0, 2, 5)]
     for r in runs[1:]:
         np.testing.assert_array_equal(r, runs[0])
 
 
 @needs_cpu
-def test_in_place_output():
+def test_in_place_outputs():
+    """out may be x_t and x0_out may be x0_prev (each element is read before it is written)."""
     x_t, eps, _ = _inputs((4, 1, 28, 28))
-    coefs = ddim_coefficients(SCHEDULE, 600, 580, 0.5)
-    expected = fused_step(x_t, eps, coefs, seed=1, step=2)
-    y = x_t.copy()
-    assert fused_step(y, eps, coefs, seed=1, step=2, out=y) is y
-    np.testing.assert_array_equal(y, expected)
+    x0_prev = _x0_prev(x_t.shape)
+    params = StepParams(dpmpp_2m_coefficients(SCHEDULE, 500, 400, 600), seed=1, t=500)
+    expected = step(x_t, eps, params, x0_prev=x0_prev)
+    y, p = x_t.copy(), x0_prev.copy()
+    out, x0 = step(y, eps, params, x0_prev=p, out=y, x0_out=p)
+    assert out is y and x0 is p
+    np.testing.assert_array_equal(y, expected[0])
+    np.testing.assert_array_equal(p, expected[1])
 
 
 # ------------------------------------------------------------------ validation
-@needs_cpu
-def test_validation_errors():
+def test_bad_arrays_get_the_reference_or_a_clear_error():
+    """The kernel declines what it does not cover (another dtype, a strided array): the reference runs; what cannot
+    be a step (shapes that differ, a missing previous x_0) is a clear error."""
     x_t, eps, _ = _inputs((4, 2, 6))
-    c = ddpm_coefficients(SCHEDULE, 100)
-    kw = dict(seed=0, step=0)
-    with pytest.raises(TypeError, match="float32"):
-        fused_step(x_t.astype(np.float64), eps, c, **kw)
-    with pytest.raises(TypeError, match="float32"):
-        fused_step(x_t, eps.astype(np.float16), c, **kw)
-    with pytest.raises(TypeError, match="eps must be a NumPy or CuPy array"):
-        fused_step(x_t, eps.tolist(), c, **kw)
-    with pytest.raises(ValueError, match="shape"):
-        fused_step(x_t, eps[:, :1], c, **kw)
-    with pytest.raises(ValueError, match="shape"):
-        fused_step(x_t, eps, c, z=np.zeros(x_t.size, np.float32), **kw)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        fused_step(x_t, np.asfortranarray(eps), c, **kw)
-    strided = np.zeros((4, 2, 12), np.float32)[:, :, ::2]
-    with pytest.raises(ValueError, match="C-contiguous"):
-        fused_step(x_t, eps, c, out=strided, **kw)
-    with pytest.raises(ValueError, match="seed and step are required"):
-        fused_step(x_t, eps, c)
+    params = StepParams(ddpm_coefficients(SCHEDULE, 100), seed=0, t=100)
+    want = step.reference(x_t, eps, params)[0]
+    np.testing.assert_allclose(step(x_t.astype(np.float64), eps, params)[0], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(step(x_t, np.asfortranarray(eps), params)[0], want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="eps has shape"):
+        step(x_t, eps[:, :1], params)
+    with pytest.raises(ValueError, match="x0_prev .* is required"):
+        step(x_t, eps, StepParams(dpmpp_2m_coefficients(SCHEDULE, 500, 400, 600)))
+    with pytest.raises(ValueError, match="x0_prev has shape"):
+        step(x_t, eps, StepParams(dpmpp_2m_coefficients(SCHEDULE, 500, 400, 600)), x0_prev=eps[:1])
     for bad in (-1, 2 ** 64, 0.5):
         with pytest.raises(ValueError, match="seed"):
-            fused_step(x_t, eps, c, seed=bad, step=0)
-    with pytest.raises(ValueError, match="threads"):
-        fused_step(x_t, eps, c, threads=-1, **kw)
-    read_only = np.empty_like(x_t)
-    read_only.flags.writeable = False
-    with pytest.raises(ValueError, match="read-only"):
-        fused_step(x_t, eps, c, out=read_only, **kw)
-    # DPM-Solver++(2M)'s previous x_0: checked like the other arrays, and required when its coefficient is not 0
-    c2 = dpmpp_2m_coefficients(SCHEDULE, 500, 400, 600)
-    with pytest.raises(ValueError, match="x0_prev .* is required"):
-        fused_step(x_t, eps, c2)
-    with pytest.raises(TypeError, match="x0_prev must be float32"):
-        fused_step(x_t, eps, c2, x0_prev=eps.astype(np.float64))
-    with pytest.raises(ValueError, match="x0_prev has shape"):
-        fused_step(x_t, eps, c2, x0_prev=eps[:1])
-    with pytest.raises(ValueError, match="x0_prev must be C-contiguous"):
-        fused_step(x_t, eps, c2, x0_prev=np.zeros((4, 2, 12), np.float32)[:, :, ::2])
-    fused_step(x_t, eps, dpmpp_2m_coefficients(SCHEDULE, 500, 400), x0_prev=eps)  # c_x0prev = 0: allowed, unused
+            step(x_t, eps, StepParams(ddpm_coefficients(SCHEDULE, 100), seed=bad, t=100))
+    step(x_t, eps, StepParams(dpmpp_2m_coefficients(SCHEDULE, 500, 400)), x0_prev=eps)  # c_x0prev = 0: unused
 
 
 @needs_cpu
@@ -247,26 +208,10 @@ def test_core_checks_arrays_itself():
         core.step_cpu(x, x, None, None, np.zeros(7, np.float32), x.copy(), None, **args)
     with pytest.raises(ValueError, match="x0_prev must be C-contiguous"):
         core.step_cpu(x, x, None, None, np.zeros(16, np.float32)[::2], x.copy(), None, **args)
-
-
-def test_cupy_array_without_cuda_kernel(monkeypatch):
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    if not CUPY_OK:
-        pytest.skip(f"CuPy has no usable GPU: {CUPY_WHY}")
-    monkeypatch.setattr(_native, "native_status",
-                        lambda: dict(cpu_kernel=True, cuda_kernel=False, reason="built without CUDA; `pip install .`"))
-    x = cupy.zeros((2, 3), cupy.float32)
-    with pytest.raises(NativeUnavailableError, match="CUDA kernel"):
-        fused_step(x, x, ddpm_coefficients(SCHEDULE, 5), seed=0, step=0)
-
-
-def test_mixed_devices_rejected():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
-    if not CUPY_OK:
-        pytest.skip(f"CuPy has no usable GPU: {CUPY_WHY}")
-    x = np.zeros((2, 3), np.float32)
-    with pytest.raises(ValueError, match="same device"):
-        fused_step(x, cupy.asarray(x), ddpm_coefficients(SCHEDULE, 5), seed=0, step=0)
+    read_only = x.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        core.step_cpu(x, x, None, None, None, read_only, None, **args)
 
 
 # ------------------------------------------------------------------ CUDA kernel == C++ kernel (GPU machines)
@@ -282,56 +227,68 @@ def test_cuda_kernel_matches_cpu(kind, kw, guided):
     import cupy
     x_t, eps, eps_u = _inputs((64, 3, 32, 32), guided=guided)
     x0_prev = _x0_prev(x_t.shape) if kw.get("t_last") is not None else None
-    coefs, w = _coefs(kind, kw), (3.0 if guided else 1.0)
-    cpu, cpu_x0 = fused_step(x_t, eps, coefs, seed=5, step=kw["t"], eps_uncond=eps_u, guidance=w, x0_prev=x0_prev,
-                             x0_out=np.empty_like(x_t))
+    params = StepParams(_coefs(kind, kw), 3.0 if guided else 1.0, True, 5, kw["t"])
+    cpu, cpu_x0 = fast.cpu.step(x_t, eps, params, eps_uncond=eps_u, x0_prev=x0_prev)
     g = lambda a: None if a is None else cupy.asarray(a)  # noqa: E731
-    gpu, gpu_x0 = fused_step(g(x_t), g(eps), coefs, seed=5, step=kw["t"], eps_uncond=g(eps_u), guidance=w,
-                             x0_prev=g(x0_prev), x0_out=cupy.empty(x_t.shape, cupy.float32))
+    gpu, gpu_x0 = step(g(x_t), g(eps), params, eps_uncond=g(eps_u), x0_prev=g(x0_prev))
     # same header (our own log/sin/cos too), no FMA contraction on either side: expected bit for bit,
     # asserted to 1e-6 in case a compiler rounds differently
     np.testing.assert_allclose(gpu.get(), cpu, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(gpu_x0.get(), cpu_x0)
-    np.testing.assert_allclose(step_mod.native_normal(5, 6, 10001, xp=cupy).get(), philox_normal(5, 6, 10001),
+    # the same with the scalars read from a record in device memory (what a captured sampling step does)
+    rec = cupy.asarray(step_record(params).reshape(1).view(np.uint8))
+    gpu2, _ = step(g(x_t), g(eps), rec, eps_uncond=g(eps_u), x0_prev=g(x0_prev))
+    np.testing.assert_array_equal(gpu2.get(), gpu.get())
+    np.testing.assert_allclose(philox_normal(5, 6, 10001, xp=cupy).get(), philox_normal(5, 6, 10001),
                                rtol=0, atol=1e-6)
-    # and the readable reference runs on CuPy as well
-    np.testing.assert_allclose(philox_normal(5, 6, 10001, xp=cupy).get(), philox_normal(5, 6, 10001), rtol=0,
-                               atol=1e-6)
+    with fast.use_reference():                                 # and the readable reference runs on CuPy as well
+        np.testing.assert_allclose(philox_normal(5, 6, 10001, xp=cupy).get(), philox_normal(5, 6, 10001), rtol=0,
+                                   atol=1e-6)
+
+
+def test_mixed_devices_rejected():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed")
+    if not CUPY_OK:
+        pytest.skip(f"CuPy has no usable GPU: {CUPY_WHY}")
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises((TypeError, ValueError)):
+        step(x, cupy.asarray(x), StepParams(ddpm_coefficients(SCHEDULE, 5), seed=0, t=5))
 
 
 # ------------------------------------------------------------------ the step record a CUDA graph reads
 @needs_cpu
 def test_step_params_record_matches_the_kernel_struct():
-    """minidiff.step.STEP_PARAMS lays its fields out at the byte offsets of csrc/step_math.h's StepParams."""
+    """fast.gpu.STEP_PARAMS lays its fields out at the byte offsets of csrc/step_math.h's StepParams."""
     layout = _native.core.step_params_layout()
-    assert layout.pop("itemsize") == step_mod.STEP_PARAMS.itemsize
-    assert layout == {name: step_mod.STEP_PARAMS.fields[name][1] for name in step_mod.STEP_PARAMS.names}
+    assert layout.pop("itemsize") == STEP_PARAMS.itemsize
+    assert layout == {name: STEP_PARAMS.fields[name][1] for name in STEP_PARAMS.names}
 
 
 @needs_cpu
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_step_records_drive_the_kernel_to_the_same_images(sampler):
-    """What a replayed GPU graph reads each step (sample._step_records) gives, fed to the CPU kernel, the images of
-    the eager sampler: the records carry the right coefficients, seeds and steps."""
-    from minidiff.sample import _step_records, ddim_timesteps, sample
-    from minidiff.unet import UNet, UNetConfig
+    """What a replayed GPU graph reads each step (fast.gpu.step_record of each step's StepParams), fed to the CPU
+    kernel, gives the images of the eager sampler: the records carry the right coefficients, seeds and steps."""
+    from minidiff.conditioning.unet import ClassConditionalUNet, ConditionConfig
+    from minidiff.sample import batch_seed, predict_eps, sample
+    from minidiff.unet import UNetConfig
     sched = NoiseSchedule(20)
-    model = UNet(UNetConfig(resolution=8, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                            num_classes=3), seed=0).train(False)
+    model = ClassConditionalUNet(UNetConfig(resolution=8, base_channels=8, ch_mult=(1, 2), num_res_blocks=1,
+                                            attn_resolutions=()), ConditionConfig(num_classes=3), seed=0).train(False)
     rng = np.random.default_rng(0)
     for p in model.params.values():
         p[...] = rng.standard_normal(p.shape) * 0.1
     y, w = np.array([0, 2]), 2.0
-    steps = np.arange(19, -1, -1) if sampler == "ddpm" else ddim_timesteps(20, 6)
-    kw = dict(sampler=sampler, num_steps=6, seed=3, y=y, guidance=w, progress=False)
-    want = sample(model, sched, 2, **kw)
-    from minidiff.sample import batch_seed, predict_eps
-    x = philox_normal(batch_seed(3, 0), 20, 2 * 64).reshape(2, 1, 8, 8)
+    want = sample(model, sched, 2, sampler=sampler, num_steps=6, seed=3, y=y, guidance=w, progress=False)
+    key = batch_seed(3, 0)
+    x = philox_normal(key, 20, 2 * 64).reshape(2, 1, 8, 8)
     x0_prev = np.zeros_like(x)
-    for t, rec in zip(steps, _step_records(sched, sampler, steps, batch_seed(3, 0), "fixed_small", 0.0, True, w)):
-        eps, eps_u = predict_eps(model, sched, x, int(t), y, w)
-        coefs = step_mod.StepCoefficients(*(float(rec[f]) for f in step_mod.StepCoefficients._fields))
-        x, x0_prev = fused_step(x, eps, coefs, seed=int(rec["seed"]), step=int(rec["step"]), clip_sample=bool(rec["clip"]),
-                                eps_uncond=eps_u, guidance=float(rec["guidance"]), x0_prev=x0_prev,
-                                x0_out=np.empty_like(x))
-    np.testing.assert_allclose(x, want, rtol=0, atol=1e-6)
+    for t, coefs in sampler_steps(sched, sampler, 6):
+        rec = step_record(StepParams(coefs, w, True, key, t))
+        eps, eps_u = predict_eps(model, sched, x, np.full(2, t), y, model.null_condition(2))
+        scalars = {f: rec[f].item() for f in ("a", "b", "c_x0", "c_x0prev", "c_xt", "c_eps", "sigma", "guidance",
+                                              "seed", "step")}
+        x_next, x0 = np.empty_like(x), np.empty_like(x)
+        _native.core.step_cpu(x, eps, eps_u, None, x0_prev, x_next, x0, clip=bool(rec["clip"]), threads=0, **scalars)
+        x, x0_prev = x_next, x0
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)

@@ -95,9 +95,9 @@ def test_bad_seed_step_n(bad):
 @pytest.mark.parametrize("seed, step, n", [(0, 0, 1), (1, 2, 7), (2 ** 64 - 1, 2 ** 64 - 1, 4096), (123, 999, 300_001),
                                            (2 ** 32 + 1, 77, 1 << 21)])
 def test_native_normal_equals_numpy_reference(seed, step, n):
-    from minidiff.step import native_normal
+    """core.normal_cpu is the generator of the fused step's noise (csrc/step_math.h), and of philox_normal on CuPy."""
     ref = philox_normal(seed, step, n)
-    got = native_normal(seed, step, n)
+    got = _native.core.normal_cpu(seed, step, n)
     assert got.dtype == np.float32 and got.shape == (n,)
     # Same bits in, same formula; the reference rounds the float64 result once, the kernel computes in
     # float32 with ~1 ulp log/sin/cos: measured within 2.2 ulps of r, and r < 6 so one ulp is <= 4.8e-7.
@@ -106,7 +106,6 @@ def test_native_normal_equals_numpy_reference(seed, step, n):
 
 @needs_native
 def test_native_normal_same_for_any_thread_count():
-    from minidiff.step import native_normal
-    n = 200_003
-    np.testing.assert_array_equal(native_normal(7, 8, n, threads=1), native_normal(7, 8, n, threads=0))
-    np.testing.assert_array_equal(native_normal(7, 8, n, threads=1), native_normal(7, 8, n, threads=3))
+    normal, n = _native.core.normal_cpu, 200_003
+    np.testing.assert_array_equal(normal(7, 8, n, threads=1), normal(7, 8, n, threads=0))
+    np.testing.assert_array_equal(normal(7, 8, n, threads=1), normal(7, 8, n, threads=3))

@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from minidiff.utils import native as _native
+from minidiff import fast
 from minidiff.sample import sample
 from minidiff.schedule import NoiseSchedule
+from minidiff.step import timesteps
+from minidiff.utils import native as _native
 
 SCHEDULE = NoiseSchedule(1000)
 T = SCHEDULE.num_train_timesteps
@@ -81,12 +83,13 @@ def test_dpmsolver_native_and_numpy_give_the_same_images(guided):
     kw = dict(sampler="dpmsolver++", num_steps=12, seed=3, batch_size=5, progress=False)  # two batches of x_0 history
     if guided:
         kw.update(y=np.arange(8) % 3, guidance=3.0)
-    native = sample(GaussianData(), SCHEDULE, 8, backend="native", **kw)
-    ref = sample(GaussianData(), SCHEDULE, 8, backend="numpy", **kw)
+    native = sample(GaussianData(), SCHEDULE, 8, **kw)
+    with fast.use_reference("step.step"):
+        ref = sample(GaussianData(), SCHEDULE, 8, **kw)
     assert native.dtype == np.float32 and native.shape == (8, 1, 2, 2) and np.abs(native).max() <= 1
     np.testing.assert_allclose(native, ref, rtol=0, atol=1e-5)
-    assert np.array_equal(native, sample(GaussianData(), SCHEDULE, 8, backend="native", **kw))  # deterministic
-    other = sample(GaussianData(), SCHEDULE, 8, backend="native", **dict(kw, sampler="ddim"))
+    assert np.array_equal(native, sample(GaussianData(), SCHEDULE, 8, **kw))  # deterministic
+    other = sample(GaussianData(), SCHEDULE, 8, **dict(kw, sampler="ddim"))
     assert np.abs(other - native).max() > 1e-3  # not DDIM under another name
 
 
@@ -97,9 +100,14 @@ def test_sampler_options_are_checked():
                        (dict(sampler="dpmsolver++", num_steps=0), "num_steps"),
                        (dict(sampler="dpmsolver++", num_steps=T + 1), "num_steps"),
                        (dict(sampler="ddim", num_steps=0), "num_steps"),
-                       (dict(sampler="dpmsolver++", backend="cuda"), "unknown backend")]:
+                       (dict(batch_size=0), "batch_size"),
+                       (dict(seed=-1), "seed"),
+                       (dict(y=np.zeros(3, np.int64)), "y must have 2 rows")]:
         with pytest.raises(ValueError, match=match):
             sample(model, SCHEDULE, 2, progress=False, **bad)
+    for n in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="num_images"):
+            sample(model, SCHEDULE, n, progress=False)
 
 
 def test_eval_command_parses_dpmsolver_names():
@@ -119,8 +127,7 @@ def test_eval_command_parses_dpmsolver_names():
 def test_logsnr_spacing_is_even_in_lambda_and_helps_the_second_order_solver():
     """timestep_spacing="logsnr": from T-1 to 0 in steps of nearly equal lambda = log(sqrt(ab) / sqrt(1 - ab)); on it
     DPM-Solver++(2M) resolves the Gaussian data's spread at 10 steps, which it cannot on DDIM's even grid."""
-    from minidiff.sample import ddim_timesteps
-    steps = ddim_timesteps(T, 10, "logsnr", SCHEDULE)
+    steps = timesteps(T, 10, "logsnr", SCHEDULE)
     ab = SCHEDULE.alphas_cumprod[steps]
     gaps = np.diff(0.5 * np.log(ab / (1 - ab)))
     assert steps[0] == T - 1 and steps[-1] == 0 and len(steps) == 10 and np.all(np.diff(steps) < 0)
@@ -131,4 +138,4 @@ def test_logsnr_spacing_is_even_in_lambda_and_helps_the_second_order_solver():
     assert np.abs(dpm.mean(0) - MU).max() < 0.02
     assert err(dpm).max() < 0.06 < err(_sample("dpmsolver++", 10, n)).max()
     with pytest.raises(ValueError, match="spacing"):
-        ddim_timesteps(T, 10, "karras", SCHEDULE)
+        timesteps(T, 10, "karras", SCHEDULE)

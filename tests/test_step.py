@@ -277,3 +277,37 @@ def test_article_4_1_schedule_cannot_predict_x0():
         dpmpp_2m_coefficients(sched, 9, 5)
     with pytest.raises(ValueError, match="undefined"):
         dpmpp_2m_step(sched, x, x, 9, 5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
+def test_sampler_steps_turn_each_paper_step_into_the_one_formula(sampler):
+    """A whole trajectory in float64: step.step with the coefficients of sampler_steps equals the sampler's own
+    paper-form step (ddpm_step, ddim_step with eta 0.3, dpmpp_2m_step) at every step, with clipping and guidance."""
+    from minidiff.step import StepParams, sampler_steps, step
+    from minidiff.utils.philox import philox_normal
+    sched = NoiseSchedule(50)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 1, 4, 4))
+    x_paper, x0_prev, t_last, seed, w = x.copy(), np.zeros_like(x), None, 11, 2.0
+    eta = 0.3 if sampler == "ddim" else 0.0
+    plan = sampler_steps(sched, sampler, 8, eta=eta)
+    assert [t for t, _ in plan] == (list(range(49, -1, -1)) if sampler == "ddpm" else list(
+        np.unique(np.linspace(0, 49, 8).round().astype(int))[::-1]))
+    for i, (t, coefs) in enumerate(plan):
+        t_prev = plan[i + 1][0] if i + 1 < len(plan) else -1
+        eps, eps_u = rng.standard_normal(x.shape), rng.standard_normal(x.shape)
+        x, x0 = step.reference(x, eps, StepParams(coefs, w, True, seed, t), eps_uncond=eps_u, x0_prev=x0_prev)
+        z = philox_normal(seed, t, x.size).reshape(x.shape).astype(np.float64)
+        if sampler == "ddpm":
+            x_paper = ddpm_step(sched, x_paper, eps, t, z, clip_sample=True, eps_uncond=eps_u, guidance=w)
+        elif sampler == "ddim":
+            x_paper = ddim_step(sched, x_paper, eps, t, t_prev, eta, z, clip_sample=True, eps_uncond=eps_u,
+                                guidance=w)
+        else:
+            x_paper, x0_p = dpmpp_2m_step(sched, x_paper, eps, t, t_prev, None if t_last is None else x0_prev,
+                                          t_last, clip_sample=True, eps_uncond=eps_u, guidance=w, return_x0=True)
+            np.testing.assert_allclose(x0, x0_p, rtol=1e-12, atol=1e-12)
+            t_last = t
+        x0_prev = x0
+        np.testing.assert_allclose(x, x_paper, rtol=1e-10, atol=1e-10)
+        x_paper = x.copy()                      # compare step by step, not the drift of two roundings

@@ -10,16 +10,18 @@ import pytest
 
 from minidiff.conditioning import prompts
 from minidiff.conditioning.prompts import build_tokenizer, class_prompts, draw_prompts, prompt_table
-from minidiff.sample import predict_eps, sample
-from minidiff.utils.native import native_status
-from minidiff.schedule import NoiseSchedule
-from minidiff.step import ddim_coefficients, ddim_step, fused_step
 from minidiff.conditioning.text import Tokenizer, encode_prompts, tokenize
-from minidiff.train import load_model, load_tokenizer, train
-from minidiff.unet import UNet, UNetConfig
+from minidiff.conditioning.unet import ConditionConfig, TextConditionalUNet
+from minidiff.sample import predict_eps, sample
+from minidiff.schedule import NoiseSchedule
+from minidiff.step import StepParams, ddim_coefficients, ddim_step, step
+from minidiff.unet import UNetConfig
+from minidiff.utils.checkpoint import load_model
 from test_layers import GRAD_TOL, numerical_grad, rel_error
-from test_train import TINY, _cfg, toy_data  # noqa: F401  (toy_data is a fixture)
+from test_train import TINY, _cfg, _train, toy_data  # noqa: F401  (toy_data is a fixture)
 from test_unet import randomize
+
+TOY_TEXT = dict(text_cond="add", prompt_set="toy", text_len=8, text_dim=16, text_layers=1, text_heads=2)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,9 +73,10 @@ def test_text_unet_gradcheck(mode):
     """Finite differences (float64) through the U-Net and the text encoder, both conditioning modes."""
     rng = np.random.default_rng(0)
     cfg = UNetConfig(in_channels=1, resolution=8, base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
-                     attn_resolutions=(4,), text_cond=mode, vocab_size=7, text_len=5, text_dim=8, text_layers=1,
-                     text_heads=2, text_channels=3)
-    m = UNet(cfg, seed=1, dtype=np.float64)
+                     attn_resolutions=(4,))
+    cond = ConditionConfig(text_cond=mode, vocab_size=7, text_len=5, text_dim=8, text_layers=1, text_heads=2,
+                           text_channels=3)
+    m = TextConditionalUNet(cfg, cond, seed=1, dtype=np.float64)
     randomize(m, rng)
     x = rng.standard_normal((2, 1, 8, 8))
     t, y = np.array([3, 900]), np.array([[1, 2, 5, 0, 0], [1, 6, 3, 4, 2]])
@@ -97,9 +100,9 @@ def test_text_unet_gradcheck(mode):
 @pytest.mark.parametrize("mode", ["add", "concat"])
 def test_the_prompt_changes_the_prediction_and_none_means_the_empty_prompt(mode):
     cfg = UNetConfig(in_channels=1, resolution=8, base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
-                     attn_resolutions=(), text_cond=mode, vocab_size=7, text_len=5, text_dim=8, text_layers=1,
-                     text_heads=2)
-    m = UNet(cfg, seed=1)
+                     attn_resolutions=())
+    m = TextConditionalUNet(cfg, ConditionConfig(text_cond=mode, vocab_size=7, text_len=5, text_dim=8, text_layers=1,
+                                                 text_heads=2), seed=1)
     randomize(m, np.random.default_rng(1))
     m.train(False)
     x = np.random.default_rng(2).standard_normal((2, 1, 8, 8)).astype(np.float32)
@@ -119,39 +122,37 @@ def test_guidance_limits_in_the_kernel_and_the_sampler(toy_data, toy_prompts, tm
     eps_c, eps_u, x = (rng.standard_normal((2, 1, 6, 6)).astype(np.float32) for _ in range(3))
     z = rng.standard_normal(x.shape).astype(np.float32)
     s10 = NoiseSchedule(10)
-    steps = [lambda e, eps_u=None, w=1.0: ddim_step(s10, x, e, 7, 3, 0.5, z, True, eps_u, w)]   # NumPy reference
-    if native_status()["cpu_kernel"]:                                                      # and the fused kernel
-        coefs = ddim_coefficients(s10, 7, 3, 0.5)
-        steps.append(lambda e, eps_u=None, w=1.0: fused_step(x, e, coefs, z=z, eps_uncond=eps_u, guidance=w))
-    for step in steps:
-        assert np.allclose(step(eps_c, eps_u, 0.0), step(eps_u), atol=1e-6)
-        assert np.allclose(step(eps_c, eps_u, 1.0), step(eps_c), atol=1e-6)
-        assert not np.allclose(step(eps_c, eps_u, 3.0), step(eps_c), atol=1e-3)
+    coefs = ddim_coefficients(s10, 7, 3, 0.5)
+    steps = [lambda e, eps_u=None, w=1.0: ddim_step(s10, x, e, 7, 3, 0.5, z, True, eps_u, w),    # the paper's form
+             lambda e, eps_u=None, w=1.0: step(x, e, StepParams(coefs, w, True, 4, 7), eps_uncond=eps_u)[0],
+             lambda e, eps_u=None, w=1.0: step.reference(x, e, StepParams(coefs, w, True, 4, 7), eps_uncond=eps_u)[0]]
+    for one_step in steps:
+        assert np.allclose(one_step(eps_c, eps_u, 0.0), one_step(eps_u), atol=1e-6)
+        assert np.allclose(one_step(eps_c, eps_u, 1.0), one_step(eps_c), atol=1e-6)
+        assert not np.allclose(one_step(eps_c, eps_u, 3.0), one_step(eps_c), atol=1e-3)
 
-    mcfg = UNetConfig(**dict(TINY, text_cond="add", vocab_size=len(build_tokenizer("toy")), text_len=8,
-                             text_dim=16, text_layers=1, text_heads=2))
-    train(_cfg(toy_data, tmp_path, 2), mcfg, progress=False)
-    model, tcfg, meta = load_model(str(tmp_path / "checkpoint.npz"))
-    ids = encode_prompts(load_tokenizer(meta), ["a handwritten two", "数字3"], 8)
+    cond = ConditionConfig(**TOY_TEXT, vocab_size=len(build_tokenizer("toy")))
+    _train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), cond, progress=False)
+    model, sched, meta = load_model(str(tmp_path / "checkpoint.npz"))
+    ids = encode_prompts(model.tokenizer, ["a handwritten two", "数字3"], 8)
     kw = dict(sampler="ddim", num_steps=3, seed=0, progress=False)
-    sched = tcfg.schedule()
     w0 = sample(model, sched, 2, y=ids, guidance=0.0, **kw)
     assert np.allclose(w0, sample(model, sched, 2, **kw), atol=1e-5)                    # unconditional
     w1 = sample(model, sched, 2, y=ids, guidance=1.0 - 1e-7, **kw)    # doubled batch (w <= 1: eps kept)
     assert np.allclose(w1, sample(model, sched, 2, y=ids, guidance=1.0, **kw), atol=1e-5)  # conditional only
-    e_c, e_u = predict_eps(model, sched, w0, 5, ids, guidance=3.0)
+    e_c, e_u = predict_eps(model, sched, w0, np.array([5, 5]), ids, model.null_condition(2))
     assert e_u is not None and not np.allclose(e_c, e_u)
 
 
 @pytest.mark.parametrize("mode", ["add", "concat"])
 def test_train_with_prompts_and_sample_from_prompts(toy_data, toy_prompts, tmp_path, mode):
-    mcfg = UNetConfig(**dict(TINY, text_cond=mode, vocab_size=len(build_tokenizer("toy")), text_len=8,
-                             text_dim=16, text_layers=1, text_heads=2))
+    cond = ConditionConfig(**dict(TOY_TEXT, text_cond=mode), vocab_size=len(build_tokenizer("toy")))
     losses = []
-    train(_cfg(toy_data, tmp_path, 3), mcfg, progress=False, callback=lambda s, l: losses.append(l))
+    _train(_cfg(toy_data, tmp_path, 3), UNetConfig(**TINY), cond, progress=False,
+           callback=lambda s, l: losses.append(l))
     assert len(losses) == 3 and all(np.isfinite(losses))
     model, _, meta = load_model(str(tmp_path / "checkpoint.npz"))
-    assert load_tokenizer(meta).vocab == build_tokenizer("toy").vocab          # the vocabulary is in the checkpoint
+    assert model.tokenizer.vocab == build_tokenizer("toy").vocab          # the vocabulary is in the checkpoint
     mod = _script("mnist_sample")
     out = tmp_path / "p.png"
     mod.main([str(tmp_path / "checkpoint.npz"), "--sampler", "ddim", "--steps", "2", "-n", "3", "--out", str(out),
@@ -189,7 +190,7 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     x, y = load_dataset("toy", "train", toy_split)
     clf = train_classifier(to_model_range(x), y.astype(np.int64), epochs=1, batch_size=16, progress=False)
     save_classifier(clf, str(tmp_path / "clf.npz"), meta=dict(test_accuracy=1.0))
-    train(_cfg(toy_split, tmp_path / "uncond", 2, guide_step=1), UNetConfig(**TINY), progress=False)
+    _train(_cfg(toy_split, tmp_path / "uncond", 2, guide_step=1), UNetConfig(**TINY), progress=False)
     mod = _script("mnist_eval")
     common = ["--classifier", str(tmp_path / "clf.npz"), "--dataset", "toy", "--data-dir", toy_split,
               "--out-dir", str(tmp_path / "eval")]
@@ -216,9 +217,8 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     row = json.loads((tmp_path / "s.json").read_text())["rows"][0]
     assert row["prompted_accuracy"] == pytest.approx(float((predict_labels(clf, x[:8]) == y[:8]).mean()))
 
-    mcfg = UNetConfig(**dict(TINY, text_cond="add", vocab_size=len(build_tokenizer("toy")), text_len=8,
-                             text_dim=16, text_layers=1, text_heads=2))
-    train(_cfg(toy_split, tmp_path / "text", 2), mcfg, progress=False)
+    cond = ConditionConfig(**TOY_TEXT, vocab_size=len(build_tokenizer("toy")))
+    _train(_cfg(toy_split, tmp_path / "text", 2), UNetConfig(**TINY), cond, progress=False)
     mod.main([str(tmp_path / "text" / "checkpoint.npz"), "--samplers", "ddim2", "-n", "4", "--bpd-exact", "0",
               "--bpd-mc", "0", "--guidance", "0,3", "--prompts", "train,held_out", "--json", str(tmp_path / "t.json")]
              + common)

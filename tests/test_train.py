@@ -7,12 +7,14 @@ import struct
 import numpy as np
 import pytest
 
-from minidiff.utils import data
-from minidiff.utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from minidiff.utils.image import save_grid
+from minidiff import fast
+from minidiff.conditioning.unet import ConditionConfig, build_unet
 from minidiff.sample import sample
-from minidiff.train import TrainConfig, TrainingError, load_model, train
+from minidiff.train import TrainConfig, TrainingError, train
 from minidiff.unet import UNetConfig
+from minidiff.utils import data
+from minidiff.utils.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from minidiff.utils.image import save_grid
 
 TINY = dict(base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(7,), resolution=14)
 
@@ -54,17 +56,28 @@ def _cfg(toy_data, out, steps, **kw):
                        num_sample_images=4, **kw)
 
 
+def _train(cfg, mcfg, cond=None, **kw):
+    """train() on a fresh network of this configuration, initialised from the run's seed."""
+    return train(cfg, build_unet(mcfg, cond, seed=cfg.seed), **kw)
+
+
+def reference_sample(*args, **kw):
+    """sample() with the readable NumPy reference of the step instead of its fused kernel."""
+    with fast.use_reference("step.step"):
+        return sample(*args, **kw)
+
+
 def _same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
 
 
 def test_train_resume_is_bit_identical(toy_data, tmp_path):
     mcfg = UNetConfig(**TINY)
-    full, _, step = train(_cfg(toy_data, tmp_path / "full", 6), mcfg, progress=False)
+    full, _, step = _train(_cfg(toy_data, tmp_path / "full", 6), mcfg, progress=False)
     assert step == 6
     # interrupted at step 3 (run ends), then resumed to 6
-    train(_cfg(toy_data, tmp_path / "split", 3), mcfg, progress=False)
-    resumed, _, step = train(_cfg(toy_data, tmp_path / "split", 6), mcfg, resume=True, progress=False)
+    _train(_cfg(toy_data, tmp_path / "split", 3), mcfg, progress=False)
+    resumed, _, step = _train(_cfg(toy_data, tmp_path / "split", 6), mcfg, resume=True, progress=False)
     assert step == 6
     assert _same(full.params, resumed.params)
     a = load_checkpoint(str(tmp_path / "full" / "checkpoint.npz"))
@@ -78,27 +91,27 @@ def test_train_resume_is_bit_identical(toy_data, tmp_path):
 
 def test_ctrl_c_saves_and_resume_continues(toy_data, tmp_path):
     mcfg = UNetConfig(**TINY)
-    reference, _, _ = train(_cfg(toy_data, tmp_path / "ref", 5), mcfg, progress=False)
+    reference, _, _ = _train(_cfg(toy_data, tmp_path / "ref", 5), mcfg, progress=False)
 
     def interrupt(step, loss):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
 
-    _, _, step = train(_cfg(toy_data, tmp_path / "int", 5), mcfg, progress=False, callback=interrupt)
+    _, _, step = _train(_cfg(toy_data, tmp_path / "int", 5), mcfg, progress=False, callback=interrupt)
     assert step == 2
     assert load_checkpoint(str(tmp_path / "int" / "checkpoint.npz"))["meta"]["step"] == 2
-    resumed, _, step = train(_cfg(toy_data, tmp_path / "int", 5), mcfg, resume=True, progress=False)
+    resumed, _, step = _train(_cfg(toy_data, tmp_path / "int", 5), mcfg, resume=True, progress=False)
     assert step == 5 and _same(reference.params, resumed.params)
 
 
 def test_resume_with_other_architecture_fails_clearly(toy_data, tmp_path):
-    train(_cfg(toy_data, tmp_path, 1), UNetConfig(**TINY), progress=False)
+    _train(_cfg(toy_data, tmp_path, 1), UNetConfig(**TINY), progress=False)
     with pytest.raises(CheckpointError, match="base_channels: checkpoint 8 vs now 16"):
-        train(_cfg(toy_data, tmp_path, 2), UNetConfig(**dict(TINY, base_channels=16)), resume=True, progress=False)
+        _train(_cfg(toy_data, tmp_path, 2), UNetConfig(**dict(TINY, base_channels=16)), resume=True, progress=False)
     with pytest.raises(CheckpointError, match="lr"):
         cfg = _cfg(toy_data, tmp_path, 2)
         cfg.lr = 1.0
-        train(cfg, UNetConfig(**TINY), resume=True, progress=False)
+        _train(cfg, UNetConfig(**TINY), resume=True, progress=False)
 
 
 class NoSync(np.ndarray):
@@ -114,33 +127,30 @@ class NoSync(np.ndarray):
 
 
 def test_training_step_reads_nothing_back():
-    """TrainStep.run (forward, loss, backward, clipping, Adam, EMA) with every array that lives on the device made a
+    """TrainStep (forward, loss, backward, clipping, Adam, EMA) with every array that lives on the device made a
     NoSync: no value is read back (on a GPU: no host synchronisation inside a step). Timesteps and labels are host
-    arrays, checked by set_inputs before they are copied."""
+    arrays, checked before they are used."""
     from minidiff.optim import EMA, Adam
     from minidiff.schedule import NoiseSchedule
-    from minidiff.train import TrainStep
-    from minidiff.unet import UNet
-    model = UNet(UNetConfig(**dict(TINY, num_classes=4)), seed=0)
+    from minidiff.train_step import TrainStep
+    model = build_unet(UNetConfig(**TINY), ConditionConfig(num_classes=4), seed=0)
     for _, layer in model.named_layers():
         for k in layer.params:
             layer.params[k], layer.grads[k] = layer.params[k].view(NoSync), layer.grads[k].view(NoSync)
     model._collect()
     opt, ema = Adam(model.params, model.grads, lr=1e-3), EMA(model.params)
-    ts = TrainStep(model, opt, ema, NoiseSchedule(50), 1.0, (3, 1, 14, 14), (3,))
-    for name in ("x0", "noise", "hyper", "loss", "grad_norm"):
-        setattr(ts, name, getattr(ts, name).view(NoSync))
+    ts = TrainStep(model, opt, ema, NoiseSchedule(50), 1.0)
+    ts.loss, ts.grad_norm = ts.loss.view(NoSync), ts.grad_norm.view(NoSync)
     rng = np.random.default_rng(0)
     before = model.params["conv_in.weight"].copy()
+    x0, noise = (rng.standard_normal((3, 1, 14, 14)).astype(np.float32).view(NoSync) for _ in range(2))
     for _ in range(2):
-        ts.set_inputs(rng.standard_normal((3, 1, 14, 14)), np.array([0, 7, 49]), rng.standard_normal((3, 1, 14, 14)),
-                      np.array([0, 4, 2]), 1e-3)
-        ts.run()
+        ts(x0, np.array([0, 7, 49]), noise, np.array([0, 4, 2]), 1e-3)
     assert type(ts.loss) is NoSync and not np.array_equal(np.asarray(model.params["conv_in.weight"]), before)
     with pytest.raises(ValueError, match="class labels"):
-        ts.set_inputs(ts.x0, np.array([0, 7, 49]), ts.noise, np.array([0, 5, 2]), 1e-3)
+        ts(x0, np.array([0, 7, 49]), noise, np.array([0, 5, 2]), 1e-3)
     with pytest.raises(ValueError, match="ints in"):
-        ts.set_inputs(ts.x0, np.array([0, 7, 50]), ts.noise, np.array([0, 4, 2]), 1e-3)
+        ts(x0, np.array([0, 7, 50]), noise, np.array([0, 4, 2]), 1e-3)
 
 
 @pytest.mark.parametrize("ckpt_every", [1, 100])
@@ -149,31 +159,31 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_data, tmp_path, monkeypatc
     one then stops training, naming its step, before anything is written from the non-finite state."""
     mcfg = UNetConfig(**TINY)
     cfg = _cfg(toy_data, tmp_path, 2)
-    train(cfg, mcfg, progress=False)
+    _train(cfg, mcfg, progress=False)
     before = (tmp_path / "checkpoint.npz").read_bytes()
     cfg.steps, cfg.log_every, cfg.ckpt_every = 6, 4, ckpt_every
-    import minidiff.train
-    real = minidiff.train.loss_simple
+    import minidiff.train_step
+    real = minidiff.train_step.loss_simple
 
     def nan_loss(*a, **k):
         loss, dout = real(*a, **k)
         return loss * float("nan"), dout                 # the step itself still runs on finite gradients
-    monkeypatch.setattr(minidiff.train, "loss_simple", nan_loss)
+    monkeypatch.setattr(minidiff.train_step, "loss_simple", nan_loss)
     with pytest.raises(TrainingError, match="loss became nan at step 2"):
-        train(cfg, mcfg, resume=True, progress=False)
+        _train(cfg, mcfg, resume=True, progress=False)
     assert (tmp_path / "checkpoint.npz").read_bytes() == before
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmsolver++"])
 def test_sample_each_sampler_and_write_png(toy_data, tmp_path, sampler):
-    train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
-    model, tcfg, meta = load_model(str(tmp_path / "checkpoint.npz"))
+    _train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
+    model, sched, meta = load_model(str(tmp_path / "checkpoint.npz"))
     kw = dict(sampler=sampler, num_steps=5, seed=1, batch_size=3, progress=False)
-    imgs = sample(model, tcfg.schedule(), 4, **kw)  # fused kernel when built, else the NumPy reference
+    imgs = sample(model, sched, 4, **kw)  # fused kernel when built, else the NumPy reference
     assert imgs.shape == (4, 1, 14, 14) and imgs.dtype == np.float32 and np.all(np.abs(imgs) <= 1)
-    again = sample(model, tcfg.schedule(), 4, **kw)
+    again = sample(model, sched, 4, **kw)
     assert np.array_equal(imgs, again)                      # seeded and reproducible
-    ref = sample(model, tcfg.schedule(), 4, backend="numpy", **kw)
+    ref = reference_sample(model, sched, 4, **kw)
     assert np.allclose(imgs, ref, atol=1e-4)                # same images from the kernel and the NumPy reference
     path = save_grid(imgs, str(tmp_path / f"{sampler}.png"))
     assert os.path.getsize(path) > 100
@@ -207,7 +217,7 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
     """examples/mnist_sample.py end to end on a tiny checkpoint (EMA weights, DDIM)."""
     import importlib.util
     from pathlib import Path
-    train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
+    _train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
     script = Path(__file__).resolve().parents[1] / "examples" / "mnist_sample.py"
     spec = importlib.util.spec_from_file_location("mnist_sample", script)
     mod = importlib.util.module_from_spec(spec)
@@ -224,14 +234,14 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
 def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
     """Classifier-free guidance end to end: labels dropped to the null class with p_uncond during training;
     sampling runs the conditional and unconditional predictions in one doubled batch; w = 1 is conditional."""
-    mcfg = UNetConfig(**dict(TINY, num_classes=4))
-    train(_cfg(toy_data, tmp_path, 2, p_uncond=0.5), mcfg, progress=False)
-    model, tcfg, _ = load_model(str(tmp_path / "checkpoint.npz"))
-    sched, y = tcfg.schedule(), np.array([0, 1, 2, 3])
+    _train(_cfg(toy_data, tmp_path, 2, p_uncond=0.5), UNetConfig(**TINY), ConditionConfig(num_classes=4),
+           progress=False)
+    model, sched, _ = load_model(str(tmp_path / "checkpoint.npz"))
+    y = np.array([0, 1, 2, 3])
     kw = dict(sampler="ddim", num_steps=4, seed=0, progress=False, y=y)
     guided = sample(model, sched, 4, guidance=3.0, **kw)
     assert guided.shape == (4, 1, 14, 14) and np.all(np.isfinite(guided))
-    assert np.allclose(guided, sample(model, sched, 4, guidance=3.0, backend="numpy", **kw), atol=1e-4)
+    assert np.allclose(guided, reference_sample(model, sched, 4, guidance=3.0, **kw), atol=1e-4)
     assert not np.allclose(guided, sample(model, sched, 4, guidance=1.0, **kw))
 
 
@@ -240,10 +250,10 @@ def test_guide_step_keeps_the_ema_of_that_step_and_resume_keeps_it(toy_data, tmp
     them as its EMA), from then on, across a resume; load_model(path, "guide") loads them, and a checkpoint
     without them says so."""
     mcfg = UNetConfig(**TINY)
-    train(_cfg(toy_data, tmp_path / "short", 2), mcfg, progress=False)
-    train(_cfg(toy_data, tmp_path / "full", 5, guide_step=2), mcfg, progress=False)
-    train(_cfg(toy_data, tmp_path / "split", 3, guide_step=2), mcfg, progress=False)
-    train(_cfg(toy_data, tmp_path / "split", 5, guide_step=2), mcfg, resume=True, progress=False)
+    _train(_cfg(toy_data, tmp_path / "short", 2), mcfg, progress=False)
+    _train(_cfg(toy_data, tmp_path / "full", 5, guide_step=2), mcfg, progress=False)
+    _train(_cfg(toy_data, tmp_path / "split", 3, guide_step=2), mcfg, progress=False)
+    _train(_cfg(toy_data, tmp_path / "split", 5, guide_step=2), mcfg, resume=True, progress=False)
     short, full, split = (load_checkpoint(str(tmp_path / d / "checkpoint.npz")) for d in ("short", "full", "split"))
     assert short["guide"] == {} and _same(full["guide"], short["ema"]) and _same(split["guide"], full["guide"])
     assert not _same(full["ema"], full["guide"])                  # the EMA went on moving after the snapshot
@@ -256,11 +266,10 @@ def test_guide_step_keeps_the_ema_of_that_step_and_resume_keeps_it(toy_data, tmp
 def test_autoguidance_uses_the_guide_in_place_of_the_unconditional_model(toy_data, tmp_path):
     """sample(guide=g, guidance=w) steps with eps_g + w (eps - eps_g): w = 0 samples the guide alone, w = 1 the
     model alone, and a guide equal to the model changes nothing; the fused kernel equals the NumPy reference."""
-    train(_cfg(toy_data, tmp_path, 4, guide_step=1), UNetConfig(**TINY), progress=False)
+    _train(_cfg(toy_data, tmp_path, 4, guide_step=1), UNetConfig(**TINY), progress=False)
     path = str(tmp_path / "checkpoint.npz")
-    model, tcfg, _ = load_model(path)
+    model, sched, _ = load_model(path)
     guide = load_model(path, weights="guide")[0]
-    sched = tcfg.schedule()
     for sampler in ("ddim", "dpmsolver++"):
         kw = dict(sampler=sampler, num_steps=5, seed=2, progress=False, clip_sample=False)
         plain, of_guide = sample(model, sched, 3, **kw), sample(guide, sched, 3, **kw)
@@ -270,7 +279,7 @@ def test_autoguidance_uses_the_guide_in_place_of_the_unconditional_model(toy_dat
         assert np.allclose(sample(model, sched, 3, guide=model, guidance=2.0, **kw), plain, atol=1e-5)
         kw["clip_sample"] = True
         guided = sample(model, sched, 3, guide=guide, guidance=2.0, **kw)
-        assert np.allclose(guided, sample(model, sched, 3, guide=guide, guidance=2.0, backend="numpy", **kw),
+        assert np.allclose(guided, reference_sample(model, sched, 3, guide=guide, guidance=2.0, **kw),
                            atol=1e-4)
         assert not np.allclose(guided, sample(model, sched, 3, **kw), atol=1e-3)
 
@@ -278,7 +287,7 @@ def test_autoguidance_uses_the_guide_in_place_of_the_unconditional_model(toy_dat
 def test_min_snr_weights_closed_form():
     """Min-SNR-gamma (Hang et al.): w_t = min(SNR, gamma) / SNR for eps, / (SNR + 1) for v; uniform is 1."""
     from minidiff.schedule import NoiseSchedule
-    from minidiff.train import loss_weights
+    from minidiff.train_step import loss_weights
     sched = NoiseSchedule(1000)
     snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)
     w = loss_weights(sched, "epsilon", "min_snr", 5.0)
@@ -299,18 +308,18 @@ def test_train_other_targets_and_weightings(toy_data, tmp_path, prediction, weig
     mcfg = UNetConfig(**dict(TINY, prediction_type=prediction))
     losses = []
     cfg = _cfg(toy_data, tmp_path / "a", 12, loss_weighting=weighting, lr_schedule="cosine")
-    full, _, _ = train(cfg, mcfg, progress=False, callback=lambda s, loss: losses.append(float(loss)))
+    full, _, _ = _train(cfg, mcfg, progress=False, callback=lambda s, loss: losses.append(float(loss)))
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     cfg_b = _cfg(toy_data, tmp_path / "b", 12, loss_weighting=weighting, lr_schedule="cosine")
     # interrupted half way (the cosine's horizon is the configured 12 steps), then resumed
-    train(cfg_b, mcfg, progress=False, callback=lambda s, loss: s == 6 and os.kill(os.getpid(), signal.SIGINT))
-    resumed, _, _ = train(cfg_b, mcfg, resume=True, progress=False)
+    _train(cfg_b, mcfg, progress=False, callback=lambda s, loss: s == 6 and os.kill(os.getpid(), signal.SIGINT))
+    resumed, _, _ = _train(cfg_b, mcfg, resume=True, progress=False)
     assert _same(full.params, resumed.params)
-    model, tcfg, _ = load_model(str(tmp_path / "a" / "checkpoint.npz"))
+    model, sched, _ = load_model(str(tmp_path / "a" / "checkpoint.npz"))
     assert model.config.prediction_type == prediction
     kw = dict(sampler="ddim", num_steps=4, seed=0, progress=False)
-    imgs = sample(model, tcfg.schedule(), 3, **kw)
-    assert np.all(np.isfinite(imgs)) and np.allclose(imgs, sample(model, tcfg.schedule(), 3, backend="numpy", **kw),
+    imgs = sample(model, sched, 3, **kw)
+    assert np.all(np.isfinite(imgs)) and np.allclose(imgs, reference_sample(model, sched, 3, **kw),
                                                      atol=1e-4)
 
 
@@ -344,7 +353,7 @@ def test_v_model_samples_like_the_eps_model_it_is_equivalent_to():
 def test_time_budget_stops_and_saves(toy_data, tmp_path):
     """max_minutes: training stops once the budget is spent, with a checkpoint, like Ctrl-C; --resume continues."""
     cfg = _cfg(toy_data, tmp_path, 50, max_minutes=1e-9)
-    _, _, step = train(cfg, UNetConfig(**TINY), progress=False)
+    _, _, step = _train(cfg, UNetConfig(**TINY), progress=False)
     assert step == 1 and load_checkpoint(str(tmp_path / "checkpoint.npz"))["meta"]["step"] == 1
     cfg.max_minutes, cfg.steps = None, 3
-    assert train(cfg, UNetConfig(**TINY), resume=True, progress=False)[2] == 3
+    assert _train(cfg, UNetConfig(**TINY), resume=True, progress=False)[2] == 3

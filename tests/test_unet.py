@@ -7,13 +7,20 @@ import json
 import numpy as np
 import pytest
 
+from minidiff.conditioning.unet import ClassConditionalUNet, ConditionConfig
 from minidiff.unet import UNet, UNetConfig
 from test_layers import GRAD_TOL, numerical_grad, rel_error
 
 # base_channels 16: two channels per GroupNorm group (with one, GroupNorm removes every per-channel shift,
 # so conv1.bias and temb_proj would have exactly zero gradient and the check would see only rounding noise)
 TINY = UNetConfig(in_channels=2, resolution=8, base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
-                  attn_resolutions=(4,), dropout=0.1, num_classes=3)
+                  attn_resolutions=(4,), dropout=0.1)
+CLASSES = ConditionConfig(num_classes=3)
+
+
+def tiny(seed=0, dtype=np.float32):
+    """The tiny class-conditional U-Net every feature of the network is on in."""
+    return ClassConditionalUNet(TINY, CLASSES, seed=seed, dtype=dtype)
 
 
 def randomize(model, rng, scale=0.3):
@@ -29,7 +36,7 @@ def test_parameter_count_matches_reference():
 
 
 def test_params_grads_names_and_init():
-    m = UNet(UNetConfig(num_classes=10))
+    m = ClassConditionalUNet(UNetConfig(), ConditionConfig(num_classes=10))
     assert list(m.params) == list(m.grads)
     assert all(m.params[k].shape == m.grads[k].shape and m.params[k].dtype == np.float32 for k in m.params)
     for name in ["conv_in.weight", "down.0.res.1.conv1.weight", "down.2.attn.0.q.weight", "down.1.downsample.conv.weight",
@@ -44,11 +51,12 @@ def test_params_grads_names_and_init():
     assert "conv_out.weight" in zero and "mid.attn.proj.weight" in zero and "up.0.res.2.conv2.weight" in zero
     assert m.params["down.0.res.0.conv1.weight"].any()
     # the same seed gives the same weights
-    assert all(np.array_equal(a, b) for a, b in zip(m.params.values(), UNet(UNetConfig(num_classes=10)).params.values()))
+    again = ClassConditionalUNet(UNetConfig(), ConditionConfig(num_classes=10)).params
+    assert all(np.array_equal(a, b) for a, b in zip(m.params.values(), again.values()))
 
 
 def test_config_round_trips_through_json():
-    cfg = UNetConfig(base_channels=16, ch_mult=(1, 2), attn_resolutions=(14,), num_classes=10, dropout=0.1)
+    cfg = UNetConfig(base_channels=16, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.1)
     assert UNetConfig.from_dict(json.loads(json.dumps(cfg.asdict()))) == cfg
     assert UNetConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown UNetConfig option"):
@@ -58,7 +66,7 @@ def test_config_round_trips_through_json():
 
 
 def test_bad_inputs_raise_clear_errors():
-    m = UNet(TINY)
+    m = tiny()
     x, t = np.zeros((2, 2, 8, 8), np.float32), np.array([1, 2])
     with pytest.raises(ValueError, match="shape"):
         m.forward(np.zeros((2, 1, 8, 8), np.float32), t)
@@ -71,6 +79,8 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="rng"):
         m.forward(x, t)                                  # dropout 0.1 in training mode needs an rng
     assert m.train(False).forward(x, t).shape == x.shape     # evaluation: no dropout, no rng needed
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(TINY).forward(x, t, np.array([0, 1]))
 
 
 def test_whole_unet_gradcheck():
@@ -79,7 +89,7 @@ def test_whole_unet_gradcheck():
     Step h = 1e-4: the sampled gradients can be ~1e-4 of the loss, so smaller steps are dominated by
     rounding (errors grow as 1/h below that); at 1e-4 the worst tensor is ~3e-8."""
     rng = np.random.default_rng(0)
-    m = UNet(TINY, seed=1, dtype=np.float64)
+    m = tiny(seed=1, dtype=np.float64)
     randomize(m, rng)
     x = rng.standard_normal((2, 2, 8, 8))
     t, y = np.array([3, 900]), np.array([0, 3])          # 3 = the "no condition" token
@@ -101,7 +111,7 @@ def test_whole_unet_gradcheck():
 
 
 def test_float32_end_to_end_no_float64_leaks():
-    m = UNet(TINY)
+    m = tiny()
     rng = np.random.default_rng(0)
     randomize(m, rng)
     x = rng.standard_normal((2, 2, 8, 8)).astype(np.float32)
@@ -114,8 +124,8 @@ def test_float32_end_to_end_no_float64_leaks():
 def test_eval_mode_keeps_no_caches():
     """model.train(False): same output, dropout off, no layer holds a cache, backward refuses clearly."""
     cfg = UNetConfig(in_channels=2, resolution=8, base_channels=16, ch_mult=(1, 2), num_res_blocks=1,
-                     attn_resolutions=(4,), num_classes=3)
-    m = UNet(cfg)
+                     attn_resolutions=(4,))
+    m = ClassConditionalUNet(cfg, CLASSES)
     randomize(m, np.random.default_rng(0))
     x, t, y = np.random.default_rng(1).standard_normal((2, 2, 8, 8)).astype(np.float32), np.array([5, 6]), None
     train_out = m.forward(x, t, y)
@@ -130,7 +140,7 @@ def test_eval_mode_keeps_no_caches():
 
 
 def test_to_float64_and_back():
-    m = UNet(TINY, seed=3)
+    m = tiny(seed=3)
     before = {k: p.copy() for k, p in m.params.items()}
     m.to(np, np.float64)
     assert all(p.dtype == np.float64 and g.dtype == np.float64 for p, g in zip(m.params.values(), m.grads.values()))
@@ -146,11 +156,11 @@ def test_unet_matches_torch():
     gradient agree with PyTorch autograd in float32."""
     torch = pytest.importorskip("torch")
     from torch_unet import from_config, load_minidiff_params
-    cfg = UNetConfig(num_classes=10)
-    m = UNet(cfg, seed=0)
+    cfg = UNetConfig()
+    m = ClassConditionalUNet(cfg, ConditionConfig(num_classes=10), seed=0)
     rng = np.random.default_rng(1)
     randomize(m, rng, scale=0.1)
-    tm = load_minidiff_params(from_config(cfg), m.params)
+    tm = load_minidiff_params(from_config(cfg, num_classes=10), m.params)
     assert sum(p.numel() for p in tm.parameters()) == m.num_parameters()
     x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
     t, y = np.array([0, 500, 999]), np.array([2, 10, 7])

@@ -156,15 +156,11 @@ class TorchUNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-TEXT_FIELDS = ("text_cond", "vocab_size", "text_len", "text_dim", "text_layers", "text_heads", "text_channels")
-
-
-def from_config(cfg):
-    """A TorchUNet for a minidiff UNetConfig (the reference has no text conditioning)."""
-    if cfg.text_cond:
-        raise ValueError("the PyTorch reference U-Net has no text conditioning")
+def from_config(cfg, num_classes=None):
+    """A TorchUNet for a minidiff UNetConfig, class-conditional with num_classes (the reference has no text
+    conditioning)."""
     # (what the network predicts does not change the network)
-    return TorchUNet(**{k: v for k, v in cfg.asdict().items() if k not in TEXT_FIELDS + ("prediction_type",)})
+    return TorchUNet(**{k: v for k, v in cfg.asdict().items() if k != "prediction_type"}, num_classes=num_classes)
 
 
 def load_minidiff_params(tmodel, params):

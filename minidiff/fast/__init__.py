@@ -33,13 +33,15 @@ _reference_only = os.environ.get("MINIDIFF_REFERENCE", "0") not in ("", "0")
 _reference_keys = frozenset()   # use_reference(*keys): these keys run their reference
 
 
-def reference(fn=None, *, fuse=False):
+def reference(fn=None, *, fuse=False, by_xp=False):
     """Mark ``fn`` as the readable reference of an operation: calls run the fast path registered for the first
     argument's array kind, if any and not switched off, else ``fn``. ``fuse=True`` declares that on CuPy the fast
-    path is ``fn`` itself compiled by ``cupy.fuse`` (for a chain of elementwise operations). ``fn.reference`` is the
-    plain function. Usable as ``@fast.reference`` and ``@fast.reference(fuse=True)``."""
+    path is ``fn`` itself compiled by ``cupy.fuse`` (for a chain of elementwise operations). ``by_xp=True``: the
+    table is chosen by the array module passed as ``xp=`` (a function that makes arrays, such as a noise
+    generator), not by the first argument. ``fn.reference`` is the plain function. Usable as ``@fast.reference``
+    and ``@fast.reference(fuse=True)``."""
     if fn is None:
-        return functools.partial(reference, fuse=fuse)
+        return functools.partial(reference, fuse=fuse, by_xp=by_xp)
     key = f"{fn.__module__.removeprefix('minidiff.')}.{fn.__name__}"
     _references[key] = fn
     if fuse:
@@ -48,7 +50,7 @@ def reference(fn=None, *, fuse=False):
     @functools.wraps(fn)
     def dispatch(*args, **kwargs):
         if not _reference_only and key not in _reference_keys:
-            fast = _fast_path(key, args[0])
+            fast = _fast_path(key, module_kind(kwargs.get("xp", np)) if by_xp else array_kind(args[0]))
             if fast is not None:
                 out = fast(*args, **kwargs)
                 if out is not NotImplemented:
@@ -58,6 +60,11 @@ def reference(fn=None, *, fuse=False):
     dispatch.reference = fn
     dispatch.key = key
     return dispatch
+
+
+def module_kind(xp):
+    """ "numpy" or "cupy" for an array module."""
+    return "cupy" if xp.__name__ == "cupy" else "numpy"
 
 
 def array_kind(x):
@@ -82,8 +89,7 @@ def table(kind):
     return _tables[kind]
 
 
-def _fast_path(key, x):
-    kind = array_kind(x)
+def _fast_path(key, kind):
     if kind is None:
         return None
     fast = table(kind).get(key)
@@ -91,6 +97,13 @@ def _fast_path(key, x):
         from .gpu import fuse
         fast = _tables["cupy"][key] = fuse(key, _references[key])
     return fast
+
+
+def has_fast_path(key, xp):
+    """Whether calls of ``key`` on arrays of module ``xp`` run a fast path now (switch and tables considered)."""
+    if _reference_only or key in _reference_keys:
+        return False
+    return _fast_path(key, module_kind(xp)) is not None
 
 
 def references():

@@ -75,6 +75,39 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0):
     return core.conv3x3_backward(_c(x), _c(weight), _c(dout))
 
 
+def _step_arrays(x_t, **arrays):
+    """Whether the step kernel takes these arrays: float32 C-contiguous NumPy arrays of x_t's shape."""
+    return all(a is None or (type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
+                             and a.shape == x_t.shape) for a in (x_t, *arrays.values()))
+
+
+def counters_ok(params):
+    """Whether the noise's Philox key and counter fit the kernels' uint64 (else the reference names the problem)."""
+    return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2 ** 64
+               for v in (params.seed, params.t))
+
+
+def step_scalars(params):
+    """The keyword scalars of the step kernels (core.step_cpu, core.step_cuda) for a step.StepParams."""
+    c = params.coefs
+    return dict(a=c.a, b=c.b, c_x0=c.c_x0, c_x0prev=c.c_x0prev, c_xt=c.c_xt, c_eps=c.c_eps, sigma=c.sigma,
+                guidance=float(params.guidance), clip=bool(params.clip_sample), seed=int(params.seed),
+                step=int(params.t))
+
+
+def step(x_t, eps, params, eps_uncond=None, x0_prev=None, out=None, x0_out=None, threads=0):
+    """step.step in one pass over the elements (csrc/step_math.h), the Philox noise drawn in the same pass; OpenMP
+    over the cores (threads = 0: all of them)."""
+    if not _step_arrays(x_t, eps=eps, eps_uncond=eps_uncond, x0_prev=x0_prev, out=out, x0_out=x0_out):
+        return NotImplemented
+    if (x0_prev is None and params.coefs.c_x0prev != 0.0) or not counters_ok(params):
+        return NotImplemented                   # the reference says what is wrong
+    out = np.empty_like(x_t) if out is None else out
+    x0 = np.empty_like(x_t) if x0_out is None else x0_out
+    core.step_cpu(x_t, eps, eps_uncond, None, x0_prev, out, x0, threads=int(threads), **step_scalars(params))
+    return out, x0
+
+
 def table():
     """{reference key: fast path}; empty without the compiled extension."""
     if core is None:
@@ -82,4 +115,4 @@ def table():
     return {"layers.linear": linear, "layers.linear_backward": linear_backward,
             "layers.silu": silu, "layers.silu_backward": silu_backward,
             "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
-            "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward}
+            "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward, "step.step": step}

@@ -1,5 +1,5 @@
-"""Checkpoints: one .npz file, no pickle, written atomically.
-Stage 5 of the pipeline, with train.py: what a run leaves behind for sampling and evaluation.
+"""Checkpoints: one .npz file, no pickle, written atomically; and the model a checkpoint holds.
+What train.py leaves behind for sampling and evaluation.
 
 Layout: ``params/<name>`` (weights), ``ema/<name>`` (EMA weights), ``opt/<key>`` (optimizer state),
 ``guide/<name>`` (optional: an early copy of the EMA weights, the guide of autoguidance) and ``meta`` (a JSON
@@ -7,6 +7,7 @@ string: format version, step, config, RNG state, anything else the trainer recor
 Saving writes a temporary file in the same folder, flushes it to disk and renames it over the target,
 so an interrupted save never destroys the last good checkpoint. Loading uses ``allow_pickle=False``.
 """
+import dataclasses
 import json
 import os
 import tempfile
@@ -14,7 +15,11 @@ import zipfile
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from ..conditioning.text import Tokenizer
+from ..conditioning.unet import ConditionConfig, build_unet, model_config
+from ..schedule import NoiseSchedule
+from ..unet import UNetConfig
+from .backend import array_module, get_xp, to_numpy
 
 FORMAT_VERSION = 1
 
@@ -95,3 +100,35 @@ def load_params_into(target, source, what, path):
                               f"was made with another configuration")
     for k, v in target.items():
         v[...] = array_module(v).asarray(source[k], dtype=v.dtype)
+
+
+def model_config_defaults():
+    """The default of every model-configuration field (a checkpoint omits those it predates)."""
+    return dict(UNetConfig().asdict(), **dataclasses.asdict(ConditionConfig()))
+
+
+WEIGHTS = {"ema": "ema", "raw": "params", "guide": "guide"}
+
+
+def load_model(path, weights="ema", device="cpu"):
+    """(model, schedule, meta) of a checkpoint written by train.train: the network with its ``weights``, "ema"
+    (default), "raw" or "guide" (the early EMA weights kept by TrainConfig.guide_step, for autoguidance), on
+    ``device``; the noise schedule it was trained with; the checkpoint's meta (step, configurations)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    ckpt = load_checkpoint(path)
+    meta = ckpt["meta"]
+    try:
+        cfg, cond = model_config(meta["config"]["model"])
+        tokenizer = Tokenizer.from_dict(meta["tokenizer"]) if meta.get("tokenizer") else None
+        train = meta["config"]["train"]
+        schedule = NoiseSchedule(train.get("num_train_timesteps", 1000), train.get("beta_schedule", "linear"),
+                                 train.get("beta_start", 1e-4), train.get("beta_end", 0.02))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has an unreadable configuration ({type(e).__name__}: {e})") from None
+    if weights == "guide" and not ckpt["guide"]:
+        raise CheckpointError(f"{path} has no guide weights for autoguidance (it was trained without "
+                              f"TrainConfig.guide_step)")
+    model = build_unet(cfg, cond, seed=0, tokenizer=tokenizer).to(get_xp(device))
+    load_params_into(model.params, ckpt[WEIGHTS[weights]], f"{weights} weights", path)
+    return model, schedule, meta

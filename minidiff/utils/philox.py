@@ -19,12 +19,14 @@ No state, no sequential dependence: any split of the elements over threads gives
 """
 import numpy as np
 
+from .. import fast
+
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57   # round multipliers
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85   # Weyl key increments (golden ratio, sqrt(3) - 1)
 MASK32 = 0xFFFFFFFF
 
 
-def _check_u64(value, name):
+def check_u64(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) < 2 ** 64:
         raise ValueError(f"{name} must be an integer in [0, 2**64), got {value!r}")
     return int(value)
@@ -61,9 +63,10 @@ def box_muller(u_r, u_theta, xp=np):
     return (r * xp.cos(theta)).astype(xp.float32), (r * xp.sin(theta)).astype(xp.float32)
 
 
+@fast.reference(by_xp=True)
 def philox_normal(seed, step, n, xp=np):
     """n float32 standard normals for (seed, step): element i from block i // 4, word i % 4 (module docstring)."""
-    seed, step = _check_u64(seed, "seed"), _check_u64(step, "step")
+    seed, step = check_u64(seed, "seed"), check_u64(step, "step")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     nblocks = (int(n) + 3) // 4
