@@ -7,7 +7,7 @@ Each layer is a class with ``params`` and ``grads`` (dicts name -> array, same k
   * ``backward(dout)`` returns the gradient with respect to the input(s) and ADDS (``+=``) the parameter
     gradients into ``grads``. Nothing here zeroes a gradient: that happens in one place, the model's
     ``zero_grad``.
-Composite layers (AttnBlock below; ResBlock in unet.py) register children with ``add``; ``named_params`` walks
+Composite layers (ResBlock and AttnBlock in unet.py) register children with ``add``; ``named_params`` walks
 the tree so the optimizer and checkpoints see one flat, ordered dict.
 
 Layout. Images are NHWC (channels last) inside the network: a convolution is then a matrix product with pixels
@@ -356,33 +356,6 @@ class Concat(Layer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Embedding table:  y = W[idx].  Its gradient adds each row of dout into the row it was read from
-# (a scatter-add: repeated indices accumulate; shared with the text encoder's token table).
-
-class Embedding(Layer):
-    def __init__(self, num_embeddings, dim, rng, dtype=np.float32):
-        super().__init__()
-        self.new_param("weight", rng.standard_normal((num_embeddings, dim)).astype(dtype))  # N(0, 1) like PyTorch
-
-    def forward(self, idx):                     # idx (N,) int
-        self.save(idx)
-        return self.params["weight"][idx]       # (N, dim)
-
-    def backward(self, dout):                   # dout (N, dim): row idx[i] of the table receives dout[i]
-        scatter_add(self.grads["weight"], self.cache, dout)
-        return None                             # integer input: no gradient
-
-
-def scatter_add(a, idx, values):
-    """a[idx[i]] += values[i], repeated indices accumulating (np.add.at; cupyx.scatter_add on the GPU)."""
-    if array_module(a) is np:
-        np.add.at(a, idx, values)
-    else:
-        import cupyx
-        cupyx.scatter_add(a, idx, values)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Sinusoidal timestep embedding (Transformer positional encoding, as in the DDPM code):
 #   emb[n, k] = sin(t_n * f_k),  emb[n, half + k] = cos(t_n * f_k),  f_k = 10000^(-k / (half - 1)).
 # No parameters and no gradient (t is an integer).
@@ -399,51 +372,13 @@ def timestep_embedding(t, dim, dtype=np.float32):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Single-head spatial self-attention with residual (DDPM's AttnBlock):
-#   h = GroupNorm(x);  q, k, v = 1x1 convs of h;  A = softmax(q k^T / sqrt(C)) over keys;
-#   y = x + proj(A v).
+# Softmax over the last axis, shifted by the maximum (no overflow)
 
 def softmax(s):
     xp = array_module(s)
     e = xp.exp(s - s.max(axis=-1, keepdims=True))
     e /= e.sum(axis=-1, keepdims=True)
     return e
-
-
-class AttnBlock(Layer):
-    def __init__(self, channels, rng, num_groups=8, dtype=np.float32):
-        super().__init__()
-        self.norm = self.add("norm", GroupNorm(num_groups, channels, dtype=dtype))
-        self.q = self.add("q", Conv2d(channels, channels, 1, rng, dtype=dtype))
-        self.k = self.add("k", Conv2d(channels, channels, 1, rng, dtype=dtype))
-        self.v = self.add("v", Conv2d(channels, channels, 1, rng, dtype=dtype))
-        self.proj = self.add("proj", Conv2d(channels, channels, 1, rng, dtype=dtype))
-
-    def forward(self, x):                       # x (B, H, W, C)
-        B, H, W, C = x.shape
-        h = self.norm.forward(x)
-        q = self.q.forward(h).reshape(B, H * W, C)                 # (B, N, C), N = H*W
-        k = self.k.forward(h).reshape(B, H * W, C)
-        v = self.v.forward(h).reshape(B, H * W, C)
-        scale = 1.0 / math.sqrt(C)
-        a = softmax((q @ k.transpose(0, 2, 1)) * scale)            # (B, N, N): query rows, key columns
-        o = (a @ v).reshape(B, H, W, C)                            # (B, H, W, C)
-        self.save((q, k, v, a, scale))
-        return x + self.proj.forward(o)
-
-    def backward(self, dout):                   # dout (B, H, W, C)
-        q, k, v, a, scale = self.cache
-        B, H, W, C = dout.shape
-        do = self.proj.backward(dout).reshape(B, H * W, C)         # (B, N, C)
-        da = do @ v.transpose(0, 2, 1)                             # (B, N, N)
-        dv = a.transpose(0, 2, 1) @ do                             # (B, N, C)
-        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))       # softmax backward, (B, N, N)
-        ds *= scale
-        dq = ds @ k                                                # (B, N, C)
-        dk = ds.transpose(0, 2, 1) @ q                             # (B, N, C)
-        dh = (self.q.backward(dq.reshape(B, H, W, C)) + self.k.backward(dk.reshape(B, H, W, C))
-              + self.v.backward(dv.reshape(B, H, W, C)))
-        return dout + self.norm.backward(dh)                       # residual + attention branch
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ in reverse, one call per line.
 """
 import dataclasses
 import json
+import math
 
 import numpy as np
 
-from .layers import (AttnBlock, Concat, Conv2d, Dropout, GroupNormSiLU, Layer, Linear, Model, SiLU, Upsample2x,
-                     timestep_embedding)
+from .layers import (Concat, Conv2d, Dropout, GroupNorm, GroupNormSiLU, Layer, Linear, Model, SiLU, Upsample2x,
+                     softmax, timestep_embedding)
 from .utils.backend import array_module
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -109,6 +110,46 @@ class ResBlock(Layer):
         dx = self.norm1.backward(self.conv1.backward(dh))
         dx += self.skip.backward(dout) if self.skip else dout
         return dx, demb
+
+
+# Single-head spatial self-attention with residual (DDPM's AttnBlock):
+#   h = GroupNorm(x);  q, k, v = 1x1 convs of h;  A = softmax(q k^T / sqrt(C)) over keys;
+#   y = x + proj(A v).
+
+class AttnBlock(Layer):
+    def __init__(self, channels, rng, num_groups=8, dtype=np.float32):
+        super().__init__()
+        self.norm = self.add("norm", GroupNorm(num_groups, channels, dtype=dtype))
+        self.q = self.add("q", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.k = self.add("k", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.v = self.add("v", Conv2d(channels, channels, 1, rng, dtype=dtype))
+        self.proj = self.add("proj", Conv2d(channels, channels, 1, rng, dtype=dtype))
+
+    def forward(self, x):                       # x (B, H, W, C)
+        B, H, W, C = x.shape
+        h = self.norm.forward(x)
+        q = self.q.forward(h).reshape(B, H * W, C)                 # (B, N, C), N = H*W
+        k = self.k.forward(h).reshape(B, H * W, C)
+        v = self.v.forward(h).reshape(B, H * W, C)
+        scale = 1.0 / math.sqrt(C)
+        a = softmax((q @ k.transpose(0, 2, 1)) * scale)            # (B, N, N): query rows, key columns
+        o = (a @ v).reshape(B, H, W, C)                            # (B, H, W, C)
+        self.save((q, k, v, a, scale))
+        return x + self.proj.forward(o)
+
+    def backward(self, dout):                   # dout (B, H, W, C)
+        q, k, v, a, scale = self.cache
+        B, H, W, C = dout.shape
+        do = self.proj.backward(dout).reshape(B, H * W, C)         # (B, N, C)
+        da = do @ v.transpose(0, 2, 1)                             # (B, N, N)
+        dv = a.transpose(0, 2, 1) @ do                             # (B, N, C)
+        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))       # softmax backward, (B, N, N)
+        ds *= scale
+        dq = ds @ k                                                # (B, N, C)
+        dk = ds.transpose(0, 2, 1) @ q                             # (B, N, C)
+        dh = (self.q.backward(dq.reshape(B, H, W, C)) + self.k.backward(dk.reshape(B, H, W, C))
+              + self.v.backward(dv.reshape(B, H, W, C)))
+        return dout + self.norm.backward(dh)                       # residual + attention branch
 
 
 class Downsample(Layer):

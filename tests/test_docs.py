@@ -4,7 +4,8 @@
   not followed);
 * every script that the documents run (examples/*.py, bench/*.py) starts and prints its --help, and every --option
   the documents give it is one it has;
-* every test (test_x.py::name) and every minidiff function (module.name) the equation map names exists;
+* every test (test_x.py::name) and every minidiff function (module.name) the equation map names exists, and each
+  test mentions a function its row names (the test tests what its row says);
 * no placeholder is left where a measurement belongs.
 
 Scripts run in a subprocess from a temporary folder, so they import the installed minidiff, as a user's would.
@@ -152,3 +153,26 @@ def test_equation_map_functions_and_tests_exist():
                                                           current.read_text(encoding="utf-8"))):
                 missing.append(ref)
     assert not missing, f"the equation map names what does not exist: {missing}"
+
+
+def _test_source(file, name):
+    """The source of test `name` in tests/`file`: from its def to the next top-level statement."""
+    text = (ROOT / "tests" / file).read_text(encoding="utf-8")
+    m = re.search(rf"^def {re.escape(name)}\b.*?(?=^\S)", text + "\n#", re.S | re.M)
+    return m.group(0) if m else ""
+
+
+def test_each_equation_map_test_mentions_a_function_of_its_row():
+    vague = []
+    for functions, tests in equation_map():
+        names = {ref.split(" ")[0].split(".")[-1] for ref in re.findall(r"`([^`]+)`", functions) if "/" not in ref}
+        names |= {ref.split("/")[-1].split(".")[0] for ref in re.findall(r"`([^`]+)`", functions) if "/" in ref}
+        current = None
+        for ref in re.findall(r"`([^`]+)`", tests):
+            file, _, name = ref.partition("::")
+            current = file.removeprefix("tests/") or current
+            source = (_test_source(current, name.split("[")[0]) if name else
+                      (ROOT / "tests" / current).read_text(encoding="utf-8"))
+            if not any(re.search(rf"\b{re.escape(n)}\b", source) for n in names):
+                vague.append(f"{ref} mentions none of {sorted(names)}")
+    assert not vague, vague

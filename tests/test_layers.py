@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from minidiff.layers import (AttnBlock, Concat, Conv2d, Dropout, Embedding, GroupNorm, Linear, SiLU, Upsample2x,
-                             col2im, im2col, timestep_embedding)
+from minidiff.conditioning.text import Embedding
+from minidiff.layers import Concat, Conv2d, Dropout, GroupNorm, Linear, SiLU, Upsample2x, col2im, im2col, timestep_embedding
+from minidiff.unet import AttnBlock
 
 GRAD_TOL = 1e-6
 TORCH_TOL = 1e-5

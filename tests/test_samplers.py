@@ -46,9 +46,9 @@ class GaussianData:
         return (math.sqrt(1 - ab) * (x - math.sqrt(ab) * mu) / (ab * self.s ** 2 + 1 - ab)).astype(np.float32)
 
 
-def _sample(sampler, num_steps, n, **kw):
-    return sample(GaussianData(), SCHEDULE, n, sampler=sampler, num_steps=num_steps, clip_sample=False, batch_size=n,
-                  progress=False, **kw)
+def _sample(sampler, num_steps, n, model=None, **kw):
+    return sample(model or GaussianData(), SCHEDULE, n, sampler=sampler, num_steps=num_steps, clip_sample=False,
+                  batch_size=n, progress=False, **kw)
 
 
 @pytest.mark.parametrize("num_steps, std_tol", [(10, 0.25), (20, 0.06)])
@@ -65,9 +65,9 @@ def test_dpmsolver_lands_on_gaussian_data_better_than_ddim(num_steps, std_tol):
     # resolved by neither sampler at these steps on DDIM's evenly spaced grid (its last interval, into t = 0, spans
     # lambda 0.97 -> 4.6 at S = 10), so it is only compared. Both samplers start from the same x_T (same seed), so
     # the sampling error is common to the comparison.
-    n = 65536
-    dpm = _sample("dpmsolver++", num_steps, n)
-    ddim = _sample("ddim", num_steps, n)
+    n, data = 65536, GaussianData()
+    dpm = _sample("dpmsolver++", num_steps, n, data)
+    ddim = _sample("ddim", num_steps, n, data)
     for got in (dpm, ddim):
         assert np.abs(got.mean(0) - MU).max() < 0.02
     err_dpm, err_ddim = np.abs(dpm.std(0) / S - 1), np.abs(ddim.std(0) / S - 1)

@@ -123,6 +123,9 @@ def test_guidance_formula():
     np.testing.assert_array_equal(step(eps=eps_c, eps_uncond=eps_u, guidance=0.0), step(eps=eps_u))
     np.testing.assert_array_equal(step(eps=eps_c, eps_uncond=eps_u, guidance=4.0),
                                   step(eps=eps_u + 4.0 * (eps_c - eps_u)))
+    from minidiff.step import _guided_eps
+    np.testing.assert_array_equal(_guided_eps(eps_c, eps_u, 4.0), eps_u + 4.0 * (eps_c - eps_u))
+    assert _guided_eps(eps_c, None, 4.0) is eps_c                 # no second prediction: no guidance
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "ddim"])

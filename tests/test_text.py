@@ -52,8 +52,10 @@ def test_chinese_round_trip(tok):
 
 
 def test_mixed_round_trip(tok):
+    assert tokenize("The digit 7 数字七!") == ["the", "digit", "7", "数", "字", "七"]
     ids, _ = tok.encode(["The digit 7 数字七"], 10)
     assert tok.decode(ids) == ["the digit 7数字七"]          # no space next to a Chinese character
+    np.testing.assert_array_equal(encode_prompts(tok, "The digit 7 数字七", 10), ids)
 
 
 def test_empty_prompt_is_cls_then_padding(tok):

@@ -211,6 +211,15 @@ def test_checkpoint_atomic_and_corrupt(tmp_path):
     np.savez(path, x=np.zeros(2))
     with pytest.raises(CheckpointError, match="unexpected entry"):
         load_checkpoint(path)
+    import pickle
+    for garbage in (pickle.dumps({"params": 1}), None):      # a pickle, and an .npz holding a pickled object
+        if garbage is None:
+            np.savez(path, meta=np.array([{"a": 1}], dtype=object))
+        else:
+            open(path, "wb").write(garbage)
+        with pytest.raises(CheckpointError, match="pickled Python objects") as e:
+            load_checkpoint(path)
+        assert "allow_pickle" not in str(e.value)
 
 
 def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
@@ -225,6 +234,9 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
     out = tmp_path / "grid.png"
     mod.main([str(tmp_path / "checkpoint.npz"), "--sampler", "ddim", "--steps", "3", "-n", "5", "--out", str(out)])
     assert out.stat().st_size > 100 and np.load(tmp_path / "grid.npy").shape == (5, 1, 14, 14)
+    for n in ("0", "-3"):                                          # no silent default for a count of nothing
+        with pytest.raises(SystemExit):
+            mod.main([str(tmp_path / "checkpoint.npz"), "-n", n])
     with pytest.raises(SystemExit, match="class-conditional"):
         mod.main([str(tmp_path / "checkpoint.npz"), "--class-label", "3", "-n", "2"])
     with pytest.raises(SystemExit, match="no guide weights"):      # trained without guide_step
@@ -357,3 +369,23 @@ def test_time_budget_stops_and_saves(toy_data, tmp_path):
     assert step == 1 and load_checkpoint(str(tmp_path / "checkpoint.npz"))["meta"]["step"] == 1
     cfg.max_minutes, cfg.steps = None, 3
     assert _train(cfg, UNetConfig(**TINY), resume=True, progress=False)[2] == 3
+
+
+def test_final_grid_is_silent_with_no_progress(toy_data, tmp_path, capsys):
+    """examples/mnist_train.py --no-progress: no progress bar from training or from the final grid's sampler."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+    script = Path(__file__).resolve().parents[1] / "examples" / "mnist_train.py"
+    spec = importlib.util.spec_from_file_location("mnist_train", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    tcfg = _cfg(toy_data, tmp_path, 2, guide_step=1)
+    _train(tcfg, UNetConfig(**TINY), progress=False)
+    for quiet in (False, True):
+        capsys.readouterr()
+        args = SimpleNamespace(final_images=4, final_sampler="dpmsolver++", device="cpu", seed=0, autoguidance=2.0,
+                               no_progress=quiet)
+        mod.final_grid(args, tcfg, 2)
+        assert ("img-step" in capsys.readouterr().err) is not quiet
+    assert (tmp_path / "final_dpmsolver++.png").stat().st_size > 100

@@ -89,7 +89,8 @@ def test_whole_unet_gradcheck():
     Step h = 1e-4: the sampled gradients can be ~1e-4 of the loss, so smaller steps are dominated by
     rounding (errors grow as 1/h below that); at 1e-4 the worst tensor is ~3e-8."""
     rng = np.random.default_rng(0)
-    m = tiny(seed=1, dtype=np.float64)
+    m = ClassConditionalUNet(TINY, CLASSES, seed=1, dtype=np.float64)   # a UNet with a class embedding
+    assert isinstance(m, UNet)
     randomize(m, rng)
     x = rng.standard_normal((2, 2, 8, 8))
     t, y = np.array([3, 900]), np.array([0, 3])          # 3 = the "no condition" token

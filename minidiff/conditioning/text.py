@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 
 from ..utils.backend import array_module, to_numpy
-from ..layers import Layer, Linear, SiLU, scatter_add, softmax
+from ..layers import Layer, Linear, SiLU, softmax
 
 _TOKEN = re.compile(r"[a-z]+|[0-9]|[\u4e00-\u9fff]")
 
@@ -131,6 +131,33 @@ def encode_prompts(tokenizer, prompts, max_len):
             warnings.warn(f"prompt {p!r} has {n_known} known tokens; truncated to max_len - 1 = {max_len - 1}",
                           stacklevel=2)
     return ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embedding table:  y = W[idx].  Its gradient adds each row of dout into the row it was read from
+# (a scatter-add: repeated indices accumulate; shared with the text encoder's token table).
+
+class Embedding(Layer):
+    def __init__(self, num_embeddings, dim, rng, dtype=np.float32):
+        super().__init__()
+        self.new_param("weight", rng.standard_normal((num_embeddings, dim)).astype(dtype))  # N(0, 1) like PyTorch
+
+    def forward(self, idx):                     # idx (N,) int
+        self.save(idx)
+        return self.params["weight"][idx]       # (N, dim)
+
+    def backward(self, dout):                   # dout (N, dim): row idx[i] of the table receives dout[i]
+        scatter_add(self.grads["weight"], self.cache, dout)
+        return None                             # integer input: no gradient
+
+
+def scatter_add(a, idx, values):
+    """a[idx[i]] += values[i], repeated indices accumulating (np.add.at; cupyx.scatter_add on the GPU)."""
+    if array_module(a) is np:
+        np.add.at(a, idx, values)
+    else:
+        import cupyx
+        cupyx.scatter_add(a, idx, values)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from typing import Optional
 
 import numpy as np
 
-from ..layers import Embedding, Linear
+from ..layers import Linear
 from ..unet import UNet, UNetConfig
 from ..utils.backend import array_module
 from .prompts import build_tokenizer, draw_prompts, prompt_table
-from .text import TextEncoder, Tokenizer
+from .text import Embedding, TextEncoder, Tokenizer
 
 TEXT_CONDITIONING = (None, "add", "concat")
 

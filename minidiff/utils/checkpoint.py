@@ -72,6 +72,9 @@ def load_checkpoint(path):
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, json.JSONDecodeError) as e:
+        if "pickle" in str(e):                  # NumPy's message would suggest loading it unsafely
+            raise CheckpointError(f"checkpoint {path!r} is not a minidiff checkpoint: it holds pickled Python "
+                                  f"objects, which minidiff never writes and never loads (a pickle can run code)") from None
         raise CheckpointError(f"checkpoint {path!r} is corrupt or not a minidiff checkpoint "
                               f"({type(e).__name__}: {e})") from None
     if out["meta"] is None or not out["params"]:
