@@ -6,6 +6,7 @@
     python bench/bench_unet.py --device cuda       # GPU: forward at 256 and 1024, train step at 128 and 512
     python bench/bench_unet.py --only minidiff --rounds 1 --seconds 3
     python bench/bench_unet.py --profile           # where minidiff's CPU training step at batch 64 spends its time
+    python bench/bench_unet.py --count-ops         # array operations (GPU kernel launches) per step, by layer type
 
 Each measurement runs in its own subprocess (so its peak memory is its own) on all of the machine's cores. A
 training step is forward, MSE loss against a fixed noise target, backward and an Adam update; on the GPU minidiff's
@@ -53,12 +54,12 @@ def minidiff_step(mode, batch, channels, device, x, noise, t):
             model.backward((2.0 / out.size) * (out - noise))    # d/d out of mean((out - noise)^2)
             opt.step()
         return step
-    ts = TrainStep(model, opt, EMA(model.params), NoiseSchedule(1000), 1.0, x.shape, cuda_graph=True)
+    ts = TrainStep(model, opt, EMA(model.params), NoiseSchedule(1000), 1.0, cuda_graph=True)
+    xd, nd = xp.asarray(x), xp.asarray(noise)
 
     def graphed_step():                         # the training step as minidiff trains: q_sample, clipping, EMA too
         with ts.stream_context():
-            ts.set_inputs(x, t, noise, None, 1e-4)
-            ts.run()
+            ts(xd, t, nd, None, 1e-4)
     return graphed_step
 
 
@@ -155,6 +156,51 @@ def profile(batch, channels, steps=5):
         print(f"| `{where}` | {calls // steps} | {1e3 * self_time / steps:.1f} | {self_time / steps / total:.0%} |")
 
 
+def count_ops(batch, channels):
+    """The array operations (kernel launches on a GPU) of one training step (train_step.TrainStep: q_sample, the
+    network, the loss, backward, clipping, Adam, EMA) and of one sampling step (the network, the fused step), counted
+    on NumPy through CuPy's code path (minidiff/fast/count.py): {"training step": Counter, "sampling step": Counter}
+    by layer type."""
+    import numpy as np
+    from minidiff.fast import count
+    from minidiff.optim import EMA, Adam
+    from minidiff.sample import predict_eps
+    from minidiff.schedule import NoiseSchedule
+    from minidiff.step import StepParams, ddim_coefficients, step
+    from minidiff.train_step import TrainStep
+    from minidiff.unet import UNet, UNetConfig
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    x, noise, t = count.xp.asarray(host), count.xp.asarray(host[::-1].copy()), rng.integers(0, 1000, batch)
+    model = UNet(UNetConfig(base_channels=channels), seed=0).to(count.xp)
+    opt, ema, schedule = Adam(model.params, model.grads, lr=1e-4), EMA(model.params), NoiseSchedule(1000)
+    ts = TrainStep(model, opt, ema, schedule, 1.0)
+    ts(x, t, noise, None, 1e-4)                 # the first step makes what later steps reuse (tables, buffers)
+    out = {}
+    with count.counting(model) as counts, count.phase("loss, optimizer (per step)"):
+        ts(x, t, noise, None, 1e-4)
+    out["training step"] = counts
+    model.train(False)
+    tt = count.xp.asarray(np.full(batch, 500))
+    params = StepParams(ddim_coefficients(schedule, 500, 480, 0.0), 1.0, True, 0, 500)
+    with count.counting(model) as counts, count.phase("sampling step (fused kernel)"):
+        eps, _ = predict_eps(model, schedule, x, tt)
+        step(x, eps, params, out=x, x0_out=count.xp.zeros_like(x))
+    out["sampling step"] = counts
+    return out
+
+
+def print_counts(batch, channels):
+    counts = count_ops(batch, channels)
+    labels = sorted(set().union(*counts.values()), key=lambda k: -counts["training step"].get(k, 0))
+    print(f"array operations (kernel launches on a GPU) per step, C = {channels}, batch {batch}, counted on NumPy "
+          f"through CuPy's code path (minidiff/fast/count.py):")
+    print("| layer type | training step | sampling step |\n| --- | --- | --- |")
+    for k in labels:
+        print(f"| {k} | {counts['training step'].get(k, 0)} | {counts['sampling step'].get(k, 0)} |")
+    print(f"| all | {sum(counts['training step'].values())} | {sum(counts['sampling step'].values())} |")
+
+
 def device_name(device):
     if device == "cpu":
         try:
@@ -193,10 +239,14 @@ def main():
                                                                       "(and, for avx2, PyTorch's)")
     ap.add_argument("--reference", action="store_true", help="minidiff runs its readable NumPy references")
     ap.add_argument("--profile", action="store_true", help="profile minidiff's CPU training step at batch 64 instead")
+    ap.add_argument("--count-ops", action="store_true", help="count the array operations (GPU kernel launches) of a "
+                                                             "training step and a sampling step instead, by layer type")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.profile:
         return profile(64, args.channels)
+    if args.count_ops:
+        return print_counts(128, args.channels)
     if args.worker:
         impl, mode, batch = args.worker
         worker(impl, mode, int(batch), args.channels, args.seconds, args.device)

@@ -5,11 +5,12 @@ The core path, in reading order: each module imports only the ones before it (an
   2. diffusion.py    the forward process q(x_t | x_0), its posterior, the reverse Gaussian p(x_{t-1} | x_t)
   3. step.py         one reverse step x_t -> x_{t-1}: DDPM, DDIM and DPM-Solver++ as one formula
   4. layers.py       the network's layers, every backward pass written by hand
-  5. unet.py         the DDPM U-Net eps_theta(x_t, t)
-  6. optim.py        Adam, the EMA of the weights, gradient clipping, the learning rate
-  7. train_step.py   one training step: the loss L_simple (DDPM eq. 14), backward, Adam, EMA
-  8. sample.py       the sampling loop: eps = network, x = step(x, eps), from noise to images
-  9. train.py        the training loop: batches, steps, logs, checkpoints, exact resume
+  5. model.py        a whole network: its parameters in one flat buffer, its gradients in another
+  6. unet.py         the DDPM U-Net eps_theta(x_t, t)
+  7. optim.py        Adam, the EMA of the weights, gradient clipping, the learning rate
+  8. train_step.py   one training step: the loss L_simple (DDPM eq. 14), backward, Adam, EMA
+  9. sample.py       the sampling loop: eps = network, x = step(x, eps), from noise to images
+ 10. train.py        the training loop: batches, steps, logs, checkpoints, exact resume
 
 Beside it, in subpackages a first reading skips:
   conditioning/      class labels and text-to-image: tokenizer, text encoder, prompts, conditional U-Nets
@@ -20,7 +21,7 @@ README.md's equation map leads from each formula to its function and the test th
 """
 __version__ = "0.1.0"
 
-CORE_PATH = ("schedule", "diffusion", "step", "layers", "unet", "optim", "train_step", "sample", "train")
+CORE_PATH = ("schedule", "diffusion", "step", "layers", "model", "unet", "optim", "train_step", "sample", "train")
 
 
 def backends():

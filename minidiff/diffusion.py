@@ -1,6 +1,6 @@
 """The forward process, its closed form and posterior, and the reverse-process Gaussian.
-Stage 3 of the pipeline: the process the network learns to reverse (used by train.py for x_t and the
-target, by likelihood.py for the bound, by sample.py to read a v-prediction as eps).
+Step 2 of the reading order: the process the network learns to reverse (used by train_step.py for x_t and the
+target, by the bound in evaluation/likelihood.py, by sample.py to read a v-prediction as eps).
 
 Article 3.1 (q(x_t | x_{t-1})), 4.1 (q(x_t | x_0)), 3.2 (p_theta(x_{t-1} | x_t) = N(mu_theta, Sigma_theta));
 DDPM (Ho et al. 2020) eq. 2, 4, 6, 7, 11, 14, 15. Timestep indices t = 0..T-1 stand for the paper's
@@ -41,6 +41,16 @@ def q_mean_variance(sched, x0, t):
     mean = extract(sched.sqrt_alphas_cumprod, t, x0) * x0
     variance = extract(1.0 - sched.alphas_cumprod, t, x0)
     return mean, variance
+
+
+DEVICE_TABLES = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")   # what _at reads, on x's device
+
+
+def prepare_tables(sched, xp, dtype):
+    """Make the device copies of the tables ``_at`` reads now: a CUDA graph's step must find them made, not make
+    them inside its capture (from its own memory pool)."""
+    for name in DEVICE_TABLES:
+        sched.table(name, xp, dtype)
 
 
 def _at(sched, name, t, x):

@@ -8,7 +8,7 @@ Each layer is a class with ``params`` and ``grads`` (dicts name -> array, same k
     gradients into ``grads``. Nothing here zeroes a gradient: that happens in one place, the model's
     ``zero_grad``.
 Composite layers (ResBlock and AttnBlock in unet.py) register children with ``add``; ``named_params`` walks
-the tree so the optimizer and checkpoints see one flat, ordered dict.
+the tree; a whole network is a Model (model.py), whose parameters the optimizer and checkpoints see as one dict.
 
 Layout. Images are NHWC (channels last) inside the network: a convolution is then a matrix product with pixels
 as rows and channels as columns (im2col (B*Ho*Wo, kh*kw*Cin) @ (kh*kw*Cin, Cout)), whose result is already NHWC,
@@ -21,7 +21,7 @@ The math of the hot operations is written once as plain functions marked ``@fast
 group_norm, silu and their backward passes): the readable reference that the tests prove. minidiff/fast/
 registers faster implementations of the same numbers for them (C++ kernels for float32 NumPy arrays, fused CuPy
 kernels); MINIDIFF_REFERENCE=1 runs the references everywhere (docs/network.md).
-No Python loops over pixels or batch items (im2col loops over the kh*kw kernel taps). Float32 in, float32 out:
+No Python loops over pixels or batch items (col2im loops over the kh*kw kernel taps). Float32 in, float32 out:
 constants are Python floats (weak scalars under NumPy 2 promotion rules).
 """
 import math
@@ -113,10 +113,10 @@ class Linear(Layer):
 # each output pixel's kh x kw input patch.
 
 def im2col(x, kh, kw, stride, padding):
-    """x (B, H, W, C) -> cols (B*Ho*Wo, kh*kw*C), column order (i, j, c); one strided copy per kernel tap."""
+    """x (B, H, W, C) -> cols (B*Ho*Wo, kh*kw*C), column order (i, j, c): the kh x kw window of every output pixel,
+    read as a view of the zero-padded image (sliding_window_view) and copied once into rows."""
     xp = array_module(x)
     B, H, W, C = x.shape
-    Ho, Wo = (H + 2 * padding - kh) // stride + 1, (W + 2 * padding - kw) // stride + 1
     if kh == kw == 1 and stride == 1 and padding == 0:
         return x.reshape(B * H * W, C)
     if padding:
@@ -124,11 +124,9 @@ def im2col(x, kh, kw, stride, padding):
         xpad[:, padding:padding + H, padding:padding + W, :] = x
     else:
         xpad = x
-    cols = xp.empty((B, Ho, Wo, kh, kw, C), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, :, :, i, j, :] = xpad[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]
-    return cols.reshape(B * Ho * Wo, kh * kw * C)
+    windows = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
+    Ho, Wo = windows.shape[1:3]                 # (B, Ho, Wo, C, kh, kw)
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(B * Ho * Wo, kh * kw * C)
 
 
 def col2im(dcols, x_shape, kh, kw, stride, padding):
@@ -154,12 +152,12 @@ def conv_weight_matrix(weight):
 
 @fast.reference
 def conv2d(x, weight, bias, stride=1, padding=0, residual=None):
-    """x (B, H, W, Cin), weight (Cout, Cin, k, k), bias (Cout,) or one per image (B, Cout), optional residual
+    """x (B, H, W, Cin), weight (Cout, Cin, k, k), bias (Cout,), one per image (B, Cout) or None, optional residual
     (B, Ho, Wo, Cout) -> y = conv(x) + bias (+ residual), (B, Ho, Wo, Cout)."""
     B, H, W, _ = x.shape
     cout, _, k, _ = weight.shape
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
-    shared = bias.ndim == 1
+    shared = bias is None or bias.ndim == 1
     y = linear(im2col(x, k, k, stride, padding), conv_weight_matrix(weight), bias if shared else None)
     y = y.reshape(B, Ho, Wo, cout)
     if not shared:
@@ -170,11 +168,25 @@ def conv2d(x, weight, bias, stride=1, padding=0, residual=None):
 @fast.reference
 def conv2d_backward(x, weight, dout, stride=1, padding=0):
     """(dx (B, H, W, Cin), dweight (Cout, Cin, k, k)) of conv2d for dout (B, Ho, Wo, Cout): the product's gradients
-    (linear_backward) on the patches, taken back to pixels by col2im. dbias is the sum of dout (the layer's)."""
+    on the patches, dW_mat = dout^T im2col(x); and dx, for a 'same' convolution (stride 1, p = (k - 1) / 2) the
+    convolution of dout with the flipped kernel, W'[c, o, i, j] = W[o, c, k-1-i, k-1-j], otherwise the patches'
+    gradients dout W_mat taken back to their pixels (col2im). dbias is the sum of dout (the layer's)."""
     cout, cin, k, _ = weight.shape
-    dcols, dwmat = linear_backward(im2col(x, k, k, stride, padding), conv_weight_matrix(weight),
-                                   dout.reshape(-1, cout))
-    return col2im(dcols, x.shape, k, k, stride, padding), dwmat.reshape(cout, k, k, cin).transpose(0, 3, 1, 2)
+    cols, dy = im2col(x, k, k, stride, padding), dout.reshape(-1, cout)
+    if stride == 1 and 2 * padding == k - 1:
+        dx = conv2d(dout, weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3), None, 1, padding)
+        dwmat = dy.T @ cols
+    else:
+        dcols, dwmat = linear_backward(cols, conv_weight_matrix(weight), dy)
+        dx = col2im(dcols, x.shape, k, k, stride, padding)
+    return dx, dwmat.reshape(cout, k, k, cin).transpose(0, 3, 1, 2)
+
+
+@fast.reference
+def pixel_sum(x, per_image=False):
+    """The sum of x (B, ..., C) over its pixels, and over the images unless ``per_image``: (C,) or (B, C), the
+    gradient of a bias added at every pixel (a convolution's; the ResBlock's time shift, per image)."""
+    return x.sum(axis=tuple(range(1 if per_image else 0, x.ndim - 1)))
 
 
 class Conv2d(Layer):
@@ -194,10 +206,9 @@ class Conv2d(Layer):
         return conv2d(x, self.params["weight"], b, self.stride, self.padding, residual)
 
     def backward(self, dout):                   # dout (B, Ho, Wo, Cout)
-        xp = array_module(dout)
         dx, dw = conv2d_backward(self.cache, self.params["weight"], dout, self.stride, self.padding)
         self.grads["weight"] += dw
-        self.grads["bias"] += xp.einsum("bhwc->c", dout)   # db = sum of dout over images and pixels
+        self.grads["bias"] += pixel_sum(dout)   # db = sum of dout over images and pixels
         return dx                               # (B, H, W, Cin)
 
 
@@ -237,23 +248,38 @@ class SiLU(Layer):
 #   dgamma = sum dy xhat,  dbeta = sum dy.
 # GroupNormSiLU follows it by SiLU (the pre-activation in front of every ResBlock convolution), in one layer.
 
-def _normalize(x, mean, rstd, num_groups):
-    """xhat (B, N, G, C/G) of x (B, H, W, C) from the group statistics (B, G)."""
+@fast.reference(fuse=True)
+def normalize(xg, mean, rstd):
+    """xhat = (x - mu_g) rstd_g, on x grouped as (B, N, G, C/G) with the statistics (B, 1, G, 1)."""
+    return (xg - mean) * rstd
+
+
+@fast.reference(fuse=True)
+def affine(xhat, gamma, beta):
+    """y = gamma xhat + beta, per channel."""
+    return xhat * gamma + beta
+
+
+@fast.reference(fuse=True)
+def normalize_backward(dxhat, xhat, mean_dxhat, mean_dxhat_xhat, rstd):
+    """dx = rstd (dxhat - mean_g(dxhat) - xhat mean_g(dxhat xhat)), the gradient through xhat's statistics."""
+    return rstd * (dxhat - mean_dxhat - xhat * mean_dxhat_xhat)
+
+
+def _groups(x, num_groups):
     B, H, W, C = x.shape
-    xg = x.reshape(B, H * W, num_groups, C // num_groups)
-    return (xg - mean[:, None, :, None]) * rstd[:, None, :, None]
+    return x.reshape(B, H * W, num_groups, C // num_groups)   # (B, N, G, C/G)
 
 
 @fast.reference
 def group_norm(x, gamma, beta, num_groups, eps, with_silu=False):
     """x (B, H, W, C) -> (y, mean (B, G), rstd (B, G)), y = gamma xhat + beta, then SiLU if ``with_silu``."""
     xp = array_module(x)
-    B, H, W, C = x.shape
-    xg = x.reshape(B, H * W, num_groups, C // num_groups)
+    xg = _groups(x, num_groups)
     mean = xg.mean(axis=(1, 3))                                 # mu_g
-    var = ((xg - mean[:, None, :, None]) ** 2).mean(axis=(1, 3))   # var_g (biased)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    y = _normalize(x, mean, rstd, num_groups).reshape(x.shape) * gamma + beta
+    rstd = 1.0 / xp.sqrt(xg.var(axis=(1, 3)) + eps)              # 1 / sqrt(var_g + eps), var_g biased
+    xhat = normalize(xg, mean[:, None, :, None], rstd[:, None, :, None]).reshape(x.shape)
+    y = affine(xhat, gamma, beta)
     return (silu(y) if with_silu else y), mean, rstd
 
 
@@ -261,16 +287,14 @@ def group_norm(x, gamma, beta, num_groups, eps, with_silu=False):
 def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, with_silu=False):
     """-> (dx (B, H, W, C), dgamma (C,), dbeta (C,)) of group_norm; with SiLU, dy = SiLU'(gamma xhat + beta) dout
     first (the pre-activation recomputed: the forward keeps only x)."""
-    B, H, W, C = x.shape
-    xhat = _normalize(x, mean, rstd, num_groups)                # (B, N, G, C/G)
-    dy = dout
-    if with_silu:
-        dy = silu_backward(xhat.reshape(x.shape) * gamma + beta, dout)
+    stats = lambda s: s[:, None, :, None]       # noqa: E731  (B, G) -> (B, 1, G, 1)
+    xhat = normalize(_groups(x, num_groups), stats(mean), stats(rstd))            # (B, N, G, C/G)
+    dy = dout if not with_silu else silu_backward(affine(xhat.reshape(x.shape), gamma, beta), dout)
     dgamma = (dy * xhat.reshape(x.shape)).sum(axis=(0, 1, 2))
     dbeta = dy.sum(axis=(0, 1, 2))
     dxhat = (dy * gamma).reshape(xhat.shape)
-    dx = rstd[:, None, :, None] * (dxhat - dxhat.mean(axis=(1, 3), keepdims=True)
-                                   - xhat * (dxhat * xhat).mean(axis=(1, 3), keepdims=True))
+    dx = normalize_backward(dxhat, xhat, dxhat.mean(axis=(1, 3), keepdims=True),
+                            (dxhat * xhat).mean(axis=(1, 3), keepdims=True), stats(rstd))
     return dx.reshape(x.shape), dgamma, dbeta
 
 
@@ -337,8 +361,8 @@ class Upsample2x(Layer):
 
     def backward(self, dout):                   # dout (B, 2H, 2W, C)
         B, H2, W2, C = dout.shape
-        d = dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C)
-        return array_module(dout).einsum("bhiwjc->bhwc", d)   # dx (B, H, W, C): each pixel sums its 2x2 copies
+        return dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))   # dx (B, H, W, C): each pixel sums its
+                                                                              # 2x2 copies
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -379,44 +403,3 @@ def softmax(s):
     e = xp.exp(s - s.max(axis=-1, keepdims=True))
     e /= e.sum(axis=-1, keepdims=True)
     return e
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model: a whole network (the U-Net, the evaluation classifier): flat parameter dicts, device moves,
-# gradient zeroing and the train/eval switch, shared by every network.
-
-class Model(Layer):
-    """Subclasses build their layers with ``add`` and call ``self._collect()`` at the end of __init__;
-    ``self.dtype`` is the parameters' dtype."""
-
-    def _collect(self):
-        """The flat ordered dicts name -> array that the optimizer and checkpoints walk (shared arrays)."""
-        named = list(self.named_params())
-        self.params = {name: layer.params[key] for name, layer, key in named}
-        self.grads = {name: layer.grads[key] for name, layer, key in named}
-
-    def to(self, xp, dtype=None):
-        """Move every parameter (and gradient) to numpy or cupy, optionally casting; returns self."""
-        dtype = np.dtype(dtype or self.dtype)
-        for _, layer in self.named_layers():
-            for key in layer.params:
-                layer.params[key] = xp.asarray(layer.params[key], dtype=dtype)
-                layer.grads[key] = xp.zeros_like(layer.params[key])
-        self.dtype = dtype
-        self._collect()
-        return self
-
-    def zero_grad(self):
-        """The one place gradients are zeroed (in place: layers and optimizer keep their references)."""
-        for g in self.grads.values():
-            g[...] = 0
-
-    def num_parameters(self):
-        return int(sum(p.size for p in self.params.values()))
-
-    def train(self, mode=True):
-        """Training mode: dropout on, every layer caches for backward. Evaluation: dropout off, no caches
-        (less memory: large sampling batches fit), backward unavailable."""
-        for _, layer in self.named_layers():
-            layer.training = bool(mode)
-        return self

@@ -1,11 +1,11 @@
 """Optimizer and training helpers: Adam/AdamW, EMA of weights, gradient clipping, learning-rate warm-up.
-Stage 5 of the pipeline, with train.py: how the gradients move the weights.
+Step 7 of the reading order: how the gradients move the weights (train_step.py applies them).
 
 All of them work in place on dicts name -> array (the model's ``params`` and ``grads``), NumPy or CuPy, and
 never read a value back to the host: the per-step scalars (learning rate, bias corrections, EMA decay) are computed
 on the host from counters and passed in, the gradient norm stays an array. So a whole training step can run on a
-GPU without a synchronisation, and be captured as a CUDA graph (train_step.TrainStep). The update of each tensor
-is one elementwise chain (adam_update, ema_update), fused into one kernel on CuPy (minidiff/fast/).
+GPU without a synchronisation, and be captured as a CUDA graph (train_step.TrainStep). Over a model's flat buffers
+(model.py) each update is ONE elementwise chain (adam_update, ema_update), fused into one kernel on CuPy.
 Their state is a flat dict of arrays and ints (``state_dict`` / ``load_state_dict``), so a checkpoint can
 store it with ``np.savez`` (no pickle).
 """
@@ -14,7 +14,30 @@ import math
 import numpy as np
 
 from . import fast
+from .model import FlatDict
 from .utils.backend import array_module
+
+
+def _like(params, copy=False):
+    """Zeros (or a copy) of every array of ``params``: one flat buffer of the same layout for a model's FlatDict."""
+    if isinstance(params, FlatDict):
+        flat = params.flat
+        return params.like(flat.copy() if copy else array_module(flat).zeros_like(flat))
+    return {k: (p.copy() if copy else array_module(p).zeros_like(p)) for k, p in params.items()}
+
+
+def _tensors(*dicts):
+    """What an update runs on: the flat buffers, once, when every dict is a FlatDict of one layout; else each tensor
+    (the same arithmetic, one tensor at a time)."""
+    if all(isinstance(d, FlatDict) and d.layout == dicts[0].layout for d in dicts):
+        return [tuple(d.flat for d in dicts)]
+    return [tuple(d[k] for d in dicts) for k in dicts[0]]
+
+
+def _scalar(value, dtype):
+    """A scalar of a fused update in the parameters' dtype (a Python float would make the kernel compute in
+    float64 on a GPU); 0-d arrays, already on the device in that dtype, pass through."""
+    return value if hasattr(value, "shape") else dtype.type(value)
 
 
 def _check_state(kind, state, expected, prefixes):
@@ -59,8 +82,7 @@ class Adam:
         self.lr, self.beta1, self.beta2 = float(lr), float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.step_count = 0
-        self.m = {k: array_module(p).zeros_like(p) for k, p in params.items()}   # first moments
-        self.v = {k: array_module(p).zeros_like(p) for k, p in params.items()}   # second moments
+        self.m, self.v = _like(params), _like(params)       # first and second moments, laid out like params
 
     def hyper(self, lr=None):
         """Count a step and return its scalars (lr, 1 - b1^n, 1 - b2^n) as python floats."""
@@ -70,10 +92,11 @@ class Adam:
 
     def apply(self, lr, bias_correction1, bias_correction2):
         """The update with given scalars (python floats, or 0-d arrays on the device: a captured step reads them
-        from device memory)."""
-        for k, p in self.params.items():
-            adam_update(p, self.grads[k], self.m[k], self.v[k], lr, self.beta1, self.beta2, self.eps,
-                        bias_correction1, bias_correction2, self.weight_decay)
+        from device memory): one fused operation over a model's flat buffers."""
+        for p, g, m, v in _tensors(self.params, self.grads, self.m, self.v):
+            s = [_scalar(a, p.dtype) for a in (lr, self.beta1, self.beta2, self.eps, bias_correction1,
+                                               bias_correction2, self.weight_decay)]
+            adam_update(p, g, m, v, *s)
 
     def step(self, lr=None):
         self.apply(*self.hyper(lr))
@@ -112,7 +135,7 @@ class EMA:
     def __init__(self, params, max_decay=0.9999):
         self.max_decay = float(max_decay)
         self.num_updates = 0
-        self.params = {k: p.copy() for k, p in params.items()}
+        self.params = _like(params, copy=True)
 
     def decay(self):
         n = self.num_updates
@@ -125,9 +148,10 @@ class EMA:
         return d
 
     def apply(self, params, decay):
-        """The update with a given decay (a python float, or a 0-d array on the device)."""
-        for k, e in self.params.items():
-            ema_update(e, params[k], decay)
+        """The update with a given decay (a python float, or a 0-d array on the device): one fused operation over a
+        model's flat buffers."""
+        for e, p in _tensors(self.params, params):
+            ema_update(e, p, _scalar(decay, e.dtype))
 
     def update(self, params):
         self.apply(params, self.next_decay())
@@ -149,8 +173,8 @@ class EMA:
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm; returns the norm before
     clipping as a 0-d array on the gradients' device (not read back: no host synchronisation). The scale is
-    min(1, max_norm / (norm + 1e-6)): exactly 1 below the limit."""
-    gs = list(grads.values())
+    min(1, max_norm / (norm + 1e-6)): exactly 1 below the limit. A model's gradients: one flat buffer."""
+    gs = [g for g, in _tensors(grads)]
     xp = array_module(gs[0])
     total = xp.sqrt(sum((g * g).sum() for g in gs))
     scale = xp.minimum(1.0, max_norm / (total + 1e-6)).astype(gs[0].dtype)

@@ -1,5 +1,5 @@
 """The sampling loop: from pure noise x_T ~ N(0, I) to images, one reverse step at a time.
-Step 8 of the reading order (step.py computes one step; the network is unet.py).
+Step 9 of the reading order (step.py computes one step; the network is unet.py).
 
     for t, coefficients in sampler_steps(schedule, sampler):       # the one place the samplers differ
         eps, eps_ref = predict_eps(model, x, t)                      # the network (and the guidance's second opinion)
@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import fast
-from .diffusion import model_eps
+from .diffusion import model_eps, prepare_tables
 from .fast.gpu import device_records
 from .fast.graphs import CudaGraph, stream_context
 from .step import StepParams, sampler_steps, step
@@ -120,6 +120,7 @@ def _reverse_process(model, schedule, plan, params, x, y, guidance, guide, graph
 
     run = body
     if graphed:                                 # the step's scalars are read from device memory, row i at step i
+        prepare_tables(schedule, xp, x.dtype)
         run, params = CudaGraph(body), device_records(params, xp)
     with stream_context(run):
         for i, (t, _) in enumerate(plan):

@@ -1,5 +1,5 @@
 """Noise schedules: the betas and every quantity derived from them.
-Stage 2 of the pipeline: the schedule that the forward process, the loss and every sampler take their
+Step 1 of the reading order: the schedule that the forward process, the loss and every sampler take their
 coefficients from.
 
 Article sections 3.1, 4.1 and 5.2; DDPM (Ho et al. 2020) eq. 4, 6, 7; improved DDPM

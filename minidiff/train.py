@@ -1,5 +1,5 @@
 """The training loop: batches, the training step, logs, checkpoints, previews, exact resume.
-Step 9 of the reading order, the last: it runs train_step.TrainStep over the data set, as nanoGPT's train.py does.
+Step 10 of the reading order, the last: it runs train_step.TrainStep over the data set, as nanoGPT's train.py does.
 
 Everything needed for an exact resume is stateless or in the checkpoint: batch order comes from
 data.batch_indices(seed, step), the timesteps from a generator seeded by (seed, step), the noise eps from the

@@ -1,5 +1,5 @@
 """One training step: the loss L_simple (DDPM eq. 14) and its gradient, backward, clipping, Adam and EMA.
-Step 7 of the reading order: fits the network (unet.py) to the forward process (diffusion.py); train.py loops it.
+Step 8 of the reading order: fits the network (unet.py) to the forward process (diffusion.py); train.py loops it.
 
 The article writes the objective as the negative log-likelihood L = E[sum_t L_t] with L_t = -log p_theta(x_{t-1}|x_t)
 (its sections 3.2 and 4.2). Bounding it variationally (DDPM eq. 5) turns each L_{t-1} into a KL divergence between
@@ -12,7 +12,7 @@ computes; the exact weighted bound is computed for evaluation (minidiff/evaluati
 """
 import numpy as np
 
-from .diffusion import q_sample, velocity
+from .diffusion import prepare_tables, q_sample, velocity
 from .fast.graphs import CudaGraph, stream_context
 from .optim import clip_grad_norm
 from .utils.backend import array_module
@@ -77,6 +77,7 @@ class TrainStep:
             raise ValueError("cuda_graph needs a GPU (device 'cuda')")
         if cuda_graph and model.config.dropout:
             raise ValueError("cuda_graph needs dropout = 0: the dropout masks come from the host, new every step")
+        prepare_tables(schedule, xp, model.dtype)      # outside any capture
         self.run = CudaGraph(self._step) if cuda_graph else self._step
 
     def __call__(self, x0, t, noise, y, lr, rng=None):

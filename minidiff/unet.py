@@ -1,5 +1,5 @@
 """The noise-prediction network eps_theta(x_t, t): the DDPM U-Net.
-Step 5 of the reading order (its parts are layers.py); train_step.py fits it, sample.py calls it at every step.
+Step 6 of the reading order (its parts are layers.py); train_step.py fits it, sample.py calls it at every step.
 
 Architecture (Ho et al. 2020, appendix B and their code; the same as diffusers' UNet2DModel with DDPM blocks), all
 of it described by ``UNetConfig``:
@@ -25,13 +25,13 @@ Public layout is NCHW; inside, activations are NHWC (see layers.py). ``backward`
 in reverse, one call per line.
 """
 import dataclasses
-import json
 import math
 
 import numpy as np
 
-from .layers import (Concat, Conv2d, Dropout, GroupNorm, GroupNormSiLU, Layer, Linear, Model, SiLU, Upsample2x,
+from .layers import (Concat, Conv2d, Dropout, GroupNorm, GroupNormSiLU, Layer, Linear, SiLU, Upsample2x, pixel_sum,
                      softmax, timestep_embedding)
+from .model import Model
 from .utils.backend import array_module
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -78,13 +78,6 @@ class UNetConfig:
             raise ValueError(f"unknown UNetConfig option(s): {sorted(unknown)}")
         return cls(**d)
 
-    def to_json(self):
-        return json.dumps(self.asdict())
-
-    @classmethod
-    def from_json(cls, s):
-        return cls.from_dict(json.loads(s))
-
 
 class ResBlock(Layer):
     def __init__(self, cin, cout, temb_dim, dropout, rng, dtype):
@@ -105,8 +98,7 @@ class ResBlock(Layer):
 
     def backward(self, dout):                   # -> (dx, demb)
         dh = self.norm2.backward(self.dropout.backward(self.conv2.backward(dout)))
-        B, H, W, C = dh.shape
-        demb = self.temb_proj.backward(array_module(dh).einsum("bnc->bc", dh.reshape(B, H * W, C)))
+        demb = self.temb_proj.backward(pixel_sum(dh, per_image=True))     # the shift's gradient, per image
         dx = self.norm1.backward(self.conv1.backward(dh))
         dx += self.skip.backward(dout) if self.skip else dout
         return dx, demb

@@ -112,3 +112,35 @@ def test_autoguided_captured_sampler(toy_data, tmp_path, sampler):  # noqa: F811
 
 def test_train_config_has_the_graph_switch():
     assert TrainConfig().cuda_graphs is True
+
+
+def test_the_graph_waits_for_uploads_and_keeps_tables_out_of_its_pool():
+    """CudaGraph's stream does not wait for the default stream by itself: a large upload queued there just before the
+    first call must be finished when the step reads it; and the schedule's device tables, made before the capture,
+    stay valid after the graph (and its memory pool) are gone."""
+    import cupy as cp
+    from minidiff.fast.graphs import CudaGraph
+    from minidiff.schedule import NoiseSchedule
+    from minidiff.diffusion import prepare_tables, q_sample
+    out = cp.zeros(1, cp.float32)
+
+    def body(x):
+        out[...] = x.sum()
+    host = np.ones(1 << 24, np.float32)
+    x = cp.asarray(host)                                   # queued on the default stream
+    g = CudaGraph(body)
+    g(x)
+    g.synchronize()
+    assert float(out.get()[0]) == float(1 << 24)
+    sched = NoiseSchedule(50)
+    prepare_tables(sched, cp, np.float32)
+    x0 = cp.ones((2, 1, 4, 4), cp.float32)
+    step = CudaGraph(lambda x, t: out.__setitem__(Ellipsis, q_sample(sched, x, t, x).sum()))
+    step(x0, cp.asarray(np.array([3, 4])))
+    step(x0, cp.asarray(np.array([3, 4])))
+    step.synchronize()
+    del step
+    import gc
+    gc.collect()
+    want = float(q_sample(sched, np.ones((2, 1, 4, 4), np.float32), np.array([3, 4]), np.ones((2, 1, 4, 4))).sum())
+    assert abs(float(q_sample(sched, x0, cp.asarray(np.array([3, 4])), x0).sum().get()) - want) < 1e-4

@@ -179,7 +179,7 @@ def test_registry_imports_nothing_above_it():
         if name.endswith(".py"):
             tree = ast.parse(open(os.path.join(root, name)).read())
             imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
-            assert imported <= {"", "cpu", "gpu", "..utils.native", "..utils.backend", "utils.native",
+            assert imported <= {"", "cpu", "gpu", "count", "..utils.native", "..utils.backend", "utils.native",
                                 "utils.backend"}, (name, imported)
 
 
@@ -284,3 +284,17 @@ def test_kernels_are_deterministic():
                                                                              d.reshape(-1, 48))
         assert all(np.array_equal(a, b) for a, b in zip(first, again))
         assert all(np.array_equal(a, b) for a, b in zip(gn, layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)))
+
+
+def test_fused_references_are_elementwise():
+    """cupy.fuse compiles only elementwise chains into one kernel: a reduction inside one (a .sum(), say) sends CuPy
+    to a slower fuser that splits it into a grid-synchronised launch. Reductions stay plain xp calls."""
+    import inspect
+    import re
+    import minidiff.layers  # noqa: F401  (registers the references)
+    import minidiff.optim  # noqa: F401
+    refs = fast.references()
+    assert len(fast._fused) >= 7
+    for key in fast._fused:
+        body = inspect.getsource(refs[key]).split('"""')[-1]          # the code after the docstring
+        assert not re.search(r"\.(sum|mean|max|min|var|std|prod)\(|xp\.(sum|mean|max|min|dot|vdot)\(", body), key

@@ -134,12 +134,13 @@ def test_training_step_reads_nothing_back():
     from minidiff.schedule import NoiseSchedule
     from minidiff.train_step import TrainStep
     model = build_unet(UNetConfig(**TINY), ConditionConfig(num_classes=4), seed=0)
-    for _, layer in model.named_layers():
-        for k in layer.params:
-            layer.params[k], layer.grads[k] = layer.params[k].view(NoSync), layer.grads[k].view(NoSync)
-    model._collect()
+    model._set_flat(model.params.flat.view(NoSync), model.grads.flat.view(NoSync))   # every layer's views too
+    assert type(model.conv_in.params["weight"]) is NoSync
     opt, ema = Adam(model.params, model.grads, lr=1e-3), EMA(model.params)
-    ts = TrainStep(model, opt, ema, NoiseSchedule(50), 1.0)
+    assert type(opt.m.flat) is NoSync and type(ema.params.flat) is NoSync
+    schedule = NoiseSchedule(50)
+    ts = TrainStep(model, opt, ema, schedule, 1.0)
+    assert {k[0] for k in schedule._tables} == {"sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"}  # made now
     ts.loss, ts.grad_norm = ts.loss.view(NoSync), ts.grad_norm.view(NoSync)
     rng = np.random.default_rng(0)
     before = model.params["conv_in.weight"].copy()

@@ -58,7 +58,6 @@ def test_params_grads_names_and_init():
 def test_config_round_trips_through_json():
     cfg = UNetConfig(base_channels=16, ch_mult=(1, 2), attn_resolutions=(14,), dropout=0.1)
     assert UNetConfig.from_dict(json.loads(json.dumps(cfg.asdict()))) == cfg
-    assert UNetConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ValueError, match="unknown UNetConfig option"):
         UNetConfig.from_dict({"base_chanels": 32})
     with pytest.raises(ValueError, match="multiple of 8"):

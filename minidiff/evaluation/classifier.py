@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ..utils.backend import array_module, to_numpy
 from ..utils.checkpoint import CheckpointError, load_checkpoint, load_params_into, save_checkpoint
 from ..utils.data import batch_indices, steps_per_epoch
-from ..layers import Conv2d, GroupNorm, Linear, Model, SiLU
+from ..layers import Conv2d, GroupNorm, Linear, SiLU
+from ..model import Model
 from ..optim import Adam
 
 

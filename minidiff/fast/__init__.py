@@ -63,18 +63,19 @@ def reference(fn=None, *, fuse=False, by_xp=False):
 
 
 def module_kind(xp):
-    """ "numpy" or "cupy" for an array module."""
-    return "cupy" if xp.__name__ == "cupy" else "numpy"
+    """ "numpy" or "cupy" for an array module (or the kind it declares: the op counter's, fast/count.py)."""
+    return getattr(xp, "__fast_kind__", None) or ("cupy" if xp.__name__ == "cupy" else "numpy")
 
 
 def array_kind(x):
-    """ "numpy" or "cupy" for a real array; None otherwise (a tracing proxy inside cupy.fuse gets the reference)."""
+    """ "numpy" or "cupy" for a real array (or the kind its type declares); None otherwise (a tracing proxy inside
+    cupy.fuse gets the reference)."""
     t = type(x)
     if t is np.ndarray:
         return "numpy"
     if t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
         return "cupy"
-    return None
+    return getattr(t, "__fast_kind__", None)
 
 
 def table(kind):
@@ -83,8 +84,11 @@ def table(kind):
     if kind not in _tables:
         if kind == "numpy":
             from .cpu import table as make
-        else:
+        elif kind == "cupy":
             from .gpu import table as make
+        else:
+            from .count import table
+            make = functools.partial(table, _references)
         _tables[kind] = make()
     return _tables[kind]
 
@@ -93,9 +97,12 @@ def _fast_path(key, kind):
     if kind is None:
         return None
     fast = table(kind).get(key)
-    if fast is None and kind == "cupy" and key in _fused:
-        from .gpu import fuse
-        fast = _tables["cupy"][key] = fuse(key, _references[key])
+    if fast is None and kind != "numpy" and key in _fused:
+        if kind == "cupy":
+            from .gpu import fuse
+        else:
+            from .count import fuse
+        fast = _tables[kind][key] = fuse(key, _references[key])
     return fast
 
 

@@ -94,9 +94,12 @@ def philox_normal(seed, step, n, xp):
     return out
 
 
+CUDA_KERNELS = ("step.step", "utils.philox.philox_normal")     # the references with a CUDA kernel of minidiff._core
+
+
 def table():
     """{reference key: fast path} for CuPy arrays: the CUDA kernels when the extension has them (the fused
     references join on first use)."""
     if not native_status()["cuda_kernel"]:
         return {}
-    return {"step.step": step, "utils.philox.philox_normal": philox_normal}
+    return dict(zip(CUDA_KERNELS, (step, philox_normal)))

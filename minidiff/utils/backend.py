@@ -6,7 +6,11 @@ import numpy as np
 
 
 def array_module(x):
-    """numpy for NumPy arrays, cupy for CuPy arrays: one code path for CPU and GPU."""
+    """numpy for NumPy arrays, cupy for CuPy arrays: one code path for CPU and GPU. (An array type may name its own
+    module as ``__xp__``: the op counter's arrays do, minidiff/fast/count.py.)"""
+    own = getattr(type(x), "__xp__", None)
+    if own is not None:
+        return own
     if type(x).__module__.startswith("cupy"):
         import cupy
         return cupy
