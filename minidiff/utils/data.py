@@ -1,13 +1,14 @@
-"""Training data: IDX files (MNIST, Fashion-MNIST), where to find them, and a resumable batch sampler.
+"""Training data: MNIST, Fashion-MNIST and CIFAR-10, where to find them, and a resumable batch sampler.
 Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
 
 NumPy and the standard library only. The pieces:
 
-- `read_idx(path)`: the IDX format (gzip-compressed or raw), every length checked; a bad file raises
-  `DataError` naming the file and the problem (both live in datafiles.py, with `cache_dir`; re-exported here).
-- `load_dataset(name, split)`: finds the four canonical files (see `search_dirs` for the order), checks
-  their MD5 against the published checksums (of the .gz, or of the uncompressed content), and
-  downloads what is missing into the per-user cache, atomically.
+- `read_idx(path)` (MNIST's IDX files) and `read_cifar10(path, split)` (CIFAR-10's binary archive): every length
+  checked; a bad file raises `DataError` naming the file and the problem (all three live in datafiles.py, with
+  `cache_dir` and `Dataset`; re-exported here).
+- `load_dataset(name, split)`: finds the canonical files (see `search_dirs` for the order), checks their MD5
+  against the published checksums, and downloads what is missing into the per-user cache, atomically. It returns
+  a `Dataset`: the pair (images, labels), which unpacks as before, with `.class_names`.
 - `to_model_range` / `from_model_range`: uint8 pixels <-> the model's x_0 in [-1, 1] (DDPM, Ho et al.
   2020, sec. 3.3: "image data consists of integers in {0..255} scaled linearly to [-1, 1]").
 - `batch_indices(n, batch_size, seed, step)`: the shuffled minibatch of a global training step, a pure
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module
-from .datafiles import DataError, _parse_idx, _read_bytes, cache_dir, read_idx  # noqa: F401 (re-exported)
+from .datafiles import (CIFAR10_MEMBERS, DataError, Dataset, _parse_idx, _read_bytes,  # noqa: F401 (re-exported)
+                        cache_dir, read_cifar10, read_idx)
 
 ENV_VAR = "MINIDIFF_DATA_DIR"
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # Debian's dataset-fashion-mnist installs here
@@ -46,6 +48,7 @@ DATASETS = {
             "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
             "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
         },
+        "classes": tuple("0123456789"),
     },
     "fashion-mnist": {
         "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
@@ -55,8 +58,20 @@ DATASETS = {
             "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
             "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
         },
+        "classes": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot"),
+    },
+    # One archive holds both splits (datafiles.read_cifar10). Its MD5 and size are those of the authors' page
+    # (https://www.cs.toronto.edu/~kriz/cifar.html); only the binary version, never the pickled python one.
+    "cifar10": {
+        "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+        "archive": "cifar-10-binary.tar.gz",
+        "md5": "c32a1d4ab5d03f1284b67883e8d87530",
+        "size": 170_052_171,
+        "classes": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     },
 }
+CIFAR10_CLASSES = DATASETS["cifar10"]["classes"]
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -103,16 +118,51 @@ def _load_verified(path, md5s, expect):
     return _parse_idx(raw, path, expect)
 
 
-def _find(name, fname, expect, dirs, rejected):
-    """The first valid copy of fname (.gz or raw) in dirs, or None; bad copies go to rejected."""
-    md5s = _spec(name)["md5"][fname]
+def _md5_file(path):
+    """MD5 of a file read in 1 MiB chunks (about 0.3 s for CIFAR-10's 170 MB archive)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return digest.hexdigest()
+
+
+def _load_verified_archive(path, spec, split):
+    """read_cifar10(path, split) after checking the archive's size and MD5 against the published ones."""
+    size, want = path.stat().st_size, spec.get("size")
+    if want is not None and size != want:
+        why = "truncated (an interrupted download or copy?)" if size < want else "a different file"
+        raise DataError(f"{path}: {size:,} bytes, but the published {spec['archive']} has {want:,}: {why}")
+    digest = _md5_file(path)
+    if digest != spec["md5"]:
+        raise DataError(f"{path}: checksum mismatch: MD5 {digest}, published {spec['md5']}; a different or "
+                        "damaged file")
+    return read_cifar10(path, split)
+
+
+def _fetch(name, names, read, md5, dirs, download, rejected, failed):
+    """read(path) of the first copy in dirs (each dir tried with each of names, in order) that read accepts;
+    failing that, if download, of names[0] downloaded from the data set's mirrors into cache_dir(name) and checked
+    against md5. None if neither: bad copies are added to rejected and failed URLs to failed."""
     for d in dirs:
-        for path in (d / (fname + ".gz"), d / fname):
+        for path in (d / n for n in names):
             if path.is_file():
                 try:
-                    return _load_verified(path, md5s, expect)
+                    return read(path)
                 except DataError as e:
                     rejected.append(str(e))
+    if download:
+        dest = cache_dir(name) / names[0]
+        for mirror in DATASETS[name]["mirrors"]:
+            url = mirror + names[0]
+            try:
+                _download(url, dest, md5)
+                return read(dest)
+            except Exception as e:  # URLError, HTTPError, timeouts, IncompleteRead, DataError...
+                failed.append(f"{url}: {type(e).__name__}: {e}")
     return None
 
 
@@ -145,47 +195,45 @@ def _download(url, dest, md5):
 
 
 def load_dataset(name, split="train", data_dir=None, download=True):
-    """(images, labels) of a data set split: uint8 (N, 28, 28) and uint8 (N,).
+    """Dataset (images, labels) of a data set split, with .class_names; unpacks as `images, labels`.
 
-    name: "mnist" or "fashion-mnist"; split: "train" or "test". Each file (.gz or uncompressed) is
-    looked for in search_dirs(name, data_dir) and accepted if its MD5 matches the published .gz
-    or its uncompressed content; if none is found and download is true, it is downloaded from the
-    data set's mirrors into cache_dir(name). Raises DataError saying where it looked, what it
-    rejected, which URLs failed and how to provide the files.
+    name: "mnist" or "fashion-mnist" (uint8 (N, 28, 28), uint8 (N,)) or "cifar10" (uint8 (N, 3, 32, 32),
+    uint8 (N,): 50,000 train, 10,000 test); split: "train" or "test".
+    Each file (for MNIST the four IDX files, .gz or uncompressed; for CIFAR-10 cifar-10-binary.tar.gz) is looked
+    for in search_dirs(name, data_dir) and accepted if its MD5 matches the published one (for IDX files: of the
+    .gz or of its uncompressed content); a bad copy is skipped with a warning naming it. If no good copy is found
+    and download is true, the file is downloaded from the data set's mirrors into cache_dir(name). Raises
+    DataError saying where it looked, what it rejected, which URLs failed and how to provide the files.
     """
     spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
     dirs = search_dirs(name, data_dir)
-    rejected, failed, arrays = [], [], {}
-    for fname, expect in zip(SPLITS[split], ("images", "labels")):
-        arr = _find(name, fname, expect, dirs, rejected)
-        if arr is None and download:
-            dest = cache_dir(name) / (fname + ".gz")
-            for mirror in spec["mirrors"]:
-                url = mirror + fname + ".gz"
-                try:
-                    _download(url, dest, spec["md5"][fname][0])
-                    arr = _load_verified(dest, spec["md5"][fname], expect)
-                    break
-                except Exception as e:  # URLError, HTTPError, timeouts, IncompleteRead, DataError...
-                    failed.append(f"{url}: {type(e).__name__}: {e}")
-        if arr is not None:
-            arrays[expect] = arr
-    if len(arrays) < 2:
-        raise DataError(_not_found_message(name, split, dirs, rejected, failed, download))
+    rejected, failed = [], []
+    if "archive" in spec:  # CIFAR-10: one archive holds both splits
+        need = [spec["archive"]]
+        read = functools.partial(_load_verified_archive, spec=spec, split=split)
+        arrays = _fetch(name, need, read, spec["md5"], dirs, download, rejected, failed)
+    else:  # MNIST, Fashion-MNIST: one IDX file for the images, one for the labels
+        need, arrays = [f + "[.gz]" for f in SPLITS[split]], []
+        for fname, expect in zip(SPLITS[split], ("images", "labels")):
+            md5s = spec["md5"][fname]
+            read = functools.partial(_load_verified, md5s=md5s, expect=expect)
+            arrays.append(_fetch(name, [fname + ".gz", fname], read, md5s[0], dirs, download, rejected, failed))
+        arrays = None if any(a is None for a in arrays) else arrays
+    if arrays is None:
+        raise DataError(_not_found_message(name, split, need, dirs, rejected, failed, download))
     if rejected:
         warnings.warn(f"minidiff: skipped bad copies of {name} files:\n  " + "\n  ".join(rejected),
                       stacklevel=2)
-    images, labels = arrays["images"], arrays["labels"]
+    images, labels = arrays
     if len(images) != len(labels):
         raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
-    return images, labels
+    return Dataset(images, labels, spec.get("classes"))
 
 
-def _not_found_message(name, split, dirs, rejected, failed, download):
-    files = ", ".join(f + "[.gz]" for f in SPLITS[split])
-    lines = [f"{name} {split} split not found: need {files}", "looked in:"]
+def _not_found_message(name, split, need, dirs, rejected, failed, download):
+    lines = [f"{name} {split} split not found: need {', '.join(need)}", "looked in:"]
     lines += [f"  {d}" for d in dirs]
     if rejected:
         lines += ["rejected:"] + [f"  {r}" for r in rejected]
@@ -199,6 +247,9 @@ def _not_found_message(name, split, dirs, rejected, failed, download):
         f"  - set {ENV_VAR}=DIR (files directly in DIR, or in DIR/{name}/)",
         f"  - copy them into {cache_dir(name)}, or let them download there (needs network)",
     ]
+    if "archive" in DATASETS[name]:
+        url = DATASETS[name]["mirrors"][0] + DATASETS[name]["archive"]
+        lines.append(f"  - fetch {url} where there is a network and copy it into one of the folders above")
     if name == "fashion-mnist":
         lines.append("  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
                      f"(installs into {SYSTEM_DATA_DIR / name})")
@@ -208,12 +259,14 @@ def _not_found_message(name, split, dirs, rejected, failed, download):
 # --------------------------------------------------------------------------- pixel range
 
 def to_model_range(images):
-    """uint8 images (N, H, W) -> float32 (N, 1, H, W) in [-1, 1]: x_0 = x / 127.5 - 1 (NumPy or CuPy)."""
+    """uint8 images -> float32 x_0 = x / 127.5 - 1 in [-1, 1] (NumPy or CuPy): (N, H, W) (MNIST) gains the
+    channel axis, (N, 1, H, W); (N, C, H, W) (CIFAR-10, image folders) keeps its shape."""
     xp = array_module(images)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"to_model_range expects uint8 images of shape (N, H, W), got "
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"to_model_range expects uint8 images of shape (N, H, W) or (N, C, H, W), got "
                          f"{images.dtype} {images.shape}")
-    return (images[:, None].astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0))
+    x = images[:, None] if images.ndim == 3 else images
+    return x.astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0)
 
 
 def from_model_range(x):

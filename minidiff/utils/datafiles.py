@@ -1,5 +1,6 @@
 """Data files on disk: what a bad one raises (DataError), where downloads and caches live (cache_dir), and how
-the bytes of a format become arrays (IDX for MNIST and Fashion-MNIST).
+the bytes of a format become arrays (IDX for MNIST and Fashion-MNIST, the binary records of CIFAR-10) and what
+loading returns (Dataset).
 
 NumPy and the standard library only. Every length is checked: a truncated, corrupt or wrong-kind file raises
 `DataError` naming the file and the problem. Finding, checking and downloading the files is data.py's job.
@@ -7,6 +8,7 @@ NumPy and the standard library only. Every length is checked: a truncated, corru
 import gzip
 import math
 import os
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -15,6 +17,30 @@ import numpy as np
 
 class DataError(ValueError):
     """A data file is missing, truncated, corrupt, of the wrong kind, or fails its checksum."""
+
+
+class Dataset(tuple):
+    """What loading returns: the pair (images, labels), so `images, labels = load_dataset(...)` unpacks as it
+    always has, plus `.class_names`: label i is class_names[i] (None when the data set names no classes).
+
+    A 2-tuple with an attribute rather than a 3-field namedtuple, which would break that 2-name unpacking.
+    """
+
+    def __new__(cls, images, labels, class_names=None):
+        self = super().__new__(cls, (images, labels))
+        self.class_names = None if class_names is None else tuple(class_names)
+        return self
+
+    def __getnewargs__(self):  # pickling (multiprocessing) rebuilds it through __new__
+        return self[0], self[1], self.class_names
+
+    images = property(lambda self: self[0], doc="uint8 (N, H, W) or (N, C, H, W)")
+    labels = property(lambda self: self[1], doc="(N,) class indices")
+
+    def __repr__(self):
+        classes = "None" if self.class_names is None else f"<{len(self.class_names)} names>"
+        return (f"Dataset(images={self[0].dtype} {self[0].shape}, labels={self[1].dtype} {self[1].shape}, "
+                f"class_names={classes})")
 
 
 def cache_dir(name):
@@ -86,3 +112,59 @@ def read_idx(path, expect=None):
     Raises DataError, naming the file, if it is truncated, corrupt or of the wrong kind.
     """
     return _parse_idx(_read_bytes(path)[1], path, expect)
+
+
+# --------------------------------------------------------------------------- CIFAR-10 binary records
+
+# cifar-10-binary.tar.gz holds six members of 10,000 records each. A record is 1 label byte (0..9), then 3,072
+# pixel bytes: the 1,024 red values of the 32x32 image (row-major), then the 1,024 green, then the 1,024 blue:
+# the record's pixels are already (3, 32, 32), channel-first.
+CIFAR10_RECORD = 1 + 3 * 32 * 32
+CIFAR10_MEMBERS = {
+    "train": tuple(f"cifar-10-batches-bin/data_batch_{i}.bin" for i in range(1, 6)),
+    "test": ("cifar-10-batches-bin/test_batch.bin",),
+}
+
+
+def read_cifar10(path, split):
+    """(images uint8 (N, 3, 32, 32), labels uint8 (N,)) of a split ("train": data_batch_1..5 in order, "test":
+    test_batch), read from the binary archive itself (cifar-10-binary.tar.gz): nothing is extracted to disk.
+
+    Decoding is one np.frombuffer and reshape per member, no loop over records. Raises DataError, naming the file,
+    when the archive is corrupt or truncated, lacks a member, or holds one whose length is not a whole number of
+    3,073-byte records or whose labels are not 0..9.
+    """
+    if split not in CIFAR10_MEMBERS:
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    wanted, raw, seen = CIFAR10_MEMBERS[split], {}, []
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        with f, tarfile.open(fileobj=f, mode="r:gz") as tar:
+            for member in tar:  # in archive order: the gzip stream is read forward once, never rewound
+                seen.append(member.name)
+                if member.name in wanted and member.isfile():
+                    raw[member.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: corrupt or truncated archive ({type(e).__name__}: {e}); delete it and "
+                        "download or copy it again") from None
+    missing = [m for m in wanted if m not in raw]
+    if missing:
+        holds = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "") if seen else "nothing"
+        raise DataError(f"{path}: no member {', '.join(missing)} (the archive holds: {holds}); expected the "
+                        "binary version of CIFAR-10, cifar-10-binary.tar.gz")
+    images, labels = [], []
+    for name in wanted:
+        data = raw[name]
+        if len(data) % CIFAR10_RECORD:
+            raise DataError(f"{path}: member {name} is {len(data):,} bytes, not a whole number of "
+                            f"{CIFAR10_RECORD:,}-byte records (1 label byte + 3,072 pixel bytes)")
+        records = np.frombuffer(data, np.uint8).reshape(-1, CIFAR10_RECORD)  # (n, 3073)
+        if len(records) and records[:, 0].max() > 9:
+            i = int(np.argmax(records[:, 0] > 9))
+            raise DataError(f"{path}: member {name}: record {i} has label {records[i, 0]}; CIFAR-10 labels are 0..9")
+        labels.append(records[:, 0])
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32))  # red, green, blue planes, each row-major
+    return np.concatenate(images), np.concatenate(labels)  # writable copies of their own
