@@ -1,14 +1,15 @@
-"""Training data: MNIST, Fashion-MNIST and CIFAR-10, where to find them, and a resumable batch sampler.
-Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
+"""Training data: MNIST, Fashion-MNIST, CIFAR-10 and folders of images, where to find them, and a resumable batch
+sampler. Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
 
-NumPy and the standard library only. The pieces:
+NumPy and the standard library only (folders of images, in folder.py, use Pillow). The pieces:
 
 - `read_idx(path)` (MNIST's IDX files) and `read_cifar10(path, split)` (CIFAR-10's binary archive): every length
   checked; a bad file raises `DataError` naming the file and the problem (all three live in datafiles.py, with
   `cache_dir` and `Dataset`; re-exported here).
 - `load_dataset(name, split)`: finds the canonical files (see `search_dirs` for the order), checks their MD5
-  against the published checksums, and downloads what is missing into the per-user cache, atomically. It returns
-  a `Dataset`: the pair (images, labels), which unpacks as before, with `.class_names`.
+  against the published checksums, and downloads what is missing into the per-user cache, atomically. Any other
+  name is a folder of images (`folder.load_image_folder`). It returns a `Dataset`: the pair (images, labels),
+  which unpacks as before, with `.class_names`.
 - `to_model_range` / `from_model_range`: uint8 pixels <-> the model's x_0 in [-1, 1] (DDPM, Ho et al.
   2020, sec. 3.3: "image data consists of integers in {0..255} scaled linearly to [-1, 1]").
 - `batch_indices(n, batch_size, seed, step)`: the shuffled minibatch of a global training step, a pure
@@ -28,6 +29,7 @@ import numpy as np
 from .backend import array_module
 from .datafiles import (CIFAR10_MEMBERS, DataError, Dataset, _parse_idx, _read_bytes,  # noqa: F401 (re-exported)
                         cache_dir, read_cifar10, read_idx)
+from .folder import load_image_folder
 
 ENV_VAR = "MINIDIFF_DATA_DIR"
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # Debian's dataset-fashion-mnist installs here
@@ -194,20 +196,28 @@ def _download(url, dest, md5):
                 pass
 
 
-def load_dataset(name, split="train", data_dir=None, download=True):
+def load_dataset(name, split="train", data_dir=None, download=True, *, resolution=None, channels=None,
+                 progress=True):
     """Dataset (images, labels) of a data set split, with .class_names; unpacks as `images, labels`.
 
     name: "mnist" or "fashion-mnist" (uint8 (N, 28, 28), uint8 (N,)) or "cifar10" (uint8 (N, 3, 32, 32),
     uint8 (N,): 50,000 train, 10,000 test); split: "train" or "test".
+    Any other name is a folder of images: folder.load_image_folder(name, resolution, channels, progress), uint8
+    (N, C, resolution, resolution) and int64 (N,), split "train" only; data_dir and download do not apply (a
+    folder named like a data set is reached as "./mnist").
     Each file (for MNIST the four IDX files, .gz or uncompressed; for CIFAR-10 cifar-10-binary.tar.gz) is looked
     for in search_dirs(name, data_dir) and accepted if its MD5 matches the published one (for IDX files: of the
     .gz or of its uncompressed content); a bad copy is skipped with a warning naming it. If no good copy is found
     and download is true, the file is downloaded from the data set's mirrors into cache_dir(name). Raises
     DataError saying where it looked, what it rejected, which URLs failed and how to provide the files.
     """
+    if name not in DATASETS:
+        return _load_folder(name, split, resolution, channels, progress)
     spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    if resolution is not None or channels is not None:
+        raise ValueError(f"resolution= and channels= are for image folders; {name} comes as it was published")
     dirs = search_dirs(name, data_dir)
     rejected, failed = [], []
     if "archive" in spec:  # CIFAR-10: one archive holds both splits
@@ -230,6 +240,21 @@ def load_dataset(name, split="train", data_dir=None, download=True):
     if len(images) != len(labels):
         raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
     return Dataset(images, labels, spec.get("classes"))
+
+
+def _load_folder(path, split, resolution, channels, progress):
+    """load_image_folder with load_dataset's checks: an existing folder, a resolution, the train split."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = (f"{folder.resolve()} is a file, not a folder of images" if folder.exists()
+                else f"no folder {folder.resolve()} exists to read images from")
+        raise DataError(f"unknown data set {str(path)!r}: not one of {sorted(DATASETS)}, and {what}")
+    if resolution is None:
+        raise ValueError(f"{folder} is an image folder: load_dataset needs resolution= (the side of the square "
+                         "images it makes, e.g. 32 or 64)")
+    if split != "train":
+        raise ValueError(f"{folder} is an image folder: it has only the 'train' split, not {split!r}")
+    return load_image_folder(folder, resolution, channels, progress)
 
 
 def _not_found_message(name, split, need, dirs, rejected, failed, download):
