@@ -196,6 +196,17 @@ def test_recompressed_file_accepted_by_content_checksum(tmp_path):
     check_toy(*load_dataset("toy", "train", data_dir=d, download=False))
 
 
+def test_returns_a_pair_with_class_names(tmp_path):
+    """load_dataset returns a Dataset: it unpacks as (images, labels) and names the classes from the spec."""
+    d = write_toy(tmp_path / "mine")
+    ds = load_dataset("toy", "test", data_dir=d, download=False)
+    images, labels = ds
+    check_toy(images, labels, "test")
+    assert len(ds) == 2 and ds.class_names is None        # the toy spec names no classes
+    assert D.DATASETS["mnist"]["classes"] == tuple("0123456789")
+    assert D.DATASETS["fashion-mnist"]["classes"][9] == "Ankle boot"
+
+
 def test_count_mismatch(tmp_path, monkeypatch):
     content = dict(TOY, **{"train-labels-idx1-ubyte": idx_bytes(np.zeros(11, np.uint8))})
     monkeypatch.setitem(D.DATASETS["toy"], "md5", {n: (md5(gz(c)), md5(c)) for n, c in content.items()})
@@ -368,11 +379,20 @@ def test_from_model_range_clips_and_rounds():
     np.testing.assert_array_equal(from_model_range(x), [0, 0, 0, 128, 128, 255, 255])
 
 
+def test_to_model_range_keeps_channels_of_nchw():
+    images = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)  # (N, C, H, W): CIFAR-10, image folders
+    x = to_model_range(images)
+    assert x.dtype == np.float32 and x.shape == (2, 3, 4, 5)
+    np.testing.assert_allclose(x, images / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(from_model_range(x), images)
+
+
 def test_to_model_range_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         to_model_range(np.zeros((2, 28, 28), np.float32))
-    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
-        to_model_range(np.zeros((28, 28), np.uint8))
+    for shape in ((28, 28), (1, 1, 1, 28, 28)):
+        with pytest.raises(ValueError, match=r"\(N, H, W\) or \(N, C, H, W\)"):
+            to_model_range(np.zeros(shape, np.uint8))
 
 
 # --------------------------------------------------------------------------- batch sampler

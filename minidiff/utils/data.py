@@ -1,33 +1,35 @@
-"""Training data: IDX files (MNIST, Fashion-MNIST), where to find them, and a resumable batch sampler.
-Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
+"""Training data: MNIST, Fashion-MNIST, CIFAR-10 and folders of images, where to find them, and a resumable batch
+sampler. Stage 1 of the pipeline (data -> schedule -> diffusion -> network -> train -> sample -> evaluate): the images.
 
-NumPy and the standard library only. The pieces:
+NumPy and the standard library only (folders of images, in folder.py, use Pillow). The pieces:
 
-- `read_idx(path)`: the IDX format (gzip-compressed or raw), every length checked; a bad file raises
-  `DataError` naming the file and the problem.
-- `load_dataset(name, split)`: finds the four canonical files (see `search_dirs` for the order), checks
-  their MD5 against the published checksums (of the .gz, or of the uncompressed content), and
-  downloads what is missing into the per-user cache, atomically.
+- `read_idx(path)` (MNIST's IDX files) and `read_cifar10(path, split)` (CIFAR-10's binary archive): every length
+  checked; a bad file raises `DataError` naming the file and the problem (all three live in datafiles.py, with
+  `cache_dir` and `Dataset`; re-exported here).
+- `load_dataset(name, split)`: finds the canonical files (see `search_dirs` for the order), checks their MD5
+  against the published checksums, and downloads what is missing into the per-user cache, atomically. Any other
+  name is a folder of images (`folder.load_image_folder`). It returns a `Dataset`: the pair (images, labels),
+  which unpacks as before, with `.class_names`.
 - `to_model_range` / `from_model_range`: uint8 pixels <-> the model's x_0 in [-1, 1] (DDPM, Ho et al.
   2020, sec. 3.3: "image data consists of integers in {0..255} scaled linearly to [-1, 1]").
 - `batch_indices(n, batch_size, seed, step)`: the shuffled minibatch of a global training step, a pure
   function of its arguments, so a run resumed at step k sees exactly the batches it would have seen.
 """
 import functools
-import gzip
 import hashlib
-import math
 import os
 import sys
 import tempfile
 import urllib.request
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .backend import array_module
+from .datafiles import (CIFAR10_MEMBERS, DataError, Dataset, _parse_idx, _read_bytes,  # noqa: F401 (re-exported)
+                        cache_dir, read_cifar10, read_idx)
+from .folder import load_image_folder
 
 ENV_VAR = "MINIDIFF_DATA_DIR"
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # Debian's dataset-fashion-mnist installs here
@@ -48,6 +50,7 @@ DATASETS = {
             "t10k-images-idx3-ubyte": ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
             "t10k-labels-idx1-ubyte": ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
         },
+        "classes": tuple("0123456789"),
     },
     "fashion-mnist": {
         "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
@@ -57,8 +60,20 @@ DATASETS = {
             "t10k-images-idx3-ubyte": ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
             "t10k-labels-idx1-ubyte": ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
         },
+        "classes": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot"),
+    },
+    # One archive holds both splits (datafiles.read_cifar10). Its MD5 and size are those of the authors' page
+    # (https://www.cs.toronto.edu/~kriz/cifar.html); only the binary version, never the pickled python one.
+    "cifar10": {
+        "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+        "archive": "cifar-10-binary.tar.gz",
+        "md5": "c32a1d4ab5d03f1284b67883e8d87530",
+        "size": 170_052_171,
+        "classes": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
     },
 }
+CIFAR10_CLASSES = DATASETS["cifar10"]["classes"]
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -67,82 +82,7 @@ SPLITS = {
 _urlopen = urllib.request.urlopen  # replaced in tests: they never touch the network
 
 
-class DataError(ValueError):
-    """A data file is missing, truncated, corrupt, of the wrong kind, or fails its checksum."""
-
-
-# --------------------------------------------------------------------------- IDX format
-
-# IDX: magic = 0x00 0x00 <type code> <ndim>, then ndim big-endian int32 sizes, then the data,
-# big-endian, row-major. MNIST uses type 0x08 (uint8): images 0x00000803, labels 0x00000801.
-_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_KINDS = {"images": 3, "labels": 1}  # expect= -> ndim (both uint8)
-
-
-def _read_bytes(path):
-    """The file's bytes, gunzipped if it starts with the gzip magic."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    return data, _gunzip(data, path) if data[:2] == b"\x1f\x8b" else data
-
-
-def _gunzip(data, path):
-    try:
-        return gzip.decompress(data)
-    except EOFError:
-        raise DataError(f"{path}: truncated gzip stream (the file ends early; delete it and "
-                        "download or copy it again)") from None
-    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError: CRC, trailing garbage...
-        raise DataError(f"{path}: corrupt gzip data ({e})") from None
-
-
-def _parse_idx(raw, path, expect=None):
-    if expect is not None and expect not in _KINDS:
-        raise ValueError(f"expect must be one of {sorted(_KINDS)} or None, not {expect!r}")
-    if len(raw) < 4:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need at least 4)")
-    if raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES or raw[3] == 0:
-        raise DataError(f"{path}: not an IDX file (magic number 0x{raw[:4].hex()}; expected "
-                        "0x00000803 for images or 0x00000801 for labels)")
-    dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header} for {ndim} sizes)")
-    shape = tuple(int(s) for s in np.frombuffer(raw, ">i4", ndim, 4))
-    if min(shape) < 0:
-        raise DataError(f"{path}: negative size in IDX header {shape}")
-    if expect is not None:
-        want = _KINDS[expect]
-        if dtype != np.uint8 or ndim != want:
-            raise DataError(f"{path}: expected {expect} (uint8, {want}-D, magic 0x0000080{want}) but the "
-                            f"file holds {dtype.name} data of shape {shape} (magic 0x{raw[:4].hex()})")
-    count = math.prod(shape)
-    need, have = count * dtype.itemsize, len(raw) - header
-    if have != need:
-        what = "truncated" if have < need else "trailing bytes after the data"
-        raise DataError(f"{path}: {what}: header says shape {shape} = {need} bytes of data, "
-                        f"file has {have}")
-    return np.frombuffer(raw, dtype, count, header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def read_idx(path, expect=None):
-    """Read an IDX file (gzip-compressed or raw) into a NumPy array.
-
-    expect: None (any IDX type), "images" (uint8, 3-D: N x rows x cols) or "labels" (uint8, 1-D).
-    Raises DataError, naming the file, if it is truncated, corrupt or of the wrong kind.
-    """
-    return _parse_idx(_read_bytes(path)[1], path, expect)
-
-
 # --------------------------------------------------------------------------- finding the files
-
-def cache_dir(name):
-    """The per-user download cache for a data set: $XDG_CACHE_HOME/minidiff/<name> (~/.cache/...)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "minidiff" / name
-
 
 def search_dirs(name, data_dir=None):
     """The directories load_dataset looks in, in order: data_dir; $MINIDIFF_DATA_DIR/<name> and
@@ -180,16 +120,51 @@ def _load_verified(path, md5s, expect):
     return _parse_idx(raw, path, expect)
 
 
-def _find(name, fname, expect, dirs, rejected):
-    """The first valid copy of fname (.gz or raw) in dirs, or None; bad copies go to rejected."""
-    md5s = _spec(name)["md5"][fname]
+def _md5_file(path):
+    """MD5 of a file read in 1 MiB chunks (about 0.3 s for CIFAR-10's 170 MB archive)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return digest.hexdigest()
+
+
+def _load_verified_archive(path, spec, split):
+    """read_cifar10(path, split) after checking the archive's size and MD5 against the published ones."""
+    size, want = path.stat().st_size, spec.get("size")
+    if want is not None and size != want:
+        why = "truncated (an interrupted download or copy?)" if size < want else "a different file"
+        raise DataError(f"{path}: {size:,} bytes, but the published {spec['archive']} has {want:,}: {why}")
+    digest = _md5_file(path)
+    if digest != spec["md5"]:
+        raise DataError(f"{path}: checksum mismatch: MD5 {digest}, published {spec['md5']}; a different or "
+                        "damaged file")
+    return read_cifar10(path, split)
+
+
+def _fetch(name, names, read, md5, dirs, download, rejected, failed):
+    """read(path) of the first copy in dirs (each dir tried with each of names, in order) that read accepts;
+    failing that, if download, of names[0] downloaded from the data set's mirrors into cache_dir(name) and checked
+    against md5. None if neither: bad copies are added to rejected and failed URLs to failed."""
     for d in dirs:
-        for path in (d / (fname + ".gz"), d / fname):
+        for path in (d / n for n in names):
             if path.is_file():
                 try:
-                    return _load_verified(path, md5s, expect)
+                    return read(path)
                 except DataError as e:
                     rejected.append(str(e))
+    if download:
+        dest = cache_dir(name) / names[0]
+        for mirror in DATASETS[name]["mirrors"]:
+            url = mirror + names[0]
+            try:
+                _download(url, dest, md5)
+                return read(dest)
+            except Exception as e:  # URLError, HTTPError, timeouts, IncompleteRead, DataError...
+                failed.append(f"{url}: {type(e).__name__}: {e}")
     return None
 
 
@@ -221,48 +196,69 @@ def _download(url, dest, md5):
                 pass
 
 
-def load_dataset(name, split="train", data_dir=None, download=True):
-    """(images, labels) of a data set split: uint8 (N, 28, 28) and uint8 (N,).
+def load_dataset(name, split="train", data_dir=None, download=True, *, resolution=None, channels=None,
+                 progress=True):
+    """Dataset (images, labels) of a data set split, with .class_names; unpacks as `images, labels`.
 
-    name: "mnist" or "fashion-mnist"; split: "train" or "test". Each file (.gz or uncompressed) is
-    looked for in search_dirs(name, data_dir) and accepted if its MD5 matches the published .gz
-    or its uncompressed content; if none is found and download is true, it is downloaded from the
-    data set's mirrors into cache_dir(name). Raises DataError saying where it looked, what it
-    rejected, which URLs failed and how to provide the files.
+    name: "mnist" or "fashion-mnist" (uint8 (N, 28, 28), uint8 (N,)) or "cifar10" (uint8 (N, 3, 32, 32),
+    uint8 (N,): 50,000 train, 10,000 test); split: "train" or "test".
+    Any other name is a folder of images: folder.load_image_folder(name, resolution, channels, progress), uint8
+    (N, C, resolution, resolution) and int64 (N,), split "train" only; data_dir and download do not apply (a
+    folder named like a data set is reached as "./mnist").
+    Each file (for MNIST the four IDX files, .gz or uncompressed; for CIFAR-10 cifar-10-binary.tar.gz) is looked
+    for in search_dirs(name, data_dir) and accepted if its MD5 matches the published one (for IDX files: of the
+    .gz or of its uncompressed content); a bad copy is skipped with a warning naming it. If no good copy is found
+    and download is true, the file is downloaded from the data set's mirrors into cache_dir(name). Raises
+    DataError saying where it looked, what it rejected, which URLs failed and how to provide the files.
     """
+    if name not in DATASETS:
+        return _load_folder(name, split, resolution, channels, progress)
     spec = _spec(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
+    if resolution is not None or channels is not None:
+        raise ValueError(f"resolution= and channels= are for image folders; {name} comes as it was published")
     dirs = search_dirs(name, data_dir)
-    rejected, failed, arrays = [], [], {}
-    for fname, expect in zip(SPLITS[split], ("images", "labels")):
-        arr = _find(name, fname, expect, dirs, rejected)
-        if arr is None and download:
-            dest = cache_dir(name) / (fname + ".gz")
-            for mirror in spec["mirrors"]:
-                url = mirror + fname + ".gz"
-                try:
-                    _download(url, dest, spec["md5"][fname][0])
-                    arr = _load_verified(dest, spec["md5"][fname], expect)
-                    break
-                except Exception as e:  # URLError, HTTPError, timeouts, IncompleteRead, DataError...
-                    failed.append(f"{url}: {type(e).__name__}: {e}")
-        if arr is not None:
-            arrays[expect] = arr
-    if len(arrays) < 2:
-        raise DataError(_not_found_message(name, split, dirs, rejected, failed, download))
+    rejected, failed = [], []
+    if "archive" in spec:  # CIFAR-10: one archive holds both splits
+        need = [spec["archive"]]
+        read = functools.partial(_load_verified_archive, spec=spec, split=split)
+        arrays = _fetch(name, need, read, spec["md5"], dirs, download, rejected, failed)
+    else:  # MNIST, Fashion-MNIST: one IDX file for the images, one for the labels
+        need, arrays = [f + "[.gz]" for f in SPLITS[split]], []
+        for fname, expect in zip(SPLITS[split], ("images", "labels")):
+            md5s = spec["md5"][fname]
+            read = functools.partial(_load_verified, md5s=md5s, expect=expect)
+            arrays.append(_fetch(name, [fname + ".gz", fname], read, md5s[0], dirs, download, rejected, failed))
+        arrays = None if any(a is None for a in arrays) else arrays
+    if arrays is None:
+        raise DataError(_not_found_message(name, split, need, dirs, rejected, failed, download))
     if rejected:
         warnings.warn(f"minidiff: skipped bad copies of {name} files:\n  " + "\n  ".join(rejected),
                       stacklevel=2)
-    images, labels = arrays["images"], arrays["labels"]
+    images, labels = arrays
     if len(images) != len(labels):
         raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels")
-    return images, labels
+    return Dataset(images, labels, spec.get("classes"))
 
 
-def _not_found_message(name, split, dirs, rejected, failed, download):
-    files = ", ".join(f + "[.gz]" for f in SPLITS[split])
-    lines = [f"{name} {split} split not found: need {files}", "looked in:"]
+def _load_folder(path, split, resolution, channels, progress):
+    """load_image_folder with load_dataset's checks: an existing folder, a resolution, the train split."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        what = (f"{folder.resolve()} is a file, not a folder of images" if folder.exists()
+                else f"no folder {folder.resolve()} exists to read images from")
+        raise DataError(f"unknown data set {str(path)!r}: not one of {sorted(DATASETS)}, and {what}")
+    if resolution is None:
+        raise ValueError(f"{folder} is an image folder: load_dataset needs resolution= (the side of the square "
+                         "images it makes, e.g. 32 or 64)")
+    if split != "train":
+        raise ValueError(f"{folder} is an image folder: it has only the 'train' split, not {split!r}")
+    return load_image_folder(folder, resolution, channels, progress)
+
+
+def _not_found_message(name, split, need, dirs, rejected, failed, download):
+    lines = [f"{name} {split} split not found: need {', '.join(need)}", "looked in:"]
     lines += [f"  {d}" for d in dirs]
     if rejected:
         lines += ["rejected:"] + [f"  {r}" for r in rejected]
@@ -276,6 +272,9 @@ def _not_found_message(name, split, dirs, rejected, failed, download):
         f"  - set {ENV_VAR}=DIR (files directly in DIR, or in DIR/{name}/)",
         f"  - copy them into {cache_dir(name)}, or let them download there (needs network)",
     ]
+    if "archive" in DATASETS[name]:
+        url = DATASETS[name]["mirrors"][0] + DATASETS[name]["archive"]
+        lines.append(f"  - fetch {url} where there is a network and copy it into one of the folders above")
     if name == "fashion-mnist":
         lines.append("  - on Debian/Ubuntu: apt-get install dataset-fashion-mnist "
                      f"(installs into {SYSTEM_DATA_DIR / name})")
@@ -285,12 +284,14 @@ def _not_found_message(name, split, dirs, rejected, failed, download):
 # --------------------------------------------------------------------------- pixel range
 
 def to_model_range(images):
-    """uint8 images (N, H, W) -> float32 (N, 1, H, W) in [-1, 1]: x_0 = x / 127.5 - 1 (NumPy or CuPy)."""
+    """uint8 images -> float32 x_0 = x / 127.5 - 1 in [-1, 1] (NumPy or CuPy): (N, H, W) (MNIST) gains the
+    channel axis, (N, 1, H, W); (N, C, H, W) (CIFAR-10, image folders) keeps its shape."""
     xp = array_module(images)
-    if images.dtype != np.uint8 or images.ndim != 3:
-        raise ValueError(f"to_model_range expects uint8 images of shape (N, H, W), got "
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"to_model_range expects uint8 images of shape (N, H, W) or (N, C, H, W), got "
                          f"{images.dtype} {images.shape}")
-    return (images[:, None].astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0))
+    x = images[:, None] if images.ndim == 3 else images
+    return x.astype(xp.float32) / xp.float32(127.5) - xp.float32(1.0)
 
 
 def from_model_range(x):
