@@ -121,7 +121,7 @@ def main(argv=None):
         out_of_time = tcfg.max_minutes and elapsed >= 60 * tcfg.max_minutes     # stopped by the budget: draw anyway
         if a.final_sampler != "none" and (step >= tcfg.steps or out_of_time):
             final_grid(a, tcfg, step)
-    except (DataError, CheckpointError, TrainingError, ValueError) as e:
+    except (DataError, CheckpointError, TrainingError, ValueError, RuntimeError) as e:   # RuntimeError: no GPU
         sys.exit(f"error: {e}")
 
 

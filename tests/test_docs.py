@@ -176,3 +176,16 @@ def test_each_equation_map_test_mentions_a_function_of_its_row():
             if not any(re.search(rf"\b{re.escape(n)}\b", source) for n in names):
                 vague.append(f"{ref} mentions none of {sorted(names)}")
     assert not vague, vague
+
+
+def test_gpu_check_script_is_valid_and_says_when_there_is_no_gpu(tmp_path):
+    """bench/gpu_check.sh parses, and on a machine without nvidia-smi it says so and stops (exit status 1)."""
+    import shutil
+    script = ROOT / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if shutil.which("nvidia-smi", path="/usr/bin:/bin"):
+        pytest.skip("this machine has nvidia-smi: the script would run the whole check")
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path), "HOME": str(tmp_path)})
+    assert res.returncode == 1 and "nvidia-smi not found" in res.stdout
+    assert "nvidia-smi not found" in (tmp_path / "gpu_check.log").read_text()
