@@ -38,6 +38,7 @@ from minidiff.evaluation.evaluate import TARGET, bound, calibration_sets, freche
 from minidiff.sample import sample
 from minidiff.utils.checkpoint import CheckpointError, load_model
 from minidiff.utils.data import DataError, load_dataset, to_model_range
+from minidiff.utils.distributed import group as process_group
 from minidiff.utils.image import save_figure, save_grid, save_line_plot
 
 
@@ -99,6 +100,7 @@ def main(argv=None):
     out_dir = a.out_dir or (os.path.join(os.path.dirname(os.path.abspath(a.source)), "eval") if a.source
                             else os.path.join("runs", "calibration"))
     os.makedirs(out_dir, exist_ok=True)
+    group = process_group()                     # under mpiexec: the samplers' batches and the bound are shared
     try:
         clf, clf_meta = load_classifier(a.classifier)
         x_test, _ = load_dataset(a.dataset, "test", a.data_dir)
@@ -109,6 +111,8 @@ def main(argv=None):
         floors = {}
 
         def judge(images, labels, row):
+            if not group.main:
+                return
             n = len(images)
             floors.setdefault(n, frechet_floor(clf, x_train, ref, n, seed=a.seed))
             row.update(sample_quality(clf, images, ref, labels), frechet_floor=floors[n])
@@ -117,7 +121,8 @@ def main(argv=None):
             results["rows"].append(row)
             print(format_row(row), flush=True)
 
-        print(HEADER)
+        if group.main:
+            print(HEADER)
         if a.calibrate:
             sets = calibration_sets(x_train, y_train, a.num_images, seed=a.seed)
             save_figure(np.stack([images[:10] for _, images in sets]), os.path.join(out_dir, "calibration.png"),
@@ -135,8 +140,9 @@ def main(argv=None):
             guide = None if a.autoguidance is None else load_model(a.source, "guide")[0]
             if a.bpd_exact or a.bpd_mc:
                 t0 = time.perf_counter()
-                b = bound(model, schedule, x_test, a.bpd_exact, a.bpd_mc, seed=a.seed, batch_size=a.batch_size)
-                if "exact_terms" in b:
+                b = bound(model, schedule, x_test, a.bpd_exact, a.bpd_mc, seed=a.seed, batch_size=a.batch_size,
+                          group=group)
+                if "exact_terms" in b and group.main:
                     save_line_plot(b.pop("exact_terms"), os.path.join(out_dir, "bpd_terms.png"), xlabel="t",
                                    title=f"bits/dim of each term L_t of the bound (t = 0: decoder L_0), "
                                          f"mean of {b['exact_images']} test images")
@@ -155,19 +161,22 @@ def main(argv=None):
                         images = sample(model, schedule, a.num_images, sampler=sampler, num_steps=steps, y=y,
                                         guidance=1.0 if w is None else w, guide=guide, seed=a.seed,
                                         batch_size=a.batch_size,
-                                        timestep_spacing=a.spacing, progress=not a.no_progress,
-                                        eta=a.eta if sampler == "ddim" else 0.0)
+                                        timestep_spacing=a.spacing, progress=not a.no_progress and group.main,
+                                        eta=a.eta if sampler == "ddim" else 0.0, group=group)
                         sec = (time.perf_counter() - t0) / a.num_images
                         label = name if a.spacing == "linspace" or sampler == "ddpm" else f"{name}/{a.spacing}"
                         label += f"/eta{a.eta:g}" if a.eta and sampler == "ddim" else ""
                         label += "/guide" if guide is not None and w != 1.0 else ""   # w = 1: the model alone
                         tag = (label.replace("/", "_") + ("" if w is None else f"_w{w:g}")
                                + ("" if split == "-" else f"_{split}"))
-                        save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
+                        if group.main:
+                            save_grid(images[:100], os.path.join(out_dir, f"samples_{tag}.png"), nrow=10)
                         judge(images, labels, dict(sampler=label, guidance=w, prompts=None if split == "-" else split,
                                                    seconds_per_image=sec))
     except (CheckpointError, DataError, ValueError, OSError) as e:   # OSError: a missing or unreadable .npy
-        sys.exit(f"error: {e}")
+        group.fail(f"error: {e}")
+    if not group.main:
+        return
     if "bound" in results:
         b = results["bound"]
         if "exact_bpd" in b:

@@ -6,6 +6,8 @@
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler dpmsolver++ --steps 20 --autoguidance 2
     python examples/mnist_sample.py runs/mnist/checkpoint.npz -n 100 --seed 3 --out samples.png
     python examples/mnist_sample.py CKPT --class-label 7 --guidance 3                  # class-conditional models
+    python examples/mnist_sample.py CKPT --class-label cat                             # a class by its name
+    mpiexec -n 4 python examples/mnist_sample.py CKPT -n 10000      # four processes: the same 10,000 images
     python examples/mnist_sample.py CKPT --prompt "a handwritten seven" --prompt "手写数字三" --guidance 3   # text
 
 Writes OUT (PNG grid) and OUT with .npy (float32 samples in [-1, 1], shape (N, 1, 28, 28)). With --prompt, each prompt
@@ -22,6 +24,7 @@ from minidiff.conditioning.text import encode_prompts
 from minidiff.sample import sample
 from minidiff.utils.backend import get_xp
 from minidiff.utils.checkpoint import CheckpointError, load_model
+from minidiff.utils.distributed import group as process_group
 from minidiff.utils.image import save_grid
 
 
@@ -40,7 +43,8 @@ def main(argv=None):
     p.add_argument("-n", "--num-images", type=int, default=None, help="images (default 64), or per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--class-label", type=int, default=None, help="class-conditional models: the class to draw")
+    p.add_argument("--class-label", default=None, help="class-conditional models: the class to draw (its number, or "
+                                                         "its name: a folder's class names are in the checkpoint)")
     p.add_argument("--prompt", action="append", default=None,
                    help="text-conditional models: what to draw (English or Chinese); repeat for more rows")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight w")
@@ -53,7 +57,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.num_images is not None and a.num_images < 1:
         p.error(f"-n/--num-images must be at least 1, got {a.num_images}")
+    group = process_group()                     # under mpiexec: each process draws its share of the batches
     try:
+        if a.device == "cuda":
+            group.use_gpu()
         model, schedule, meta = load_model(a.checkpoint, a.weights, a.device)
         guide = None if a.autoguidance is None else load_model(a.checkpoint, "guide", a.device)[0]
         y, nrow = None, None
@@ -65,12 +72,7 @@ def main(argv=None):
             y, a.num_images, nrow = np.repeat(ids, per, axis=0), per * len(a.prompt), per
         a.num_images = 64 if a.num_images is None else a.num_images
         if a.class_label is not None:
-            num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
-            if not num_classes:
-                raise ValueError("--class-label needs a class-conditional checkpoint (trained with --class-conditional)")
-            if not 0 <= a.class_label < num_classes:
-                raise ValueError(f"--class-label must be in [0, {num_classes})")
-            y = np.full(a.num_images, a.class_label)
+            y = np.full(a.num_images, class_index(model, meta, a.class_label))
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)),
                                     f"samples_{a.sampler}{'' if a.sampler == 'ddpm' else a.steps}"
                                     f"{'' if guide is None else f'_ag{a.autoguidance:g}'}_seed{a.seed}.png")
@@ -78,14 +80,30 @@ def main(argv=None):
         imgs = sample(model, schedule, a.num_images, sampler=a.sampler, num_steps=a.steps, eta=a.eta,
                       variance_type=a.variance, clip_sample=not a.no_clip, seed=a.seed, batch_size=a.batch_size,
                       y=y, guidance=a.guidance if guide is None else a.autoguidance, timestep_spacing=a.spacing,
-                      xp=get_xp(a.device), guide=guide, progress=not a.no_progress)
+                      xp=get_xp(a.device), guide=guide, progress=not a.no_progress and group.main, group=group)
         dt = time.perf_counter() - t0
     except (CheckpointError, ValueError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+        group.fail(f"error: {e}")
+    if not group.main:
+        return
     save_grid(imgs, out, nrow=nrow)
     np.save(os.path.splitext(out)[0] + ".npy", imgs)
     print(f"step {meta['step']} checkpoint; {a.num_images} images in {dt:.1f} s ({dt / a.num_images:.3f} s/image); "
           f"wrote {out} and {os.path.splitext(out)[0]}.npy")
+
+
+def class_index(model, meta, label):
+    """The class index a --class-label names: a number, or one of the checkpoint's class names."""
+    num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
+    if not num_classes:
+        raise ValueError("--class-label needs a class-conditional checkpoint (trained with --class-conditional)")
+    names = meta.get("class_names") or []
+    if label in names:
+        return names.index(label)
+    if not label.isdigit() or not 0 <= int(label) < num_classes:
+        known = f"; its classes: {', '.join(names)}" if names else ""
+        raise ValueError(f"--class-label {label!r} is not a class of this model: give 0..{num_classes - 1}{known}")
+    return int(label)
 
 
 if __name__ == "__main__":

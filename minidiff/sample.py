@@ -50,7 +50,7 @@ def predict_eps(model, schedule, x, t, y=None, y_null=None, guide=None):
 
 def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0.0, variance_type="fixed_small",
            clip_sample=True, seed=0, batch_size=256, y=None, guidance=1.0, guide=None, timestep_spacing="linspace",
-           progress=True, xp=np, cuda_graph=None, callback=None):
+           progress=True, xp=np, cuda_graph=None, callback=None, group=None):
     """Generate ``num_images`` images (N, C, H, W) in model range [-1, 1], returned as a NumPy array.
 
     sampler: "ddpm" (all T steps, variance "fixed_small" = beta-tilde_t or "fixed_large" = beta_t), "ddim"
@@ -61,7 +61,9 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     early EMA weights a checkpoint keeps: utils.checkpoint.load_model(path, "guide")) the guide's, which works for
     unconditional models too. ``cuda_graph``: on a GPU, capture each batch's step once and replay it (None: yes,
     when the fused CUDA step is there). ``callback(t, x)``: called before each step with the network's input x_t
-    (a device array; it turns the capture off)."""
+    (a device array; it turns the capture off). ``group`` (utils/distributed.py): the processes of a parallel run,
+    each drawing the batches b with b mod size = rank; each batch's seed makes them the images one process draws,
+    and every process returns them all."""
     cfg = model.config
     shape = (cfg.in_channels, cfg.resolution, cfg.resolution)
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
@@ -86,21 +88,25 @@ def sample(model, schedule, num_images, *, sampler="ddpm", num_steps=None, eta=0
     for net in (model, guide):
         if net is not None:
             net.train(False)
-    out = []
-    bar = tqdm(total=num_images * len(plan), unit="img-step", desc=f"{sampler} x{len(plan)}", disable=not progress)
+    rank, size = (0, 1) if group is None else (group.rank, group.size)
+    images = np.zeros((num_images,) + shape, np.float32)
+    mine = [b for b in range(-(-num_images // batch_size)) if b % size == rank]
+    mine_images = sum(min(batch_size, num_images - b * batch_size) for b in mine)
+    bar = tqdm(total=mine_images * len(plan), unit="img-step", desc=f"{sampler} x{len(plan)}", disable=not progress)
     try:
-        for b, start in enumerate(range(0, num_images, batch_size)):
+        for b in mine:
+            start = b * batch_size
             n = min(batch_size, num_images - start)
             key = batch_seed(seed, b)
             yb = None if y is None else y[start:start + n]
             x = philox_normal(key, schedule.num_train_timesteps, n * int(np.prod(shape)), xp=xp).reshape((n,) + shape)
             params = [StepParams(coefs, guidance, clip_sample, key, t) for t, coefs in plan]
-            out.append(to_numpy(_reverse_process(model, schedule, plan, params, x, yb, guidance, guide, graphed,
-                                                 callback, bar)))
+            images[start:start + n] = _reverse_process(model, schedule, plan, params, x, yb, guidance, guide, graphed,
+                                                       callback, bar)
     finally:
         bar.close()
         model.train(was_training)
-    return np.concatenate(out)
+    return images if group is None else group.sum_host(images)      # each image from one process, zeros elsewhere
 
 
 def _reverse_process(model, schedule, plan, params, x, y, guidance, guide, graphed, callback, bar):

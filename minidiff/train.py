@@ -24,14 +24,15 @@ from .schedule import NoiseSchedule
 from .train_step import TrainStep, loss_weights, training_noise
 from .utils.backend import get_xp, to_numpy
 from .utils.checkpoint import CheckpointError, load_checkpoint, load_params_into, model_config_defaults, save_checkpoint
-from .utils.data import batch_indices, load_dataset, to_model_range
+from .utils.data import DATASETS, batch_indices, load_dataset, to_model_range
+from .utils.distributed import Single
 from .utils.image import save_grid
 from .utils.signals import StopRequest
 
 
 @dataclass
 class TrainConfig:
-    dataset: str = "mnist"               # "mnist" or "fashion-mnist"
+    dataset: str = "mnist"               # "mnist", "fashion-mnist", "cifar10" or a folder of images (utils/data.py)
     data_dir: Optional[str] = None       # where the IDX files are (else: $MINIDIFF_DATA_DIR, cache, /usr/share/datasets)
     out_dir: str = "runs/mnist"          # checkpoint.npz, samples_*.png, log.jsonl
     steps: int = 1500                    # optimizer steps in total (a resumed run continues up to this)
@@ -58,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 250                # write the checkpoint every this many steps (and at the end)
     max_minutes: Optional[float] = None  # stop (saving a checkpoint) once training has run this long
     num_sample_images: int = 36
+    hflip: bool = False                  # flip each training image left-right with probability 1/2 (augmentation)
 
     # How a run is run, not what it computes: a resumed run may change these. Every other field must match the
     # checkpoint's; so must `steps` under a cosine learning rate, whose curve it sets (a constant-rate run may be
@@ -99,19 +101,28 @@ def _resume(ckpt_path, tcfg, model, opt, ema, xp):
     return int(ckpt["meta"]["step"]), {k: xp.asarray(v) for k, v in ckpt["guide"].items()}
 
 
-def train(tcfg, model, resume=False, progress=True, callback=None):
+def train(tcfg, model, resume=False, progress=True, callback=None, group=None):
     """Train ``model`` (a UNet, or a conditional one from minidiff/conditioning/) as ``tcfg`` says; returns
     (model, ema, step). ``resume`` continues from ``out_dir/checkpoint.npz`` exactly. ``callback(step, loss)`` is
-    called after every step (tests, logging)."""
+    called after every step (tests, logging). ``group``: the processes of a data-parallel run (utils/distributed.py:
+    each trains on its share of every global batch; rank 0 alone writes files); None: this process alone."""
+    group = group or Single()
     xp = get_xp(tcfg.device)
+    if tcfg.device == "cuda":
+        group.use_gpu()                                        # this process's GPU (and NCCL between them)
     schedule = tcfg.schedule()
     T, B, cfg = schedule.num_train_timesteps, tcfg.batch_size, model.config
-    images, labels = load_dataset(tcfg.dataset, "train", data_dir=tcfg.data_dir)
-    x_all = xp.asarray(to_model_range(images))                 # (N, 1, 28, 28) in [-1, 1], moved to the device once
-    y_all = labels.astype(np.int64)
+    folder = {} if tcfg.dataset in DATASETS else dict(resolution=cfg.resolution, channels=cfg.in_channels)
+    with group.main_first():                                   # rank 0 downloads or decodes, the others read its cache
+        data = load_dataset(tcfg.dataset, "train", data_dir=tcfg.data_dir, progress=progress and group.main, **folder)
+    x_all = xp.asarray(to_model_range(data[0]))                # (N, C, H, W) in [-1, 1], moved to the device once
+    y_all = data[1].astype(np.int64)
     if tuple(x_all.shape[1:]) != (cfg.in_channels, cfg.resolution, cfg.resolution):
         raise ValueError(f"data images are {tuple(x_all.shape[1:])} but the model expects "
                          f"({cfg.in_channels}, {cfg.resolution}, {cfg.resolution})")
+    lo, hi = group.share(B)                                    # this process's rows of every global batch
+    if hi <= lo:
+        raise ValueError(f"{group.size} processes for a batch of {B}: each needs at least one example")
     draw_condition = getattr(model, "draw_condition", None)   # conditional models: y from the labels
 
     model.to(xp)
@@ -123,32 +134,35 @@ def train(tcfg, model, resume=False, progress=True, callback=None):
     step = 0
     if resume:
         step, guide = _resume(ckpt_path, tcfg, model, opt, ema, xp)
-        print(f"resumed from {ckpt_path} at step {step}")
+        if group.main:
+            print(f"resumed from {ckpt_path} at step {step}")
 
     def save():
         # The EMA weights go in the checkpoint's "ema/" section; its update count (for the decay warm-up) in meta.
         tokenizer = getattr(model, "tokenizer", None)
         save_checkpoint(ckpt_path, model.params, ema.params, opt.state_dict(), guide_params=guide,
-                        meta=dict(step=step, ema_num_updates=ema.num_updates,
+                        meta=dict(step=step, ema_num_updates=ema.num_updates, class_names=data.class_names,
                                   config=dict(train=dataclasses.asdict(tcfg), model=model.config_dict()),
                                   tokenizer=tokenizer.to_dict() if tokenizer else None,
                                   rng=dict(kind="stateless: batch_indices(seed, step), default_rng([seed, step]), "
                                                  "Philox(seed | 0xFFFFFFFF << 32, step)", seed=tcfg.seed)))
 
     graph = tcfg.device == "cuda" and tcfg.cuda_graphs and not cfg.dropout
-    if tcfg.device == "cuda" and tcfg.cuda_graphs and cfg.dropout:
+    if tcfg.device == "cuda" and tcfg.cuda_graphs and cfg.dropout and group.main:
         print("dropout > 0: the training step runs without a CUDA graph (its dropout masks come from the host)")
     weights = (None if tcfg.loss_weighting == "uniform" else
                loss_weights(schedule, cfg.prediction_type, tcfg.loss_weighting, tcfg.snr_gamma))
-    train_step = TrainStep(model, opt, ema, schedule, tcfg.grad_clip, weights, cuda_graph=graph)
+    train_step = TrainStep(model, opt, ema, schedule, tcfg.grad_clip, weights, graph, group, (hi - lo) / B)
     pending = []                                # (step, loss, grad norm, lr) of the steps not yet read back
 
     def read_back():
-        """Read the losses of the steps since the last read (one host synchronisation), log them and stop if one is
-        not finite: nothing after a non-finite loss reaches a checkpoint."""
+        """Read the losses of the steps since the last read (one host synchronisation; the global batch's mean over
+        the processes), log them and stop if one is not finite: nothing after a non-finite loss reaches a
+        checkpoint, on any process."""
         nonlocal smooth
-        values = to_numpy(xp.stack([xp.stack([loss, norm]) for _, loss, norm, _ in pending]))
-        for (s, _, _, lr), (loss, norm) in zip(pending, values.astype(np.float64)):
+        values = to_numpy(xp.stack([xp.stack([loss, norm]) for _, loss, norm, _ in pending])).astype(np.float64)
+        values = group.sum_host(values * np.array([(hi - lo) / B, 1.0 / group.size]))
+        for (s, _, _, lr), (loss, norm) in zip(pending, values):
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss} at step {s}; stopped without saving, so {ckpt_path} keeps the last good "
@@ -158,21 +172,26 @@ def train(tcfg, model, resume=False, progress=True, callback=None):
         pending.clear()
         return last
 
-    log = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a")
-    bar = tqdm(total=tcfg.steps, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
+    log = open(os.path.join(tcfg.out_dir, "log.jsonl"), "a") if group.main else None
+    bar = tqdm(total=tcfg.steps, initial=step, unit="step", disable=not (progress and group.main), dynamic_ncols=True)
     model.train(True)
     smooth, t_last, s_last = None, time.perf_counter(), step
     t_start = t_last
     try:
         with StopRequest() as stop, train_step.stream_context():   # one stream: inputs, step, previews
             while step < tcfg.steps:
+                # the global batch, every example keyed by (seed, step, its place in the batch); this process's rows
                 rng = np.random.default_rng([tcfg.seed, step])
                 idx = batch_indices(len(y_all), B, tcfg.seed, step)
                 t = rng.integers(0, T, size=B)
                 y = None if draw_condition is None else draw_condition(y_all[idx], tcfg.p_uncond, rng)
+                flip = tcfg.hflip and rng.random(B) < 0.5      # horizontal flips (data augmentation)
+                x0 = x_all[xp.asarray(idx[lo:hi])]
+                if tcfg.hflip:
+                    x0 = xp.where(xp.asarray(flip[lo:hi])[:, None, None, None], x0[..., ::-1], x0)
+                noise = training_noise(tcfg.seed, step, (B,) + tuple(x_all.shape[1:]), xp)[lo:hi]
                 lr = learning_rate(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.lr_schedule)
-                noise = training_noise(tcfg.seed, step, (B,) + tuple(x_all.shape[1:]), xp)
-                train_step(x_all[xp.asarray(idx)], t, noise, y, lr, rng)
+                train_step(x0, t[lo:hi], noise, None if y is None else y[lo:hi], lr, rng)
                 pending.append((step, train_step.loss.copy(), train_step.grad_norm.copy(), lr))
                 step += 1
                 if step == tcfg.guide_step:
@@ -180,8 +199,10 @@ def train(tcfg, model, resume=False, progress=True, callback=None):
                 if callback is not None:
                     callback(step, train_step.loss)
 
-                if tcfg.max_minutes and time.perf_counter() - t_start > 60 * tcfg.max_minutes and step < tcfg.steps:
-                    stop.requested = "time"            # the time budget is spent: save and stop like Ctrl-C
+                # Ctrl-C on any process, or the time budget spent (1, 2): every process stops after this same step
+                out_of_time = tcfg.max_minutes and time.perf_counter() - t_start > 60 * tcfg.max_minutes
+                stop.requested = ("", "ctrl-c", "time")[group.any(2 if out_of_time else 1 if stop.requested else 0)]
+                stop.requested = stop.requested if step < tcfg.steps else ""
                 due_ckpt = step % tcfg.ckpt_every == 0 or step == tcfg.steps or stop.requested
                 due_sample = tcfg.sample_every and step % tcfg.sample_every == 0
                 if step % tcfg.log_every == 0 or due_ckpt or due_sample:
@@ -191,20 +212,24 @@ def train(tcfg, model, resume=False, progress=True, callback=None):
                     ips = (step - s_last) * B / max(now - t_last, 1e-9)
                     t_last, s_last = now, step
                     bar.set_postfix(loss=f"{smooth:.4f}", img_s=f"{ips:.1f}", lr=f"{lr:.2e}")
-                    log.write(json.dumps(dict(last, images_per_s=ips)) + "\n")
-                    log.flush()
+                    if log:
+                        log.write(json.dumps(dict(last, images_per_s=ips, processes=group.size)) + "\n")
+                        log.flush()
                 bar.update(1)
-                if due_ckpt:
+                if due_ckpt and group.main:
                     save()
-                if due_sample:
+                if due_sample and group.main:
                     write_samples(model, ema, schedule, tcfg, step, xp)
                 if stop.requested:
-                    why = f"after {tcfg.max_minutes:g} minutes (max_minutes) " if stop.requested == "time" else ""
-                    print(f"stopped {why}at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
+                    why = "on the time budget (max_minutes) " if stop.requested == "time" else ""
+                    if group.main:
+                        print(f"stopped {why}at step {step}; checkpoint saved to {ckpt_path}; continue with --resume")
                     break
+        group.barrier()                          # rank 0's last checkpoint is written before any process goes on
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
     return model, ema, step
 
 

@@ -66,8 +66,11 @@ class TrainStep:
     On a GPU with ``cuda_graph=True`` the step is captured once as a CUDA graph and replayed (fast/graphs.py): a few
     microseconds of launch instead of thousands of kernel launches from Python."""
 
-    def __init__(self, model, opt, ema, schedule, grad_clip, weights=None, cuda_graph=False):
+    def __init__(self, model, opt, ema, schedule, grad_clip, weights=None, cuda_graph=False, group=None, share=1.0):
+        """group, share: data-parallel training (utils/distributed.py): this process's share of the global batch,
+        whose gradients the group sums over the processes; one process (group None): nothing to sum."""
         xp = array_module(next(iter(model.params.values())))
+        self.group, self.share = group, float(share)
         self.xp, self.model, self.opt, self.ema, self.schedule = xp, model, opt, ema, schedule
         self.grad_clip = float(grad_clip)
         self.weights = None if weights is None else xp.asarray(weights, dtype=model.dtype)   # (T,): loss_weights
@@ -99,6 +102,8 @@ class TrainStep:
         loss, dout = loss_simple(model, self.schedule, x0, t, noise, y, self.rng, self.weights)
         model.zero_grad()
         model.backward(dout)
+        if self.group is not None:              # data parallel: the gradient of the global batch's mean loss
+            self.group.average(model.grads.flat, self.share)
         self.grad_norm[...] = clip_grad_norm(model.grads, self.grad_clip)
         self.opt.apply(hyper[0], hyper[1], hyper[2])
         self.ema.apply(model.params, hyper[3])

@@ -373,12 +373,12 @@ def test_time_budget_stops_and_saves(toy_data, tmp_path):
 
 
 def test_final_grid_is_silent_with_no_progress(toy_data, tmp_path, capsys):
-    """examples/mnist_train.py --no-progress: no progress bar from training or from the final grid's sampler."""
+    """examples/train.py (and mnist_train.py) --no-progress: no progress bar from the final grid's sampler."""
     import importlib.util
     from pathlib import Path
     from types import SimpleNamespace
-    script = Path(__file__).resolve().parents[1] / "examples" / "mnist_train.py"
-    spec = importlib.util.spec_from_file_location("mnist_train", script)
+    script = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_example", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     tcfg = _cfg(toy_data, tmp_path, 2, guide_step=1)

@@ -36,18 +36,19 @@ def eps_function(model, schedule, batch_size=256):
     return eps_fn
 
 
-def bound(model, schedule, x0, exact_images=4, mc_images=1000, seed=0, batch_size=256):
-    """Bits per dimension of the bound on real images x0 (N, 1, H, W) in [-1, 1]: the exact sum over all T terms
-    for the first ``exact_images`` images and a Monte Carlo estimate over the first ``mc_images``."""
+def bound(model, schedule, x0, exact_images=4, mc_images=1000, seed=0, batch_size=256, group=None):
+    """Bits per dimension of the bound on real images x0 (N, C, H, W) in [-1, 1]: the exact sum over all T terms
+    for the first ``exact_images`` images and a Monte Carlo estimate over the first ``mc_images``; ``group``: shared
+    by the processes of a parallel run (utils/distributed.py), the same numbers."""
     eps_fn = eps_function(model, schedule, batch_size=batch_size)
     out = {}
     if exact_images:
         xe = x0[:exact_images]
-        ex = bpd_exact(schedule, eps_fn, xe, seed=seed, batch_t=max(1, batch_size // len(xe)))
+        ex = bpd_exact(schedule, eps_fn, xe, seed=seed, batch_t=max(1, batch_size // len(xe)), group=group)
         out.update(exact_bpd=float(ex["total"].mean()), exact_images=len(xe),
                    exact_terms=ex["terms"].mean(axis=0), prior_bpd=float(ex["prior"].mean()))
     if mc_images:
-        mean, se = bpd_monte_carlo(schedule, eps_fn, x0[:mc_images], seed=seed)
+        mean, se = bpd_monte_carlo(schedule, eps_fn, x0[:mc_images], seed=seed, group=group)
         out.update(mc_bpd=mean, mc_se=se, mc_images=min(mc_images, len(x0)))
     return out
 

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from ..utils.backend import array_module
+from ..utils.backend import array_module, to_numpy as to_host
 from ..diffusion import p_mean_variance, q_mean_variance, q_posterior, q_sample
 
 
@@ -75,34 +75,41 @@ def vb_term_bpd(schedule, eps_fn, x0, t, noise, variance_type="fixed_small", cli
     return xp.where(xp.asarray(t) == 0, decoder_nll, kl)
 
 
-def bpd_exact(schedule, eps_fn, x0, seed=0, batch_t=1, **kw):
+def bpd_exact(schedule, eps_fn, x0, seed=0, batch_t=1, group=None, **kw):
     """The whole bound, every one of the T terms (one fresh noise draw each), for a few images; ``batch_t``
     timesteps share one call of eps_fn (the B images repeated). Returns dict(total (B,), terms (B, T), prior (B,))
-    in bits per dimension."""
+    in bits per dimension. ``group`` (utils/distributed.py): the processes share the chunks of timesteps (chunk i
+    on rank i mod size; the noise is drawn for all of them everywhere), and all get every term."""
     xp = array_module(x0)
     rng = np.random.default_rng(seed)
     B, T = x0.shape[0], schedule.num_train_timesteps
     terms = xp.zeros((B, T), dtype=np.float64)
-    for t0 in range(0, T, batch_t):  # a loop over chunks of timesteps (the sum of the bound), not over pixels
+    for i, t0 in enumerate(range(0, T, batch_t)):  # a loop over chunks of timesteps (the sum of the bound)
         ts = np.arange(t0, min(T, t0 + batch_t))
         xk = xp.concatenate([x0] * len(ts))                        # (k B, ...): image i at timestep ts[j] in row j B + i
         noise = xp.asarray(rng.standard_normal(xk.shape), dtype=x0.dtype)
-        terms[:, ts] = vb_term_bpd(schedule, eps_fn, xk, np.repeat(ts, B), noise, **kw).reshape(len(ts), B).T
+        if group is None or i % group.size == group.rank:
+            terms[:, ts] = vb_term_bpd(schedule, eps_fn, xk, np.repeat(ts, B), noise, **kw).reshape(len(ts), B).T
+    if group is not None:
+        terms = xp.asarray(group.sum_host(to_host(terms)))
     prior = prior_bpd(schedule, x0)
     return dict(total=terms.sum(axis=1) + prior, terms=terms, prior=prior)
 
 
-def bpd_monte_carlo(schedule, eps_fn, x0, num_samples=1, seed=0, **kw):
+def bpd_monte_carlo(schedule, eps_fn, x0, num_samples=1, seed=0, group=None, **kw):
     """Unbiased estimate of the bound: L_T + T * L_t for t ~ U{0..T-1}, num_samples draws per image.
-    Returns (mean over images and draws, its standard error), bits per dimension."""
-    xp = array_module(x0)
+    Returns (mean over images and draws, its standard error), bits per dimension. ``group``: the processes share the
+    images (the draws are made for all of them everywhere, so the estimate is one process's)."""
     rng = np.random.default_rng(seed)
     B, T = x0.shape[0], schedule.num_train_timesteps
-    prior = prior_bpd(schedule, x0)
-    estimates = []
-    for _ in range(num_samples):
+    lo, hi = (0, B) if group is None else group.share(B)
+    estimates = np.zeros((num_samples, B))
+    for k in range(num_samples):
         t = rng.integers(0, T, size=B)
-        noise = xp.asarray(rng.standard_normal(x0.shape), dtype=x0.dtype)
-        estimates.append(prior + T * vb_term_bpd(schedule, eps_fn, x0, t, noise, **kw))
-    est = np.asarray([e.get() if hasattr(e, "get") else e for e in estimates]).ravel()
+        noise = rng.standard_normal(x0.shape)
+        xs = x0[lo:hi]
+        eps = array_module(xs).asarray(noise[lo:hi], dtype=x0.dtype)
+        estimates[k, lo:hi] = to_host(prior_bpd(schedule, xs) + T * vb_term_bpd(schedule, eps_fn, xs, t[lo:hi], eps,
+                                                                                  **kw))
+    est = (estimates if group is None else group.sum_host(estimates)).ravel()
     return float(est.mean()), float(est.std(ddof=1) / math.sqrt(est.size))
