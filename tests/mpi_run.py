@@ -2,11 +2,13 @@
 trained on a folder of images, or its bound, with faults to inject.
 
     mpi_run.py train FOLDER OUT STEPS [--resume] [--fail-rank R --fail-step S] [--nan-rank R] [--minutes-rank R]
+                                      [--interrupt-rank R --interrupt-step S] [--device cuda]
     mpi_run.py bound CKPT FOLDER OUT
 """
 import argparse
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -32,6 +34,8 @@ def main():
     p.add_argument("--fail-step", type=int, default=-1)
     p.add_argument("--nan-rank", type=int, default=-1)
     p.add_argument("--minutes-rank", type=int, default=-1)
+    p.add_argument("--interrupt-rank", type=int, default=-1)
+    p.add_argument("--interrupt-step", type=int, default=-1)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     group = process_group()
@@ -53,6 +57,8 @@ def main():
     def callback(step, loss):
         if group.rank == a.fail_rank and step == a.fail_step:
             raise RuntimeError(f"injected failure on rank {group.rank} at step {step}")
+        if group.rank == a.interrupt_rank and step == a.interrupt_step:
+            os.kill(os.getpid(), signal.SIGINT)     # what Ctrl-C sends, here to one process only
 
     if group.rank == a.nan_rank:                # this process's loss is NaN from its first step on
         import minidiff.train_step as ts

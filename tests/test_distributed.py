@@ -103,10 +103,14 @@ def test_a_failure_on_any_process_ends_them_all(folder, tmp_path):
 
 
 @needs_mpi
-def test_the_time_budget_of_one_process_stops_every_process_at_the_same_step(folder, tmp_path):
+def test_the_time_budget_or_ctrl_c_of_one_process_stops_every_process_at_the_same_step(folder, tmp_path):
     res = run(2, "train", folder, tmp_path / "t", 6, "--minutes-rank", 1, tmp=tmp_path)
-    assert res.stdout.count("stopped at step 1") == 2, res.stdout
+    assert res.stdout.count("of 2 stopped at step 1") == 2, res.stdout
     assert params(tmp_path / "t")[1] == 1
+    res = run(2, "train", folder, tmp_path / "c", 6, "--interrupt-rank", 1, "--interrupt-step", 3, tmp=tmp_path)
+    assert res.stdout.count("of 2 stopped at step 3") == 2, res.stdout
+    from minidiff.utils.checkpoint import load_checkpoint
+    assert load_checkpoint(str(tmp_path / "c" / "checkpoint.npz"))["meta"]["step"] == 3   # rank 0 saved that step
 
 
 @needs_mpi
