@@ -1,0 +1,84 @@
+"""The network at CIFAR-10's shape: RGB 32x32 images with DDPM's CIFAR-10 layout (ch_mult (1, 2, 2, 2), attention at
+16x16, so maps of 32, 16, 8 and 4 pixels). Its gradient check (float64), the native kernels against their references
+at 3 input channels and on 4x4 and 8x8 maps, and agreement with the PyTorch twin."""
+import numpy as np
+import pytest
+
+from minidiff import fast, layers
+from minidiff.unet import UNet, UNetConfig
+from minidiff.utils import native as _native
+from test_layers import GRAD_TOL, numerical_grad, rel_error
+from test_unet import randomize
+
+CIFAR = dict(in_channels=3, resolution=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,))
+needs_cpu = pytest.mark.skipif(not _native.native_status()["cpu_kernel"], reason="native extension unavailable")
+
+
+def test_cifar_layout_gradcheck():
+    """Finite differences (float64) at 32x32 RGB, four levels, attention at 16: the input and a sampled entry of
+    every parameter tensor. Step h = 1e-3: the gradient entries here are ~1e-5 of a loss of ~8, so at 1e-4 the
+    differences' rounding is ~1e-6 of them (errors shrink as h grows to 1e-3: rounding), while at 1e-3 the
+    curvature of some entries shows (truncation, a few 1e-6): 1e-5 here, far below the 1e-2 of a wrong gradient."""
+    rng = np.random.default_rng(0)
+    m = UNet(UNetConfig(base_channels=16, num_res_blocks=1, **CIFAR), seed=1, dtype=np.float64)   # 2 channels a group
+    randomize(m, rng)
+    x = rng.standard_normal((1, 3, 32, 32))
+    t = np.array([300])
+    R = rng.standard_normal(x.shape)
+    loss = lambda: float(np.sum(m.forward(x, t) * R))  # noqa: E731
+    m.zero_grad()
+    m.forward(x, t)
+    dx = m.backward(R)
+    errors = {"x": rel_error(dx.ravel()[:10], numerical_grad(loss, x, range(10), h=1e-3))}
+    for name, p in m.params.items():
+        entries = rng.choice(p.size, size=1, replace=False)
+        errors[name] = rel_error(m.grads[name].ravel()[entries], numerical_grad(loss, p, entries, h=1e-3))
+    errors = {k: v for k, v in errors.items() if not k.endswith(".k.bias")}      # exactly zero (test_layers)
+    assert len(errors) > 100
+    bad = {k: v for k, v in errors.items() if not v < 10 * GRAD_TOL}
+    assert not bad, bad
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,H,cin,cout", [(2, 32, 3, 32), (2, 32, 32, 3), (3, 8, 64, 64), (2, 8, 128, 64),
+                                          (3, 4, 64, 64), (2, 4, 128, 64), (2, 4, 64, 5)])
+def test_native_kernels_at_cifar_shapes(B, H, cin, cout):
+    """conv_in (3 -> C), conv_out (C -> 3) at 32x32, and the 8x8 and 4x4 maps of the deepest levels, forward and
+    backward, every instruction set this CPU runs."""
+    rng = np.random.default_rng(H + cin)
+    x = rng.standard_normal((B, H, H, cin)).astype(np.float32)
+    w = (rng.standard_normal((cout, cin, 3, 3)) * 0.3).astype(np.float32)
+    b, d = rng.standard_normal(cout).astype(np.float32), rng.standard_normal((B, H, H, cout)).astype(np.float32)
+    for isa in _native.core.cpu_isas():
+        _native.core.set_cpu_isa(isa)
+        try:
+            for fn, args in ((layers.conv2d, (x, w, b, 1, 1)), (layers.conv2d_backward, (x, w, d, 1, 1))):
+                got = fn(*args)
+                with fast.use_reference():
+                    want = fn(*args)
+                for g, r in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                    assert rel_error(g, r) < 3e-6, (isa, fn.__name__)
+        finally:
+            _native.core.set_cpu_isa("auto")
+
+
+def test_cifar_layout_matches_torch():
+    torch = pytest.importorskip("torch")
+    from torch_unet import from_config, load_minidiff_params
+    cfg = UNetConfig(base_channels=16, num_res_blocks=1, **CIFAR)
+    m = UNet(cfg, seed=0)
+    rng = np.random.default_rng(2)
+    randomize(m, rng, scale=0.1)
+    tm = load_minidiff_params(from_config(cfg), m.params)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    t, d = np.array([10, 900]), rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    m.zero_grad()
+    out = m.forward(x, t)
+    dx = m.backward(d)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ot = tm(xt, torch.from_numpy(t))
+    ot.backward(torch.from_numpy(d))
+    assert rel_error(out, ot.detach().numpy()) < 1e-5 and rel_error(dx, xt.grad.numpy()) < 1e-5
+    for name, p in tm.named_parameters():
+        if not name.endswith("k.bias"):
+            assert rel_error(m.grads[name], p.grad.numpy()) < 1e-4, name
