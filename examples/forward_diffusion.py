@@ -1,6 +1,6 @@
 """The two figures the article leaves as placeholders ("[插入扩散过程中间结果图像]", sections 4.1 and 4.2).
 
-    python examples/forward_diffusion.py --data-dir ../shared/data/mnist                      # forward process
+    python examples/forward_diffusion.py                                                       # forward process
     python examples/forward_diffusion.py --checkpoint runs/mnist/checkpoint.npz                # + reverse process
 
 Figure 1 (forward_process.png): MNIST digits diffused by the article's section 4.1 example (T = 10, beta_t = t/T,

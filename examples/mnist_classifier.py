@@ -1,6 +1,6 @@
 """Train the evaluation classifier (minidiff.evaluation.classifier) on MNIST and write its weights.
 
-    python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier
+    python examples/mnist_classifier.py --out-dir runs/classifier
 
 Writes OUT_DIR/classifier.npz (weights, feature scale and test accuracy in its meta). examples/mnist_eval.py uses it
 to judge samples: which digit each shows, how confident, and the Frechet distance in its judge features

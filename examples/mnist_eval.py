@@ -1,12 +1,12 @@
 """Evaluate a checkpoint (or a .npy of samples): bits per dimension of the bound and sample quality, as a table.
 
-    python examples/mnist_classifier.py --data-dir ../shared/data/mnist --out-dir runs/classifier   # once
-    python examples/mnist_eval.py runs/mnist/checkpoint.npz --data-dir ../shared/data/mnist \\
+    python examples/mnist_classifier.py --out-dir runs/classifier   # once
+    python examples/mnist_eval.py runs/mnist/checkpoint.npz \\
         --samplers ddim10,ddim20,ddim50,ddim100,ddpm --bpd-exact 4 --bpd-mc 1000 --json eval.json
     python examples/mnist_eval.py runs/mnist/checkpoint.npz --samplers dpmsolver++20 --autoguidance 1,2   # guided
     python examples/mnist_eval.py samples.npy --labels labels.npy          # judge samples made elsewhere
     python examples/mnist_eval.py runs/text/checkpoint.npz --prompts train,held_out --guidance 0,1,2,3,5
-    python examples/mnist_eval.py --calibrate --data-dir ../shared/data/mnist -n 1000   # the judge on known defects
+    python examples/mnist_eval.py --calibrate -n 1000   # the judge on known defects
 
 For each sampler (ddpm = all T steps; ddimS = S DDIM steps, eta 0; dpmsolver++S = S DPM-Solver++(2M) steps on the
 same timesteps, e.g. dpmsolver++20) it draws -n images (default 1,000: compare

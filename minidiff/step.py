@@ -157,8 +157,8 @@ def ddim_step(schedule, x_t, eps, t, t_prev, eta, z, clip_sample=True, eps_uncon
             # Guidance w > 1 extrapolates past the conditional eps; its size grows with w and, kept as is, drives
             # x_t off the data (docs/text_to_image.md). So re-derive eps from the clipped x_0 (as GLIDE
             # does): eps = (a x_t - x0) / b, the direction from the clipped x_0 to x_t. Otherwise (w <= 1, an
-            # interpolation, or no guidance) keep the model's eps as diffusers does: REFERENCE_RUNS.md found
-            # re-deriving it worse for an unconditional model.
+            # interpolation, or no guidance) keep the model's eps as diffusers does (docs/sampling.md: re-deriving
+            # it is worse for an unconditional model).
             eps = (a * x_t - x0) / b
 
     # 2. sigma_t(eta) (DDIM eq. 16)

@@ -36,8 +36,8 @@ SYSTEM_DATA_DIR = Path("/usr/share/datasets")  # Debian's dataset-fashion-mnist 
 
 # Canonical files: name -> (md5 of the published .gz, md5 of the uncompressed IDX content).
 # Either checksum accepts a local file: repackagers recompress (Debian's dataset-fashion-mnist ships
-# .gz files whose bytes differ from the published ones but whose content is identical, and so does
-# the train-images file in ../shared/data/mnist). Downloads must match the .gz checksum.
+# .gz files whose bytes differ from the published ones but whose content is identical, and so do other
+# mirrors' copies of the MNIST train images). Downloads must match the .gz checksum.
 DATASETS = {
     "mnist": {
         "mirrors": [
