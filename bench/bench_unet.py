@@ -2,6 +2,7 @@
 
     python bench/bench_unet.py                     # CPU, C = 32: forward at batch 64 and 256, train step at 64 and 128
     python bench/bench_unet.py --isa avx2          # both sides limited to AVX2 (what a machine without AVX-512 runs)
+    python bench/bench_unet.py --shape cifar10     # RGB 32x32 with DDPM's CIFAR-10 layout (ch_mult 1,2,2,2, attn 16)
     python bench/bench_unet.py --reference         # minidiff's readable NumPy references (MINIDIFF_REFERENCE=1)
     python bench/bench_unet.py --device cuda       # GPU: forward at 256 and 1024, train step at 128 and 512
     python bench/bench_unet.py --only minidiff --rounds 1 --seconds 3
@@ -10,12 +11,13 @@
 
 Each measurement runs in its own subprocess (so its peak memory is its own) on all of the machine's cores. A
 training step is forward, MSE loss against a fixed noise target, backward and an Adam update; on the GPU minidiff's
-is train.TrainStep (loss, clipping, Adam and EMA included) replayed from a CUDA graph, PyTorch's is eager. Each
+is train_step.TrainStep (loss, clipping, Adam and EMA included) replayed from a CUDA graph, PyTorch's is eager. Each
 measurement warms up, then times whole steps until --seconds have passed (at least 3). Speed drifts on a shared
 machine, so each case runs --rounds times, minidiff and PyTorch back to back in each round: the table shows the
 median images/s of each and the median (range) of the per-round ratios. Peak memory: resident set (CPU) or the
-memory pools' high-water mark / torch.cuda.max_memory_allocated (GPU). On the CPU, check `uptime` first and compare
-PyTorch's own figure with ../shared/REFERENCE_RUNS.md: under load PyTorch slows down more than minidiff does.
+memory pools' high-water mark / torch.cuda.max_memory_allocated (GPU). On the CPU, check `uptime` first (the table
+prints the load average before and after): under load PyTorch slows down more than minidiff does, so a ratio
+measured on a busy machine flatters minidiff.
 """
 import argparse
 import json
@@ -30,18 +32,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASES = {"cpu": [("forward", 64), ("forward", 256), ("train", 64), ("train", 128)],
          "cuda": [("forward", 256), ("forward", 1024), ("train", 128), ("train", 512)]}
+# The network and image of each --shape: the benchmark model (MNIST's 28x28, C = 32, three levels, attention at 7)
+# and DDPM's CIFAR-10 layout (RGB 32x32, four levels, attention at 16), both with 2 ResBlocks per level.
+SHAPES = {"mnist": dict(in_channels=1, resolution=28),
+          "cifar10": dict(in_channels=3, resolution=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,))}
 # PyTorch's own switches for its instruction set (ATen's vectorised kernels, oneDNN's convolutions)
 TORCH_ISA = {"avx2": dict(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")}
 
 
-def minidiff_step(mode, batch, channels, device, x, noise, t):
-    from minidiff.utils.backend import get_xp
+def minidiff_step(mode, batch, config, device, x, noise, t):
     from minidiff.optim import EMA, Adam
     from minidiff.schedule import NoiseSchedule
-    from minidiff.train import TrainStep
+    from minidiff.train_step import TrainStep
     from minidiff.unet import UNet, UNetConfig
+    from minidiff.utils.backend import get_xp
     xp = get_xp(device)
-    model = UNet(UNetConfig(base_channels=channels), seed=0).to(xp)
+    model = UNet(UNetConfig(**config), seed=0).to(xp)
     model.train(mode == "train")
     if mode == "forward":
         xd, td = xp.asarray(x), xp.asarray(t)
@@ -63,7 +69,7 @@ def minidiff_step(mode, batch, channels, device, x, noise, t):
     return graphed_step
 
 
-def torch_step(mode, batch, channels, device, x, noise, t):
+def torch_step(mode, batch, config, device, x, noise, t):
     import torch
     if device == "cpu":
         torch.set_num_threads(os.cpu_count())
@@ -71,7 +77,7 @@ def torch_step(mode, batch, channels, device, x, noise, t):
         torch.set_default_device("cuda")
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from torch_unet import TorchUNet
-    model = TorchUNet(base_channels=channels)
+    model = TorchUNet(**config)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     xt, nt, tt = (torch.as_tensor(a, device=device) for a in (x, noise, t))
     model.train(mode == "train")
@@ -88,13 +94,14 @@ def torch_step(mode, batch, channels, device, x, noise, t):
     return step
 
 
-def worker(impl, mode, batch, channels, seconds, device):
+def worker(impl, mode, batch, config, seconds, device):
     import numpy as np
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    x = rng.standard_normal((batch, config["in_channels"], config["resolution"], config["resolution"]))
+    x = x.astype(np.float32)
     noise = rng.standard_normal(x.shape).astype(np.float32)
     t = rng.integers(0, 1000, batch)
-    step = (minidiff_step if impl == "minidiff" else torch_step)(mode, batch, channels, device, x, noise, t)
+    step = (minidiff_step if impl == "minidiff" else torch_step)(mode, batch, config, device, x, noise, t)
     sync = lambda: None  # noqa: E731
     if device == "cuda":
         if impl == "minidiff":
@@ -129,15 +136,16 @@ def peak_mb(impl, device):
     return sum(p.total_bytes() for p in pools) / 2 ** 20
 
 
-def profile(batch, channels, steps=5):
+def profile(batch, config, steps=5):
     """Self time per step of the functions that take most of a minidiff training step (cProfile), in this process."""
     import cProfile
     import pstats
 
     import numpy as np
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
-    step = minidiff_step("train", batch, channels, "cpu", x, rng.standard_normal(x.shape).astype(np.float32),
+    x = rng.standard_normal((batch, config["in_channels"], config["resolution"], config["resolution"]))
+    x = x.astype(np.float32)
+    step = minidiff_step("train", batch, config, "cpu", x, rng.standard_normal(x.shape).astype(np.float32),
                          rng.integers(0, 1000, batch))
     step()
     prof = cProfile.Profile()
@@ -148,8 +156,8 @@ def profile(batch, channels, steps=5):
     prof.disable()
     total = (time.perf_counter() - t0) / steps
     rows = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: -kv[1][2])
-    print(f"training step, batch {batch}, C = {channels}: {1e3 * total:.0f} ms ({batch / total:.0f} images/s, "
-          f"under the profiler); self time per step:")
+    print(f"training step, batch {batch}, C = {config['base_channels']}: {1e3 * total:.0f} ms "
+          f"({batch / total:.0f} images/s, under the profiler); self time per step:")
     print("| function | calls per step | ms per step | share |\n| --- | --- | --- | --- |")
     for (path, line, name), (_, calls, self_time, _, _) in rows[:14]:
         where = name if path == "~" else f"{os.path.basename(path)}:{name}"
@@ -216,7 +224,7 @@ def device_name(device):
 
 def run_case(impl, mode, batch, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, mode, str(batch), "--channels",
-           str(args.channels), "--seconds", str(args.seconds), "--device", args.device]
+           str(args.channels), "--shape", args.shape, "--seconds", str(args.seconds), "--device", args.device]
     env = dict(os.environ)
     if args.isa:
         env.update(MINIDIFF_CPU_ISA=args.isa, **TORCH_ISA.get(args.isa, {}))
@@ -231,6 +239,8 @@ def run_case(impl, mode, batch, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--channels", type=int, default=32, help="base channels C (32 is the benchmark model)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="mnist",
+                    help="the images and the network's layout: MNIST's (the benchmark model) or DDPM's CIFAR-10")
     ap.add_argument("--seconds", type=float, default=6.0, help="time per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each case (medians are shown)")
     ap.add_argument("--only", choices=["minidiff", "torch"], help="run one implementation")
@@ -243,13 +253,14 @@ def main():
                                                              "training step and a sampling step instead, by layer type")
     ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    config = dict(SHAPES[args.shape], base_channels=args.channels)
     if args.profile:
-        return profile(64, args.channels)
+        return profile(64, config)
     if args.count_ops:
         return print_counts(128, args.channels)
     if args.worker:
         impl, mode, batch = args.worker
-        worker(impl, mode, int(batch), args.channels, args.seconds, args.device)
+        worker(impl, mode, int(batch), config, args.seconds, args.device)
         return
     if args.device == "cuda":
         from minidiff.utils.backend import get_xp
@@ -267,7 +278,7 @@ def main():
             print(f"PyTorch not usable ({e}): minidiff only")
             impls = ["minidiff"]
     load = os.getloadavg()
-    print(f"U-Net C={args.channels}, float32, {device_name(args.device)}"
+    print(f"U-Net C={args.channels}, {args.shape} shape, float32, {device_name(args.device)}"
           f"{', minidiff references' if args.reference else ''}{', ISA ' + args.isa if args.isa else ''}; "
           f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"| measure | batch | minidiff img/s | minidiff peak MB |"
