@@ -3,6 +3,7 @@
     python bench/bench_dist.py                      # C = 32, global batch 128: 1 process x 2 threads, 2 x 1
     python bench/bench_dist.py --layouts 1x2,2x1 --batch 64 --channels 24
     python bench/bench_dist.py --layouts 1x1,2x1,4x1 --mpiexec "mpiexec -bind-to core"   # more cores
+    python bench/bench_dist.py --paper              # the model, on paper, of a step at 8, 64 and 512 processes
 
 Each layout PxT runs P processes (mpiexec -n P, pip install ".[mpi]") of T threads each (OMP_NUM_THREADS) training
 the same C-channel U-Net on the same global batch: each process takes its share of the batch, and one allreduce of
@@ -13,6 +14,11 @@ table shows medians. Besides the images/s of the global batch it reports the tim
 buffer on its own (timed after the steps, between barriers) and the scaling efficiency: images/s against the first
 layout's. Check `uptime` first: another program on one of the cores slows the process on it, and every step waits
 for the slowest process.
+
+--paper prints no measurement but a model of the step time at many processes (weak scaling: each keeps its batch,
+so its compute time stays): t = compute + allreduce, with a ring allreduce of S bytes over N processes taking
+2 (N - 1) / N * S / bandwidth + 2 (N - 1) * latency (each of the 2 (N - 1) rounds sends S / N bytes to a
+neighbour), for typical links and the gradient buffers of three networks.
 """
 import argparse
 import json
@@ -67,6 +73,39 @@ def worker(batch, channels, seconds, allreduces):
                               allreduce_ms=1e3 * median(times) if times else None, buffer_mb=flat.nbytes / 2 ** 20)))
 
 
+# Typical links: (name, bandwidth in bytes/s one way, latency per message in s, most processes it joins).
+LINKS = [("10 Gb Ethernet (TCP)", 1.25e9, 30e-6, None), ("100 Gb InfiniBand", 12.5e9, 2e-6, None),
+         ("400 Gb InfiniBand", 50e9, 2e-6, None), ("NVLink (the 8 GPUs of one node)", 450e9, 3e-6, 8)]
+# (network, parameters, compute time of one rank's step in s: what it stands for)
+PAPER_CASES = [("benchmark model, C = 32", 1_623_169, 0.90, "2 CPU cores, batch 64 per process"),
+               ("benchmark model, C = 32", 1_623_169, 0.010, "one GPU, batch 128 per process (assumed)"),
+               ("DDPM CIFAR-10, C = 128", 35_746_307, 0.100, "one GPU, batch 128 per process (assumed)")]
+
+
+def ring_allreduce_s(nbytes, n, bandwidth, latency):
+    """Time of a ring allreduce (reduce-scatter, then all-gather) of nbytes over n processes."""
+    return 2 * (n - 1) / n * nbytes / bandwidth + 2 * (n - 1) * latency
+
+
+def paper(ranks=(8, 64, 512)):
+    print("Model of a data-parallel step: t = compute + ring allreduce of the float32 gradient buffer; efficiency = "
+          "compute / t (no overlap of the two)")
+    print("| network (buffer) | one rank's compute | link | " + " | ".join(f"{n} ranks: allreduce ms, efficiency"
+                                                                      for n in ranks) + " |")
+    print("| --- | --- | --- |" + " --- |" * len(ranks))
+    for name, params, compute, what in PAPER_CASES:
+        nbytes = 4 * params
+        for link, bandwidth, latency, most in LINKS:
+            if compute > 0.1 and most:
+                continue                        # CPU processes are not joined by NVLink
+            cells = []
+            for n in ranks:
+                ar = ring_allreduce_s(nbytes, n, bandwidth, latency)
+                cells.append("-" if most and n > most else f"{1e3 * ar:.2f}, {compute / (compute + ar):.0%}")
+            print(f"| {name} ({nbytes / 2 ** 20:.1f} MB) | {1e3 * compute:g} ms ({what}) | {link} | "
+                  + " | ".join(cells) + " |")
+
+
 def run_layout(layout, args):
     procs, threads = layout
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--batch", str(args.batch), "--channels",
@@ -100,8 +139,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="measurements of each layout (medians are shown)")
     ap.add_argument("--allreduces", type=int, default=50, help="allreduces of the gradient buffer timed alone")
     ap.add_argument("--mpiexec", default="mpiexec", help="the launcher command, with any options of its own")
+    ap.add_argument("--paper", action="store_true", help="print the model of a step at 8, 64 and 512 processes")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.paper:
+        return paper()
     if args.worker:
         return worker(args.batch, args.channels, args.seconds, args.allreduces)
     if any(p > 1 for p, _ in args.layouts):

@@ -191,7 +191,7 @@ def train(tcfg, model, resume=False, progress=True, callback=None, group=None):
                     x0 = xp.where(xp.asarray(flip[lo:hi])[:, None, None, None], x0[..., ::-1], x0)
                 noise = training_noise(tcfg.seed, step, (B,) + tuple(x_all.shape[1:]), xp)[lo:hi]
                 lr = learning_rate(step, tcfg.lr, tcfg.warmup_steps, tcfg.steps, tcfg.lr_schedule)
-                train_step(x0, t[lo:hi], noise, None if y is None else y[lo:hi], lr, rng)
+                train_step(x0, t[lo:hi], noise, None if y is None else y[lo:hi], lr, group.share_rng(rng, B))
                 pending.append((step, train_step.loss.copy(), train_step.grad_norm.copy(), lr))
                 step += 1
                 if step == tcfg.guide_step:

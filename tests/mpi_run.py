@@ -22,7 +22,8 @@ from minidiff.utils.checkpoint import load_model
 from minidiff.utils.data import load_dataset, to_model_range
 from minidiff.utils.distributed import group as process_group
 
-TINY = dict(in_channels=3, resolution=8, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
+TINY = dict(in_channels=3, resolution=8, base_channels=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+            dropout=0.2)                # dropout masks too must not depend on the number of processes
 
 
 def main():

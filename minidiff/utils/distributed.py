@@ -46,6 +46,12 @@ class Single:
     def average(self, flat, weight):
         """Sum ``weight * flat`` over the ranks, in place (weight: this rank's share of the batch)."""
 
+    def share_rng(self, rng, n):
+        """The generator this rank's part of a step draws from (dropout masks, one row per example): rng itself
+        here; under MPI each draw is made for the whole global batch of n and this rank keeps its rows, so the masks
+        do not depend on the number of processes."""
+        return rng
+
     def sum_host(self, values):
         return values
 
@@ -108,6 +114,9 @@ class MPIGroup(Single):
         self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, nccl.NCCL_FLOAT32, nccl.NCCL_SUM,
                             cupy.cuda.get_current_stream().ptr)
 
+    def share_rng(self, rng, n):
+        return None if rng is None else _Rows(rng, *self.share(n), n)
+
     def sum_host(self, values):
         return self.comm.allreduce(values, op=self.MPI.SUM)
 
@@ -140,6 +149,18 @@ class MPIGroup(Single):
     def fail(self, message, code=1):
         print(message, file=sys.stderr, flush=True)
         self.comm.Abort(code)
+
+
+class _Rows:
+    """rows [lo, hi) of every draw ``random(shape)`` made for n examples (shape[0] is this rank's hi - lo)."""
+
+    def __init__(self, rng, lo, hi, n):
+        self.rng, self.lo, self.hi, self.n = rng, lo, hi, n
+
+    def random(self, shape, dtype=np.float64):
+        if shape[0] != self.hi - self.lo:
+            raise ValueError(f"a draw of {shape[0]} rows from this process's share of {self.hi - self.lo}")
+        return self.rng.random((self.n,) + tuple(shape[1:]), dtype=dtype)[self.lo:self.hi]
 
 
 def group():
