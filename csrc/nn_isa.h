@@ -17,7 +17,10 @@ typedef int vi __attribute__((vector_size(MD_VW * 4)));
 
 static inline vf load(const float* p) { return *(const vfu*)p; }
 static inline void store(float* p, vf v) { *(vfu*)p = v; }
-static inline vf splat(float s) { return (vf){} + s; }
+// every lane s. Not (vf){} + s: 0 + s is not s for s = -0, so the compiler keeps a real scalar addition and a
+// register broadcast (two extra instructions per use, one on an FMA port); s - 0 is s for every s, so this
+// form folds to one broadcast (from memory: a load, or an FMA's {1to16} operand)
+static inline vf splat(float s) { return s - (vf){}; }
 // the first n lanes only (n < MD_VW): the ragged end of a channel row
 static inline void store_n(float* p, vf v, int n) { for (int l = 0; l < n; ++l) p[l] = v[l]; }
 static inline vf load_n(const float* p, int n) { vf v = {}; for (int l = 0; l < n; ++l) v[l] = p[l]; return v; }
