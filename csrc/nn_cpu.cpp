@@ -96,7 +96,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
 // Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
 // time); one set per calling thread.
 struct Scratch {
-    std::vector<float> xbuf, dybuf, wpack, wgrad;
+    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum;
     float* get(std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
         return v.data();
@@ -228,17 +228,16 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
 }
 
 // ------------------------------------------------------------------------------------------------ 3x3 convolution
-// The shared-padding grid of layers.pad_flat with p = 1: image b, row h, column w is grid row
-// (b (H + 1) + h)(W + 1) + w; row H and column W of each image are zero padding; m = W + 2 zero rows before
-// the first image and after the last stand in for the rest. Tap (i, j) of output row p reads row
-// p + (i - 1)(W + 1) + (j - 1).
+// The shared-padding grid: image b, row h, column w is grid row m + (b (H + 1) + h)(W + 1) + w; row H and
+// column W of each image are zero padding; m = W + 2 zero rows before the first image and after the last stand in
+// for the rest. Tap (i, j) of the pixel at grid row p reads row p + (i - 1)(W + 1) + (j - 1).
 
 struct Grid {
     int64_t H, W, Wp, P, m, slack;
-    Grid(int64_t B, int64_t H_, int64_t W_, int64_t acc) : H(H_), W(W_), Wp(W_ + 1) {
+    Grid(int64_t B, int64_t H_, int64_t W_) : H(H_), W(W_), Wp(W_ + 1) {
         P = B * (H + 1) * Wp;
         m = Wp + 1;
-        slack = 2 * acc;                 // a last tile may read past the grid: zero rows there
+        slack = 2;                       // whole vectors read past a last row's end: zero rows there
     }
     int64_t rows() const { return m + P + m + slack; }
     void offsets(int64_t* off) const {
@@ -247,19 +246,29 @@ struct Grid {
     }
 };
 
-// x (B, H, W, C) -> buf (rows, C) on the grid, every element written once (pixels copied, padding zeroed).
-static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, std::vector<float>& store) {
-    float* buf = scratch.get(store, (size_t)(g.rows() * C));
-    std::memset(buf, 0, sizeof(float) * g.m * C);
-    std::memset(buf + (g.m + g.P) * C, 0, sizeof(float) * (g.m + g.slack) * C);
+// x (B, H, W, C) -> buf (rows, ld) on the grid, ld >= C floats a row (zero past C), every element written once
+// (pixels copied, padding zeroed).
+static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, int64_t ld, std::vector<float>& store) {
+    float* buf = scratch.get(store, (size_t)(g.rows() * ld));
+    std::memset(buf, 0, sizeof(float) * g.m * ld);
+    std::memset(buf + (g.m + g.P) * ld, 0, sizeof(float) * (g.m + g.slack) * ld);
     parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
         for (int64_t b = b0; b < b1; ++b) {
-            float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * C;
+            float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * ld;
             for (int64_t h = 0; h < g.H; ++h) {
-                std::memcpy(img + h * g.Wp * C, x + (b * g.H + h) * g.W * C, sizeof(float) * g.W * C);
-                std::memset(img + (h * g.Wp + g.W) * C, 0, sizeof(float) * C);
+                float* row = img + h * g.Wp * ld;
+                const float* src = x + (b * g.H + h) * g.W * C;
+                if (ld == C) {
+                    std::memcpy(row, src, sizeof(float) * g.W * C);
+                } else {
+                    for (int64_t w = 0; w < g.W; ++w) {
+                        std::memcpy(row + w * ld, src + w * C, sizeof(float) * C);
+                        std::memset(row + w * ld + C, 0, sizeof(float) * (ld - C));
+                    }
+                }
+                std::memset(row + g.W * ld, 0, sizeof(float) * ld);
             }
-            std::memset(img + g.H * g.Wp * C, 0, sizeof(float) * g.Wp * C);
+            std::memset(img + g.H * g.Wp * ld, 0, sizeof(float) * g.Wp * ld);
         }
     });
     return buf;
@@ -267,8 +276,8 @@ static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, std:
 
 // Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
 template <class Task>
-static void plan_blocks(Task& t, int64_t NP, int64_t vw, int acc) {
-    const int nbv = (int)(NP / vw), nbmax = acc >= 24 ? 4 : 3;
+static void plan_blocks(Task& t, int64_t vectors, int acc) {
+    const int nbv = (int)vectors, nbmax = acc >= 24 ? 4 : 3;
     const int nblocks = (nbv + nbmax - 1) / nbmax;
     t.nblocks = nblocks;
     for (int i = 0, start = 0; i < nblocks; ++i) {
@@ -281,120 +290,140 @@ static void plan_blocks(Task& t, int64_t NP, int64_t vw, int acc) {
 
 static int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
-// out = conv(xbuf, packed weights) (+ bias) on the grid; wp is (9, K, NP)
-static void run_conv(const float* xbuf, const Grid& g, int64_t K, const float* wp, int64_t N, const float* bias,
-                     int64_t bias_stride, const float* residual, float* out) {
+// Input channels per lane group for N output channels: 2 when vectors of channel pairs waste fewer lanes (N = 24
+// on AVX-512: 24 of 24 lanes instead of 24 of 32).
+static int lane_group(int64_t N) {
+    const int64_t vw = isa->vw;
+    return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
+}
+
+// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K
+template <class F>
+static float* pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w) {
+    float* wp = scratch.get(scratch.wpack, (size_t)(T * KG * NC));
+    for (int t = 0; t < T; ++t)
+        for (int64_t kk = 0; kk < KG / G; ++kk)
+            for (int64_t c = 0; c < NC; ++c)
+                for (int j = 0; j < G; ++j) {
+                    const int64_t k = kk * G + j;
+                    wp[((t * (KG / G) + kk) * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
+                }
+    return wp;
+}
+
+static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const float* wp, int64_t N, int G,
+                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
     ConvTask t;
-    t.xbuf = xbuf; t.m = g.m; t.P = g.P; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 9;
-    g.offsets(t.off);
-    t.bias = bias; t.bias_stride = bias_stride; t.residual = residual; t.out = out; t.H = g.H; t.W = g.W;
+    t.xbuf = xbuf; t.ldx = ldx; t.K = KG; t.w = wp; t.N = N; t.G = G; t.NC = round_up(N, isa->vw / G);
+    t.bias = bias; t.bias_stride = bias_stride; t.residual = residual; t.out = out;
     t.rows_per_tile = isa->acc;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
-    const int64_t tiles = (g.P + t.rows_per_tile - 1) / t.rows_per_tile;
+    plan_blocks(t, t.NC * G / isa->vw, isa->acc);
+    return t;
+}
+
+// out = conv(xbuf, packed weights) (+ bias) on the grid; xbuf rows of KG floats (K rounded up to G), wp as
+// pack_weights makes it
+static void run_conv(const float* xbuf, const Grid& g, int64_t B, int64_t KG, const float* wp, int64_t N, int G,
+                     const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias, bias_stride, residual, out);
+    t.m = g.m; t.P = B * g.H * g.W; t.T = 9; t.H = g.H; t.W = g.W;
+    g.offsets(t.off);
+    const int64_t tiles = (t.P + t.rows_per_tile - 1) / t.rows_per_tile;
     parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
 }
 
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
                      const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out) {
-    const Grid g(B, H, W, isa->acc);
-    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
-    const int64_t NP = round_up(N, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(9 * K * NP));     // wp[t, k, n] = weight[n, k, i, j]
-    for (int t = 0; t < 9; ++t)
+    const Grid g(B, H, W);
+    const int G = lane_group(N);
+    const int64_t KG = round_up(K, G);
+    const float* xbuf = pad_grid(x, B, g, K, KG, scratch.xbuf);
+    const float* wp = pack_weights(9, K, KG, N, round_up(N, isa->vw / G), G,
+                                   [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; });
+    run_conv(xbuf, g, B, KG, wp, N, G, bias, bias_stride, residual, out);
+}
+
+// The sum of the per-piece partial weight gradients part[piece] ((T, K, NP) each), in piece order, into
+// dweight[n, k, t] (= (N, K, 3, 3) for T = 9)
+static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t K, int64_t N, int64_t NP,
+                      float* dweight) {
+    float* total = scratch.get(scratch.wsum, part);
+    parallel_ranges((int64_t)part, 1 << 14, [&](int64_t e0, int64_t e1, int) {
+        std::memcpy(total + e0, partial + e0, sizeof(float) * (e1 - e0));
+        for (int p = 1; p < np; ++p) {
+            const float* src = partial + part * p;
+            for (int64_t e = e0; e < e1; ++e) total[e] += src[e];
+        }
+    });
+    for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
-            for (int64_t n = 0; n < NP; ++n) wp[(t * K + k) * NP + n] = n < N ? weight[(n * K + k) * 9 + t] : 0.0f;
-    run_conv(xbuf, g, K, wp, N, bias, bias_stride, residual, out);
+            for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
 }
 
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
                       int64_t K, int64_t N, float* dx, float* dweight) {
-    const Grid g(B, H, W, isa->acc);
-    const float* dybuf = pad_grid(dout, B, g, N, scratch.dybuf);
-
+    const Grid g(B, H, W);
     // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
-    const int64_t KP = round_up(K, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(9 * N * KP));
-    for (int t = 0; t < 9; ++t)
-        for (int64_t n = 0; n < N; ++n)
-            for (int64_t k = 0; k < KP; ++k) wp[(t * N + n) * KP + k] = k < K ? weight[(n * K + k) * 9 + (8 - t)] : 0.0f;
-    run_conv(dybuf, g, N, wp, K, nullptr, 0, nullptr, dx);
+    const int G = lane_group(K);
+    const int64_t NG = round_up(N, G);
+    const float* dybuf = pad_grid(dout, B, g, N, NG, scratch.dybuf);
+    const float* wp = pack_weights(9, N, NG, K, round_up(K, isa->vw / G), G,
+                                   [&](int64_t k, int64_t n, int t) { return weight[(n * K + k) * 9 + (8 - t)]; });
+    run_conv(dybuf, g, B, NG, wp, K, G, nullptr, 0, nullptr, dx);
 
-    // dW[n, k, i, j] = sum over grid rows p of xbuf[p + off(i, j), k] dy[p, n]: rows split over threads, each
-    // into its own (9, K, NP) partial sum, added up at the end
-    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
+    // dW[n, k, i, j] = sum over pixels of xbuf[row + off(i, j), k] dy[row, n]: pixels split into pieces, each into
+    // its own (9, K, NP) partial sum, added up in piece order at the end
+    const float* xbuf = pad_grid(x, B, g, K, K, scratch.xbuf);
     WGradTask t;
-    t.xbuf = xbuf; t.m = g.m; t.K = K; t.dy = dybuf + g.m * N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
+    t.xbuf = xbuf; t.ldx = K; t.m = g.m; t.K = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = round_up(N, isa->vw);
+    t.H = H; t.W = W; t.T = 9;
     g.offsets(t.off);
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    plan_blocks(t, t.NP / isa->vw, isa->acc);
     const int np = max_pieces();
     const size_t part = (size_t)(9 * K * t.NP);
     float* partial = scratch.get(scratch.wgrad, part * np);
     std::memset(partial, 0, sizeof(float) * part * np);
-    parallel_ranges(g.P, 256, [&](int64_t p0, int64_t p1, int piece) {
-        isa->conv_wgrad(t, p0, p1, partial + part * piece);
+    parallel_ranges(B * H * W, 256, [&](int64_t q0, int64_t q1, int piece) {
+        isa->conv_wgrad(t, q0, q1, partial + part * piece);
     });
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k)
-            for (int tap = 0; tap < 9; ++tap) {
-                float s = 0.0f;
-                for (int p = 0; p < np; ++p) s += partial[part * p + (tap * K + k) * t.NP + n];
-                dweight[(n * K + k) * 9 + tap] = s;
-            }
+    sum_wgrad(partial, part, np, 9, K, N, t.NP, dweight);
 }
 
 // ------------------------------------------------------------------------------------------------ matrix products
-// The same micro-kernels with one tap (T = 1) and plain rows. The kernels read whole tiles of rows and, in the
-// weight gradient, whole vectors past a row's end (into the next row); the arrays here have no slack after
-// their last row, so the last rows go through a zero-padded copy.
+// The same micro-kernels with one tap (T = 1) and plain rows. The weight gradient reads whole vectors past a row's
+// end (into the next row); the arrays here have no slack after their last row, so the last row goes through a
+// zero-padded copy.
 
-static ConvTask plain_task(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
-                           float* out) {
-    ConvTask t;
-    t.xbuf = x; t.m = 0; t.P = M; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 1; t.off[0] = 0;
-    t.bias = bias; t.bias_stride = 0; t.residual = nullptr; t.out = out; t.H = 0; t.W = 0;
-    t.rows_per_tile = isa->acc;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
-    return t;
-}
-
-// out (M, N) = x (M, K) @ wp (K, NP) (+ bias)
-static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
+// out (M, N) = x (M, K) @ wp (K, NC G) (+ bias)
+static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, int G, const float* bias,
                        float* out) {
-    const int64_t acc = isa->acc, main = M / acc * acc, tail = M - main;
-    if (main) {
-        const ConvTask t = plain_task(x, main, K, wp, N, bias, out);
-        parallel_ranges(main / acc, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
-    }
-    if (tail) {
-        float* xt = scratch.get(scratch.xbuf, (size_t)(acc * K));
-        std::memcpy(xt, x + main * K, sizeof(float) * tail * K);
-        std::memset(xt + tail * K, 0, sizeof(float) * (acc - tail) * K);
-        isa->conv_tiles(plain_task(xt, tail, K, wp, N, bias, out + main * N), 0, 1);
-    }
+    ConvTask t = conv_task(x, K, K, wp, N, G, bias, 0, nullptr, out);
+    t.m = 0; t.P = M; t.T = 1; t.off[0] = 0; t.H = 0; t.W = 0;
+    const int64_t tiles = (M + t.rows_per_tile - 1) / t.rows_per_tile;
+    parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
 }
 
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
                     float* out) {
-    const int64_t NP = round_up(N, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(K * NP));          // wp[k, n] = weight[n, k]
-    for (int64_t k = 0; k < K; ++k)
-        for (int64_t n = 0; n < NP; ++n) wp[k * NP + n] = n < N ? weight[n * K + k] : 0.0f;
-    run_matmul(x, M, K, wp, N, bias, out);
+    const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
+    const float* wp = pack_weights(1, K, K, N, round_up(N, isa->vw / G), G,
+                                   [&](int64_t n, int64_t k, int) { return weight[n * K + k]; });
+    run_matmul(x, M, K, wp, N, G, bias, out);
 }
 
 void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
                      float* dx, float* dweight) {
-    const int64_t KP = round_up(K, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(N * KP));          // dx = dout @ weight: wp[n, k] = weight[n, k]
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < KP; ++k) wp[n * KP + k] = k < K ? weight[n * K + k] : 0.0f;
-    run_matmul(dout, M, N, wp, K, nullptr, dx);
+    const int G = N % 2 == 0 ? lane_group(K) : 1;      // dx = dout @ weight
+    const float* wp = pack_weights(1, N, N, K, round_up(K, isa->vw / G), G,
+                                   [&](int64_t k, int64_t n, int) { return weight[n * K + k]; });
+    run_matmul(dout, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
     // from padded copies
     WGradTask t;
-    t.xbuf = x; t.m = 0; t.K = K; t.dy = dout; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1; t.off[0] = 0;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    t.xbuf = x; t.ldx = K; t.m = 0; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw);
+    t.H = 0; t.W = 0; t.T = 1; t.off[0] = 0;
+    plan_blocks(t, t.NP / isa->vw, isa->acc);
     const int np = max_pieces();
     const size_t part = (size_t)(K * t.NP);
     float* partial = scratch.get(scratch.wgrad, part * np);
@@ -414,12 +443,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
         last.dy = xl + pad;
         isa->conv_wgrad(last, 0, 1, partial);
     }
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-            float s = 0.0f;
-            for (int p = 0; p < np; ++p) s += partial[part * p + k * t.NP + n];
-            dweight[n * K + k] = s;
-        }
+    sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
 }
 
 }  // namespace md

@@ -160,79 +160,121 @@ void gn_backward_apply(const float* x, const float* dout, const float* a, const 
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.shifted_matmul and
-// layers.conv2d_same), and the plain matrix product (T = 1: layers.linear), with a register-blocked
-// micro-kernel. For the convolution, rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
-// output row p reads input rows p + off[t] for the 9 taps t. A tile is R rows x NB vectors of output
-// channels; its R * NB accumulators stay in registers through all taps and all K input channels (the
-// reduction), each step a broadcast input value times a vector of weights.
+// The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.conv2d and
+// layers.conv2d_backward), and the plain matrix product (T = 1: layers.linear), with a register-blocked
+// micro-kernel. For the convolution, input rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
+// output pixel q reads input rows row(q) + off[t] for the 9 taps t (nn_kernels.h). A tile is R output pixels x NB
+// vectors of output channels; its R * NB accumulators stay in registers through all taps and all K input channels
+// (the reduction), each step a broadcast input value times a vector of weights. Tiles hold real pixels only: each
+// row's input address is its own (a register per row, as a fixed stride would take), so the grid's padding rows
+// cost nothing.
 
-// Output rows p0 .. p0 + R of channel block [n0, n0 + NB * VW): accumulate, then write the rows that are real
-// pixels (not padding) to out, adding the bias (and the residual).
-template <int R, int NB>
-static void conv_tile(const ConvTask& a, int64_t p0, int64_t n0) {
+typedef double vd __attribute__((vector_size(MD_VW * 4)));
+typedef double f64u __attribute__((aligned(4), may_alias));   // two floats read as one 8-byte value
+
+// The G floats at p repeated across a vector: G = 1, a broadcast; G = 2, the pair (p[0], p[1]) in every two lanes
+// (one 8-byte broadcast load).
+template <int G>
+static inline vf bcast(const float* p) {
+    if constexpr (G == 1) return splat(*p);
+    else return (vf)(*(const f64u*)p - (vd){});
+}
+
+static inline vi iota() { vi v; for (int l = 0; l < MD_VW; ++l) v[l] = l; return v; }
+
+// Lanes (c, j) = 2c + j of a and b hold two partial sums of output channel c: their sums, a's channels then b's.
+static inline vf fold_pairs(vf a, vf b) {
+    const vi even = iota() * 2;
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, even + 1);
+}
+
+// grid row of output pixel q (plain rows: q)
+static inline int64_t grid_row(const ConvTask& a, int64_t q) {
+    if (a.W == 0) return q;
+    const int64_t hw = a.H * a.W, img = q / hw, h = q % hw / a.W, w = q % a.W;
+    return a.m + (img * (a.H + 1) + h) * (a.W + 1) + w;
+}
+
+// Output pixels q0 .. q0 + n (n <= R; xoff: their input rows' offsets in floats, R of them) of channel block
+// [n0, n0 + NB * VW) of a packed weight row (output channels from c0): accumulate, then write out, adding the
+// bias (and the residual).
+template <int R, int NB, int G>
+static void conv_tile(const ConvTask& a, const int64_t* xoff, int64_t q0, int n, int64_t n0, int64_t c0) {
     vf acc[R][NB];
-    for (int r = 0; r < R; ++r)
+    int64_t o[R];                                         // each row's input offset, kept in a register
+    for (int r = 0; r < R; ++r) {
+        o[r] = xoff[r];
         for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
-    const int64_t K = a.K;
+    }
+    const int64_t KG = a.K / G, ldw = a.NC * G;
     for (int t = 0; t < a.T; ++t) {
-        const float* xt = a.xbuf + (a.m + p0 + a.off[t]) * K;
-        const float* wt = a.w + t * K * a.NP + n0;
-        for (int64_t k = 0; k < K; ++k) {
+        const float* xt = a.xbuf + a.off[t] * a.ldx;
+        const float* wt = a.w + t * a.K * a.NC + n0;
+        for (int64_t kk = 0; kk < KG; ++kk) {
             vf wv[NB];
 #pragma GCC unroll 4
-            for (int nb = 0; nb < NB; ++nb) wv[nb] = load(wt + k * a.NP + nb * MD_VW);
+            for (int nb = 0; nb < NB; ++nb) wv[nb] = load(wt + kk * ldw + nb * MD_VW);
 #pragma GCC unroll 24
             for (int r = 0; r < R; ++r) {
-                const vf xv = splat(xt[r * K + k]);
+                const vf xv = bcast<G>(xt + o[r] + kk * G);
 #pragma GCC unroll 4
                 for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * wv[nb];
             }
         }
     }
-    // which pixel is row p0: image img, row h, column w of the padded grid (h == H or w == W: padding)
-    const int64_t Wp = a.W + 1, HWp = (a.H + 1) * Wp;      // (plain rows, W = 0: unused)
-    int64_t img = p0 / HWp, h = (p0 % HWp) / Wp, w = p0 % Wp;
-    for (int r = 0; r < R && p0 + r < a.P; ++r) {
-        if (a.W == 0 || (h < a.H && w < a.W)) {
-            const int64_t row = a.W == 0 ? p0 + r : (img * a.H + h) * a.W + w;      // output row
-            const float* bias = a.bias ? a.bias + img * a.bias_stride : nullptr;     // per image, or shared
-            const float* res = a.residual ? a.residual + row * a.N : nullptr;
-            float* o = a.out + row * a.N;
-            for (int nb = 0; nb < NB; ++nb) {
-                const int64_t c = n0 + nb * MD_VW;
-                const int k = (int)imin(MD_VW, a.N - c);   // channels of this vector that exist
-                vf v = acc[r][nb];
-                if (k == MD_VW) {
-                    if (bias) v += load(bias + c);
-                    if (res) v += load(res + c);
-                    store(o + c, v);
-                } else if (k > 0) {
-                    if (bias) v += load_n(bias + c, k);
-                    if (res) v += load_n(res + c, k);
-                    store_n(o + c, v, k);
-                }
+    // the channel vectors as written: G = 2 folds each two accumulators into one vector of channels
+    constexpr int NOUT = G == 1 ? NB : (NB + 1) / 2;
+    const int64_t hw = a.W == 0 ? 1 : a.H * a.W;
+    for (int r = 0; r < n; ++r) {
+        const int64_t row = q0 + r;
+        const float* bias = a.bias ? a.bias + row / hw * a.bias_stride : nullptr;   // per image, or shared
+        const float* res = a.residual ? a.residual + row * a.N : nullptr;
+        float* out = a.out + row * a.N;
+        for (int v = 0; v < NOUT; ++v) {
+            vf s;
+            if constexpr (G == 1) s = acc[r][v];
+            else s = fold_pairs(acc[r][2 * v], 2 * v + 1 < NB ? acc[r][2 * v + 1] : (vf){});
+            const int64_t c = c0 + v * MD_VW;
+            const int k = (int)imin(MD_VW, a.N - c);           // channels of this vector that exist
+            if (k == MD_VW) {
+                if (bias) s += load(bias + c);
+                if (res) s += load(res + c);
+                store(out + c, s);
+            } else if (k > 0) {
+                if (bias) s += load_n(bias + c, k);
+                if (res) s += load_n(res + c, k);
+                store_n(out + c, s, k);
             }
         }
-        if (++w == Wp) { w = 0; if (++h == a.H + 1) { h = 0; ++img; } }
     }
 }
 
-// Row tiles [tile0, tile1) of every channel block. Channel blocks hold up to NBMAX vectors; R = MD_ACC / NB.
+template <int R, int NB>
+static void conv_rows(const ConvTask& a, const int64_t* xoff, int64_t q0, int n, int64_t n0, int64_t c0) {
+    for (int i = 0; i < n; i += R) {
+        const int m = (int)imin(R, n - i);
+        if (a.G == 2) conv_tile<R, NB, 2>(a, xoff + i, q0 + i, m, n0, c0);
+        else conv_tile<R, NB, 1>(a, xoff + i, q0 + i, m, n0, c0);
+    }
+}
+
+// Row tiles [tile0, tile1) (rows_per_tile output pixels each, a multiple of every R used) of every channel block.
+// Channel blocks hold up to 4 (AVX-512) or 3 vectors; R = MD_ACC / NB.
 void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
+    int64_t xoff[MD_ACC + 24];
     for (int64_t tile = tile0; tile < tile1; ++tile) {
+        const int64_t q0 = tile * a.rows_per_tile;
+        const int n = (int)imin(a.rows_per_tile, a.P - q0);
+        for (int r = 0; r < a.rows_per_tile; ++r)            // rows past P repeat the last pixel (not written)
+            xoff[r] = grid_row(a, q0 + imin(r, n - 1)) * a.ldx;
         for (int blk = 0; blk < a.nblocks; ++blk) {
-            const int64_t n0 = a.block_start[blk] * MD_VW;
-            const int nb = a.block_vectors[blk];
-            const int64_t p0 = tile * a.rows_per_tile;
-            // each channel block uses its own R = MD_ACC / nb rows; a tile of the task covers rows_per_tile rows
-            // (a multiple of every R used), so the loop below steps through it in that block's R.
-            switch (nb) {
-            case 1: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC) conv_tile<MD_ACC, 1>(a, p, n0); break;
-            case 2: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 2) conv_tile<MD_ACC / 2, 2>(a, p, n0); break;
-            case 3: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 3) conv_tile<MD_ACC / 3, 3>(a, p, n0); break;
+            const int64_t n0 = a.block_start[blk] * MD_VW, c0 = n0 / a.G;
+            switch (a.block_vectors[blk]) {
+            case 1: conv_rows<MD_ACC, 1>(a, xoff, q0, n, n0, c0); break;
+            case 2: conv_rows<MD_ACC / 2, 2>(a, xoff, q0, n, n0, c0); break;
+            case 3: conv_rows<MD_ACC / 3, 3>(a, xoff, q0, n, n0, c0); break;
 #if MD_ACC >= 24
-            default: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 4) conv_tile<MD_ACC / 4, 4>(a, p, n0); break;
+            default: conv_rows<MD_ACC / 4, 4>(a, xoff, q0, n, n0, c0); break;
 #else
             default: break;
 #endif
@@ -241,24 +283,27 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     }
 }
 
-// The weight gradient: dw[t, k, n] += sum_p xbuf[m + p + off[t], k] * dy[p, n] over rows p in [p0, p1) (dy is
-// zero on padding rows; rows of N floats, so a last vector past N reads the next row: those lanes land in
-// dw's padding columns, never read). A tile is R input channels x NB vectors of output channels; rows go in
-// chunks that stay in L1 while the 9 taps and all tiles pass over them. dw is (9, K, NP), this thread's own.
+// The weight gradient: dw[t, k, n] += sum_q xbuf[row(q) + off[t], k] dy[row(q), n] over pixels q in [q0, q1)
+// (rows of ldy floats, so a last vector past N reads the next row: those lanes land in dw's padding columns, never
+// read). A tile is R input channels x NB vectors of output channels; pixels go in chunks that stay in L1 while the
+// 9 taps and all tiles pass over them. dw is (9, K, NP), this piece's own.
 template <int R, int NB>
-static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, int64_t c0, int64_t c1, float* dw) {
+static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const int64_t* rows, int64_t n, float* dw) {
     vf acc[R][NB];
     float* d = dw + (t * a.K + k0) * a.NP + n0;
     for (int r = 0; r < R; ++r)
         for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
-    const float* xt = a.xbuf + (a.m + a.off[t]) * a.K + k0;
-    for (int64_t p = c0; p < c1; ++p) {
+    const float* xt = a.xbuf + a.off[t] * a.ldx + k0;
+    const float* dyt = a.dy + n0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = rows[i];
+        const float* xr = xt + g * a.ldx;
         vf dv[NB];
 #pragma GCC unroll 4
-        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(a.dy + p * a.N + n0 + nb * MD_VW);
+        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(dyt + g * a.ldy + nb * MD_VW);
 #pragma GCC unroll 24
         for (int r = 0; r < R; ++r) {
-            const vf xv = splat(xt[p * a.K + r]);
+            const vf xv = splat(xr[r]);
 #pragma GCC unroll 4
             for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * dv[nb];
         }
@@ -267,19 +312,31 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, int64_
         for (int nb = 0; nb < NB; ++nb) store(d + r * a.NP + nb * MD_VW, load(d + r * a.NP + nb * MD_VW) + acc[r][nb]);
 }
 
-void conv_wgrad(const WGradTask& a, int64_t p0, int64_t p1, float* dw) {
-    const int64_t CHUNK = 128;
-    for (int64_t c0 = p0; c0 < p1; c0 += CHUNK) {
-        const int64_t c1 = imin(p1, c0 + CHUNK);
+void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw) {
+    // a chunk's dy rows (NP floats each) fill about 16 KB of L1
+    const int64_t CHUNK = imin(256, 4096 / a.NP > 16 ? 4096 / a.NP : 16);
+    int64_t rows[256];
+    for (int64_t c0 = q0; c0 < q1; c0 += CHUNK) {
+        const int64_t n = imin(q1, c0 + CHUNK) - c0;
+        if (a.W == 0) {
+            for (int64_t i = 0; i < n; ++i) rows[i] = c0 + i;
+        } else {                                           // grid rows of pixels c0 .. c0 + n
+            const int64_t hw = a.H * a.W;
+            int64_t img = c0 / hw, h = c0 % hw / a.W, w = c0 % a.W;
+            for (int64_t i = 0; i < n; ++i) {
+                rows[i] = a.m + (img * (a.H + 1) + h) * (a.W + 1) + w;
+                if (++w == a.W) { w = 0; if (++h == a.H) { h = 0; ++img; } }
+            }
+        }
         for (int t = 0; t < a.T; ++t) {
             for (int blk = 0; blk < a.nblocks; ++blk) {
                 const int64_t n0 = a.block_start[blk] * MD_VW;
                 switch (a.block_vectors[blk]) {
-                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, c0, c1, dw); break;
-                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, c0, c1, dw); break;
-                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, c0, c1, dw); break;
+                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, rows, n, dw); break;
+                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, rows, n, dw); break;
+                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, rows, n, dw); break;
 #if MD_ACC >= 24
-                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, c0, c1, dw); break;
+                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, rows, n, dw); break;
 #else
                 default: break;
 #endif

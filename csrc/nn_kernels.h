@@ -8,32 +8,40 @@
 
 namespace md {
 
-// A sum of T shifted matrix products, out[p] = sum_t xbuf[m + p + off[t]] @ w[t] (+ bias): the 3x3 stride-1
-// convolution over the shared-padding grid (layers.pad_flat; T = 9, output rows p of the padded grid
-// (B, H + 1, W + 1)), or a plain matrix product (T = 1, W = 0: every row is an output row).
+// A sum of T shifted matrix products, out[q] = sum_t xbuf[row(q) + off[t]] @ w[t] (+ bias): the 3x3 stride-1
+// convolution over a shared-padding grid (nn_cpu.cpp, Grid; T = 9; output pixel q = (b, h, w) reads around grid
+// row row(q) = m + (b (H + 1) + h)(W + 1) + w), or a plain matrix product (T = 1, W = 0: row(q) = q).
+// Lane groups: with G = 2 each vector holds 8 (AVX-512) output channels x 2 consecutive input channels, so an
+// output channel count that is a multiple of half a vector (24 on AVX-512) fills whole vectors; the pairs are
+// added up when the tile is written.
 struct ConvTask {
-    const float* xbuf;          // input rows of K floats; row m + p + off[t] is read for output row p
-    int64_t m, P, K;            // leading rows, output rows, input channels
-    const float* w;             // (T, K, NP) packed weights, zero past N
-    int64_t NP, N;              // output channels rounded up to the vector width, and as they are
+    const float* xbuf;          // input rows, ldx floats apart; K channels, zero up to K rounded up to G
+    int64_t ldx;
+    int64_t m, P, K;            // grid row of pixel (0, 0, 0) (0: plain), output rows, input channels (a multiple of G)
+    const float* w;             // (T, K / G, NC, G) packed weights: w[t, kk, c, j] = weight of input kk G + j, output c
+    int64_t NC, N;              // output channels rounded up to a vector's VW / G, and as they are
+    int G;                      // input channels per lane group: 1 or 2
     int T;
     int64_t off[9];             // row offset of each tap
     const float* bias;          // (N,), or (B, N) per image (bias_stride N; grid only), or null
     int64_t bias_stride;        // 0: one bias for all images
     const float* residual;      // added to the output (same layout as out), or null
-    float* out;                 // grid: (B, H, W, N), only real pixels are written; plain (W = 0): (P, N)
+    float* out;                 // (P, N): the output pixels in order, (B, H, W, N) on the grid
     int64_t H, W;
     int64_t rows_per_tile;      // rows a work item covers (the instruction set's accumulator count)
-    int nblocks;                // output channels go in blocks of block_vectors[i] vectors from block_start[i]
-    int block_start[64], block_vectors[64];
+    int nblocks;                // the NC G / VW vectors of a packed row go in blocks of block_vectors[i] from
+    int block_start[64], block_vectors[64];   // block_start[i]
 };
 
-// The weight gradient of that product: dw[t, k, n] = sum_p xbuf[m + p + off[t], k] dy[p, n].
+// The weight gradient of that product: dw[t, k, n] = sum over pixels q of xbuf[row(q) + off[t], k] dy[row(q), n].
 struct WGradTask {
     const float* xbuf;          // as in ConvTask
+    int64_t ldx;
     int64_t m, K;
-    const float* dy;            // (P, N): output gradient (on the grid: zero on padding rows)
+    const float* dy;            // output gradient rows of ldy floats, on the grid (or plain) like xbuf
+    int64_t ldy;
     int64_t N, NP;
+    int64_t H, W;               // grid geometry (W = 0: plain rows)
     int T;
     int64_t off[9];
     int nblocks;
