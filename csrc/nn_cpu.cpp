@@ -2,6 +2,7 @@
 // split the work over OpenMP threads and call one instruction set's inner loops (nn_isa.h), chosen when the
 // module loads from what the CPU supports (set_cpu_isa overrides it, for tests and benchmarks).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -65,6 +66,29 @@ const char* const* cpu_isas_available(int* n) {
     }
     *n = count;
     return list;
+}
+
+double fma_peak_gflops(const char* name, int threads) {
+    const NNKernels* k = by_name(name);
+    if (!k || !cpu_has(name)) return -1.0;
+#ifdef _OPENMP
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+#else
+    const int nt = 1;
+#endif
+    const int64_t iters = 1 << 20;
+    double best = 0.0;
+    for (int rep = 0; rep < 5; ++rep) {                 // the best of 5 (another program may hold a core)
+        volatile float sink = 0.0f;
+        const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(nt)
+        { const float r = k->fma_loop(iters); if (r == 12345.0f) sink = r; }
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double gflops = 2.0 * k->vw * k->acc * (double)iters * nt / dt * 1e-9;
+        if (gflops > best) best = gflops;
+        (void)sink;
+    }
+    return best;
 }
 
 // ------------------------------------------------------------------------------------------------ threads, scratch
@@ -321,26 +345,35 @@ static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const floa
     return t;
 }
 
-// out = conv(xbuf, packed weights) (+ bias) on the grid; xbuf rows of KG floats (K rounded up to G), wp as
-// pack_weights makes it
-static void run_conv(const float* xbuf, const Grid& g, int64_t B, int64_t KG, const float* wp, int64_t N, int G,
-                     const float* bias, int64_t bias_stride, const float* residual, float* out) {
-    ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias, bias_stride, residual, out);
-    t.m = g.m; t.P = B * g.H * g.W; t.T = 9; t.H = g.H; t.W = g.W;
-    g.offsets(t.off);
+static void run_tiles(const ConvTask& t) {
     const int64_t tiles = (t.P + t.rows_per_tile - 1) / t.rows_per_tile;
     parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
 }
 
+// Input rows on the grid of output pixel (a, b) of an (Hq, Wq) output: grid pixel (s a, s b); output rows in order.
+static PixelMap grid_map(const Grid& g, int64_t Hq, int64_t Wq, int64_t s) {
+    return PixelMap{Hq, Wq, g.m, (g.H + 1) * g.Wp, s * g.Wp, s};
+}
+static PixelMap dense_map(int64_t Hq, int64_t Wq) { return PixelMap{Hq, Wq, 0, Hq * Wq, Wq, 1}; }
+
+static int64_t out_size(int64_t n, int stride) { return n ? (n - 1) / stride + 1 : 0; }   // 3x3, padding 1
+
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
-                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out) {
+                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
+                     float* out) {
     const Grid g(B, H, W);
+    const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
     const int G = lane_group(N);
     const int64_t KG = round_up(K, G);
     const float* xbuf = pad_grid(x, B, g, K, KG, scratch.xbuf);
     const float* wp = pack_weights(9, K, KG, N, round_up(N, isa->vw / G), G,
                                    [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; });
-    run_conv(xbuf, g, B, KG, wp, N, G, bias, bias_stride, residual, out);
+    ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias, bias_stride, residual, out);
+    t.xrow = grid_map(g, Ho, Wo, stride);
+    t.orow = dense_map(Ho, Wo);
+    t.P = B * Ho * Wo; t.T = 9;
+    g.offsets(t.off);
+    run_tiles(t);
 }
 
 // The sum of the per-piece partial weight gradients part[piece] ((T, K, NP) each), in piece order, into
@@ -360,33 +393,74 @@ static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t 
             for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
 }
 
-void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
-                      int64_t K, int64_t N, float* dx, float* dweight) {
-    const Grid g(B, H, W);
-    // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
-    const int G = lane_group(K);
-    const int64_t NG = round_up(N, G);
-    const float* dybuf = pad_grid(dout, B, g, N, NG, scratch.dybuf);
-    const float* wp = pack_weights(9, N, NG, K, round_up(K, isa->vw / G), G,
-                                   [&](int64_t k, int64_t n, int t) { return weight[(n * K + k) * 9 + (8 - t)]; });
-    run_conv(dybuf, g, B, NG, wp, K, G, nullptr, 0, nullptr, dx);
-
-    // dW[n, k, i, j] = sum over pixels of xbuf[row + off(i, j), k] dy[row, n]: pixels split into pieces, each into
-    // its own (9, K, NP) partial sum, added up in piece order at the end
-    const float* xbuf = pad_grid(x, B, g, K, K, scratch.xbuf);
-    WGradTask t;
-    t.xbuf = xbuf; t.ldx = K; t.m = g.m; t.K = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = round_up(N, isa->vw);
-    t.H = H; t.W = W; t.T = 9;
-    g.offsets(t.off);
+// dweight = sum over the task's P pixels, split into pieces, each into its own (T, K, NP) partial sum, added up in
+// piece order at the end
+static void run_wgrad(WGradTask& t, int64_t P, int64_t first, float* dweight) {
     plan_blocks(t, t.NP / isa->vw, isa->acc);
     const int np = max_pieces();
-    const size_t part = (size_t)(9 * K * t.NP);
+    const size_t part = (size_t)(t.T * t.K * t.NP);
     float* partial = scratch.get(scratch.wgrad, part * np);
     std::memset(partial, 0, sizeof(float) * part * np);
-    parallel_ranges(B * H * W, 256, [&](int64_t q0, int64_t q1, int piece) {
-        isa->conv_wgrad(t, q0, q1, partial + part * piece);
+    parallel_ranges(P, 256, [&](int64_t q0, int64_t q1, int piece) {
+        isa->conv_wgrad(t, first + q0, first + q1, partial + part * piece);
     });
-    sum_wgrad(partial, part, np, 9, K, N, t.NP, dweight);
+    if (dweight) sum_wgrad(partial, part, np, t.T, t.K, t.N, t.NP, dweight);
+}
+
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
+                      int64_t K, int64_t N, int stride, float* dx, float* dweight) {
+    const Grid g(B, H, W);
+    const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
+    const Grid gy(B, Ho, Wo);                          // dout's grid (the same as x's for stride 1)
+    const int G = lane_group(K);
+    const int64_t NG = round_up(N, G), KC = round_up(K, isa->vw / G);
+    const float* dybuf = pad_grid(dout, B, gy, N, NG, scratch.dybuf);
+    if (stride == 1) {
+        // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
+        const float* wp = pack_weights(9, N, NG, K, KC, G,
+                                       [&](int64_t k, int64_t n, int t) { return weight[(n * K + k) * 9 + (8 - t)]; });
+        ConvTask t = conv_task(dybuf, NG, NG, wp, K, G, nullptr, 0, nullptr, dx);
+        t.xrow = grid_map(g, H, W, 1);
+        t.orow = dense_map(H, W);
+        t.P = B * H * W; t.T = 9;
+        g.offsets(t.off);
+        run_tiles(t);
+    } else {
+        // stride 2: input pixel (h, w) = (2a + ph, 2b + pw) gets tap (i, j) of output pixel ((h + 1 - i) / 2,
+        // (w + 1 - j) / 2) where those are whole: i = 1 for even h; i = 0 (output row a + 1) and i = 2 (row a) for
+        // odd h; columns alike. One sum of 1, 2, 2 or 4 taps per parity (ph, pw), over dout's grid.
+        for (int ph = 0; ph < 2; ++ph)
+            for (int pw = 0; pw < 2; ++pw) {
+                const int64_t Hq = (H - ph + 1) / 2, Wq = (W - pw + 1) / 2;
+                if (Hq == 0 || Wq == 0) continue;
+                int taps[4], T = 0;
+                int64_t off[4];
+                for (int i = 0; i < 3; ++i)
+                    for (int j = 0; j < 3; ++j) {
+                        if ((i == 1) != (ph == 0) || (j == 1) != (pw == 0)) continue;
+                        taps[T] = i * 3 + j;
+                        off[T++] = (i == 0 ? gy.Wp : 0) + (j == 0 ? 1 : 0);
+                    }
+                const float* wp = pack_weights(T, N, NG, K, KC, G, [&](int64_t k, int64_t n, int t) {
+                    return weight[(n * K + k) * 9 + taps[t]];
+                });
+                ConvTask t = conv_task(dybuf, NG, NG, wp, K, G, nullptr, 0, nullptr, dx);
+                t.xrow = grid_map(gy, Hq, Wq, 1);
+                t.orow = PixelMap{Hq, Wq, ph * W + pw, H * W, 2 * W, 2};
+                t.P = B * Hq * Wq; t.T = T;
+                for (int i = 0; i < T; ++i) t.off[i] = off[i];
+                run_tiles(t);
+            }
+    }
+
+    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n]
+    const float* xbuf = pad_grid(x, B, g, K, K, scratch.xbuf);
+    WGradTask t;
+    t.xbuf = xbuf; t.ldx = K; t.K = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
+    t.xrow = grid_map(g, Ho, Wo, stride);
+    t.dyrow = grid_map(gy, Ho, Wo, 1);
+    g.offsets(t.off);
+    run_wgrad(t, B * Ho * Wo, 0, dweight);
 }
 
 // ------------------------------------------------------------------------------------------------ matrix products
@@ -398,9 +472,9 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
 static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, int G, const float* bias,
                        float* out) {
     ConvTask t = conv_task(x, K, K, wp, N, G, bias, 0, nullptr, out);
-    t.m = 0; t.P = M; t.T = 1; t.off[0] = 0; t.H = 0; t.W = 0;
-    const int64_t tiles = (M + t.rows_per_tile - 1) / t.rows_per_tile;
-    parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+    t.xrow = t.orow = PixelMap{1, M, 0, M, 0, 1};
+    t.P = M; t.T = 1; t.off[0] = 0;
+    run_tiles(t);
 }
 
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
@@ -419,31 +493,27 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     run_matmul(dout, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
-    // from padded copies
+    // (whose whole vectors would read past the arrays' ends) from padded copies, into the first piece
     WGradTask t;
-    t.xbuf = x; t.ldx = K; t.m = 0; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw);
-    t.H = 0; t.W = 0; t.T = 1; t.off[0] = 0;
-    plan_blocks(t, t.NP / isa->vw, isa->acc);
-    const int np = max_pieces();
-    const size_t part = (size_t)(K * t.NP);
-    float* partial = scratch.get(scratch.wgrad, part * np);
-    std::memset(partial, 0, sizeof(float) * part * np);
-    if (M > 1)
-        parallel_ranges(M - 1, 256, [&](int64_t p0, int64_t p1, int piece) {
-            isa->conv_wgrad(t, p0, p1, partial + part * piece);
-        });
-    if (M > 0) {
-        const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
-        float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
-        std::memset(xl, 0, sizeof(float) * 2 * pad);
-        std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
-        std::memcpy(xl + pad, dout + (M - 1) * N, sizeof(float) * N);
-        WGradTask last = t;
-        last.xbuf = xl;
-        last.dy = xl + pad;
-        isa->conv_wgrad(last, 0, 1, partial);
+    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
+    t.off[0] = 0;
+    t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
+    if (M == 0) {
+        std::memset(dweight, 0, sizeof(float) * N * K);
+        return;
     }
-    sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
+    run_wgrad(t, M - 1, 0, nullptr);
+    const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
+    float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
+    std::memset(xl, 0, sizeof(float) * 2 * pad);
+    std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
+    std::memcpy(xl + pad, dout + (M - 1) * N, sizeof(float) * N);
+    WGradTask last = t;
+    last.xbuf = xl;
+    last.dy = xl + pad;
+    last.xrow = last.dyrow = PixelMap{1, 1, 0, 1, 0, 1};
+    isa->conv_wgrad(last, 0, 1, scratch.wgrad.data());
+    sum_wgrad(scratch.wgrad.data(), (size_t)(K * t.NP), max_pieces(), 1, K, N, t.NP, dweight);
 }
 
 }  // namespace md

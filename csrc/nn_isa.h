@@ -163,7 +163,7 @@ void gn_backward_apply(const float* x, const float* dout, const float* a, const 
 // The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.conv2d and
 // layers.conv2d_backward), and the plain matrix product (T = 1: layers.linear), with a register-blocked
 // micro-kernel. For the convolution, input rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
-// output pixel q reads input rows row(q) + off[t] for the 9 taps t (nn_kernels.h). A tile is R output pixels x NB
+// output pixel q reads input rows xrow(q) + off[t] for the 9 taps t (nn_kernels.h). A tile is R output pixels x NB
 // vectors of output channels; its R * NB accumulators stay in registers through all taps and all K input channels
 // (the reduction), each step a broadcast input value times a vector of weights. Tiles hold real pixels only: each
 // row's input address is its own (a register per row, as a fixed stride would take), so the grid's padding rows
@@ -188,18 +188,27 @@ static inline vf fold_pairs(vf a, vf b) {
     return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, even + 1);
 }
 
-// grid row of output pixel q (plain rows: q)
-static inline int64_t grid_row(const ConvTask& a, int64_t q) {
-    if (a.W == 0) return q;
-    const int64_t hw = a.H * a.W, img = q / hw, h = q % hw / a.W, w = q % a.W;
-    return a.m + (img * (a.H + 1) + h) * (a.W + 1) + w;
+// rows[i] = map's row of output pixel q0 + i, i < n: one division, then steps
+static inline void map_rows(const PixelMap& m, int64_t q0, int64_t n, int64_t* rows) {
+    const int64_t hw = m.Hq * m.Wq;
+    int64_t img = q0 / hw, a = q0 % hw / m.Wq, b = q0 % m.Wq;
+    int64_t line = m.base + img * m.s_img + a * m.s_row;          // row of pixel (img, a, 0)
+    for (int64_t i = 0; i < n; ++i) {
+        rows[i] = line + b * m.s_col;
+        if (++b == m.Wq) {
+            b = 0;
+            if (++a == m.Hq) { a = 0; ++img; }
+            line = m.base + img * m.s_img + a * m.s_row;
+        }
+    }
 }
 
-// Output pixels q0 .. q0 + n (n <= R; xoff: their input rows' offsets in floats, R of them) of channel block
-// [n0, n0 + NB * VW) of a packed weight row (output channels from c0): accumulate, then write out, adding the
-// bias (and the residual).
+// Output pixels q0 .. q0 + n (n <= R; xoff: their input rows' offsets in floats, R of them; orows: their output
+// rows) of channel block [n0, n0 + NB * VW) of a packed weight row (output channels from c0): accumulate, then
+// write out, adding the bias (and the residual).
 template <int R, int NB, int G>
-static void conv_tile(const ConvTask& a, const int64_t* xoff, int64_t q0, int n, int64_t n0, int64_t c0) {
+static void conv_tile(const ConvTask& a, const int64_t* xoff, const int64_t* orows, int64_t q0, int n, int64_t n0,
+                      int64_t c0) {
     vf acc[R][NB];
     int64_t o[R];                                         // each row's input offset, kept in a register
     for (int r = 0; r < R; ++r) {
@@ -224,10 +233,10 @@ static void conv_tile(const ConvTask& a, const int64_t* xoff, int64_t q0, int n,
     }
     // the channel vectors as written: G = 2 folds each two accumulators into one vector of channels
     constexpr int NOUT = G == 1 ? NB : (NB + 1) / 2;
-    const int64_t hw = a.W == 0 ? 1 : a.H * a.W;
+    const int64_t hw = a.orow.Hq * a.orow.Wq;
     for (int r = 0; r < n; ++r) {
-        const int64_t row = q0 + r;
-        const float* bias = a.bias ? a.bias + row / hw * a.bias_stride : nullptr;   // per image, or shared
+        const int64_t row = orows[r];
+        const float* bias = a.bias ? a.bias + (q0 + r) / hw * a.bias_stride : nullptr;   // per image, or shared
         const float* res = a.residual ? a.residual + row * a.N : nullptr;
         float* out = a.out + row * a.N;
         for (int v = 0; v < NOUT; ++v) {
@@ -250,31 +259,34 @@ static void conv_tile(const ConvTask& a, const int64_t* xoff, int64_t q0, int n,
 }
 
 template <int R, int NB>
-static void conv_rows(const ConvTask& a, const int64_t* xoff, int64_t q0, int n, int64_t n0, int64_t c0) {
+static void conv_rows(const ConvTask& a, const int64_t* xoff, const int64_t* orows, int64_t q0, int n, int64_t n0,
+                      int64_t c0) {
     for (int i = 0; i < n; i += R) {
         const int m = (int)imin(R, n - i);
-        if (a.G == 2) conv_tile<R, NB, 2>(a, xoff + i, q0 + i, m, n0, c0);
-        else conv_tile<R, NB, 1>(a, xoff + i, q0 + i, m, n0, c0);
+        if (a.G == 2) conv_tile<R, NB, 2>(a, xoff + i, orows + i, q0 + i, m, n0, c0);
+        else conv_tile<R, NB, 1>(a, xoff + i, orows + i, q0 + i, m, n0, c0);
     }
 }
 
 // Row tiles [tile0, tile1) (rows_per_tile output pixels each, a multiple of every R used) of every channel block.
 // Channel blocks hold up to 4 (AVX-512) or 3 vectors; R = MD_ACC / NB.
 void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
-    int64_t xoff[MD_ACC + 24];
+    int64_t xoff[MD_ACC], orows[MD_ACC];
     for (int64_t tile = tile0; tile < tile1; ++tile) {
         const int64_t q0 = tile * a.rows_per_tile;
         const int n = (int)imin(a.rows_per_tile, a.P - q0);
+        map_rows(a.xrow, q0, n, xoff);
+        map_rows(a.orow, q0, n, orows);
         for (int r = 0; r < a.rows_per_tile; ++r)            // rows past P repeat the last pixel (not written)
-            xoff[r] = grid_row(a, q0 + imin(r, n - 1)) * a.ldx;
+            xoff[r] = r < n ? xoff[r] * a.ldx : xoff[n - 1];
         for (int blk = 0; blk < a.nblocks; ++blk) {
             const int64_t n0 = a.block_start[blk] * MD_VW, c0 = n0 / a.G;
             switch (a.block_vectors[blk]) {
-            case 1: conv_rows<MD_ACC, 1>(a, xoff, q0, n, n0, c0); break;
-            case 2: conv_rows<MD_ACC / 2, 2>(a, xoff, q0, n, n0, c0); break;
-            case 3: conv_rows<MD_ACC / 3, 3>(a, xoff, q0, n, n0, c0); break;
+            case 1: conv_rows<MD_ACC, 1>(a, xoff, orows, q0, n, n0, c0); break;
+            case 2: conv_rows<MD_ACC / 2, 2>(a, xoff, orows, q0, n, n0, c0); break;
+            case 3: conv_rows<MD_ACC / 3, 3>(a, xoff, orows, q0, n, n0, c0); break;
 #if MD_ACC >= 24
-            default: conv_rows<MD_ACC / 4, 4>(a, xoff, q0, n, n0, c0); break;
+            default: conv_rows<MD_ACC / 4, 4>(a, xoff, orows, q0, n, n0, c0); break;
 #else
             default: break;
 #endif
@@ -283,12 +295,13 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     }
 }
 
-// The weight gradient: dw[t, k, n] += sum_q xbuf[row(q) + off[t], k] dy[row(q), n] over pixels q in [q0, q1)
+// The weight gradient: dw[t, k, n] += sum_q xbuf[xrow(q) + off[t], k] dy[dyrow(q), n] over pixels q in [q0, q1)
 // (rows of ldy floats, so a last vector past N reads the next row: those lanes land in dw's padding columns, never
 // read). A tile is R input channels x NB vectors of output channels; pixels go in chunks that stay in L1 while the
 // 9 taps and all tiles pass over them. dw is (9, K, NP), this piece's own.
 template <int R, int NB>
-static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const int64_t* rows, int64_t n, float* dw) {
+static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const int64_t* xrows, const int64_t* dyrows,
+                       int64_t n, float* dw) {
     vf acc[R][NB];
     float* d = dw + (t * a.K + k0) * a.NP + n0;
     for (int r = 0; r < R; ++r)
@@ -296,11 +309,11 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const 
     const float* xt = a.xbuf + a.off[t] * a.ldx + k0;
     const float* dyt = a.dy + n0;
     for (int64_t i = 0; i < n; ++i) {
-        const int64_t g = rows[i];
-        const float* xr = xt + g * a.ldx;
+        const float* xr = xt + xrows[i] * a.ldx;
+        const float* dyr = dyt + dyrows[i] * a.ldy;
         vf dv[NB];
 #pragma GCC unroll 4
-        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(dyt + g * a.ldy + nb * MD_VW);
+        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(dyr + nb * MD_VW);
 #pragma GCC unroll 24
         for (int r = 0; r < R; ++r) {
             const vf xv = splat(xr[r]);
@@ -315,28 +328,20 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const 
 void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw) {
     // a chunk's dy rows (NP floats each) fill about 16 KB of L1
     const int64_t CHUNK = imin(256, 4096 / a.NP > 16 ? 4096 / a.NP : 16);
-    int64_t rows[256];
+    int64_t xrows[256], dyrows[256];
     for (int64_t c0 = q0; c0 < q1; c0 += CHUNK) {
         const int64_t n = imin(q1, c0 + CHUNK) - c0;
-        if (a.W == 0) {
-            for (int64_t i = 0; i < n; ++i) rows[i] = c0 + i;
-        } else {                                           // grid rows of pixels c0 .. c0 + n
-            const int64_t hw = a.H * a.W;
-            int64_t img = c0 / hw, h = c0 % hw / a.W, w = c0 % a.W;
-            for (int64_t i = 0; i < n; ++i) {
-                rows[i] = a.m + (img * (a.H + 1) + h) * (a.W + 1) + w;
-                if (++w == a.W) { w = 0; if (++h == a.H) { h = 0; ++img; } }
-            }
-        }
+        map_rows(a.xrow, c0, n, xrows);
+        map_rows(a.dyrow, c0, n, dyrows);
         for (int t = 0; t < a.T; ++t) {
             for (int blk = 0; blk < a.nblocks; ++blk) {
                 const int64_t n0 = a.block_start[blk] * MD_VW;
                 switch (a.block_vectors[blk]) {
-                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, rows, n, dw); break;
-                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, rows, n, dw); break;
-                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, rows, n, dw); break;
+                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, xrows, dyrows, n, dw); break;
+                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, xrows, dyrows, n, dw); break;
+                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, xrows, dyrows, n, dw); break;
 #if MD_ACC >= 24
-                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, rows, n, dw); break;
+                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, xrows, dyrows, n, dw); break;
 #else
                 default: break;
 #endif
@@ -344,4 +349,22 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw) {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The instruction set's peak: MD_ACC independent chains of a * x + b (one FMA each, no loads), `iters` times;
+// returns a value depending on every chain so that none is optimised away. 2 MD_VW MD_ACC FLOP an iteration.
+float fma_loop(int64_t iters) {
+    vf acc[MD_ACC];
+    for (int i = 0; i < MD_ACC; ++i) acc[i] = splat(1.0f + 0.001f * (float)i);
+    const vf a = splat(0.999999f), b = splat(1e-7f);
+    for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MD_ACC; ++i) acc[i] = acc[i] * a + b;
+    }
+    vf s = {};
+    for (int i = 0; i < MD_ACC; ++i) s += acc[i];
+    float r = 0.0f;
+    for (int l = 0; l < MD_VW; ++l) r += s[l];
+    return r;
 }

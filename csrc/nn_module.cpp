@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -125,10 +126,16 @@ void check_conv(const py::array& x, const py::array& weight) {
                               std::to_string(x.shape(3)));
 }
 
-py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_, py::handle residual_) {
+void check_stride(int stride) {
+    if (stride != 1 && stride != 2) throw py::value_error("stride must be 1 or 2, got " + std::to_string(stride));
+}
+
+py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_, py::handle residual_, int stride) {
     py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4);
     check_conv(x, weight);
+    check_stride(stride);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
+    const py::ssize_t Ho = H ? (H - 1) / stride + 1 : 0, Wo = W ? (W - 1) / stride + 1 : 0;
     py::array bias, residual;                   // keep the arrays alive while the kernel runs
     const float *bias_ptr = nullptr, *res_ptr = nullptr;
     int64_t bias_stride = 0;
@@ -138,31 +145,44 @@ py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_
         else vector_of(bias, "bias (or (B, Cout) per image)", N);
         bias_ptr = ptr(bias);
     }
-    py::array_t<float> out = empty({B, H, W, N});
+    py::array_t<float> out = empty({B, Ho, Wo, N});
     if (!residual_.is_none()) {
         residual = arr(residual_, "residual", 4);
         same_shape(residual, "residual", out, "the output");
         res_ptr = ptr(residual);
     }
+    if (B * H * W == 0 || N == 0) {             // nothing to compute (an empty batch, no channels)
+        if (out.size()) std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+        return out;
+    }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, bias_stride, res_ptr, B, H, W, K, N, out.mutable_data());
+        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, bias_stride, res_ptr, B, H, W, K, N, stride,
+                            out.mutable_data());
     }
     return out;
 }
 
-py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_) {
+py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_, int stride) {
     py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr(dout_, "dout", 4);
     check_conv(x, weight);
+    check_stride(stride);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
-    if (dout.shape(0) != B || dout.shape(1) != H || dout.shape(2) != W || dout.shape(3) != N)
-        throw py::value_error("dout must have shape (B, H, W, Cout) = (" + std::to_string(B) + ", " +
-                              std::to_string(H) + ", " + std::to_string(W) + ", " + std::to_string(N) + "), got " +
+    const py::ssize_t Ho = H ? (H - 1) / stride + 1 : 0, Wo = W ? (W - 1) / stride + 1 : 0;
+    if (dout.shape(0) != B || dout.shape(1) != Ho || dout.shape(2) != Wo || dout.shape(3) != N)
+        throw py::value_error("dout must have shape (B, Ho, Wo, Cout) = (" + std::to_string(B) + ", " +
+                              std::to_string(Ho) + ", " + std::to_string(Wo) + ", " + std::to_string(N) + "), got " +
                               shape_str(dout));
     py::array_t<float> dx = empty({B, H, W, K}), dweight = empty({N, K, 3, 3});
+    if (B * H * W == 0 || N == 0 || K == 0) {   // nothing to sum
+        std::fill(dx.mutable_data(), dx.mutable_data() + dx.size(), 0.0f);
+        std::fill(dweight.mutable_data(), dweight.mutable_data() + dweight.size(), 0.0f);
+        return py::make_tuple(dx, dweight);
+    }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), B, H, W, K, N, dx.mutable_data(), dweight.mutable_data());
+        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), B, H, W, K, N, stride, dx.mutable_data(),
+                             dweight.mutable_data());
     }
     return py::make_tuple(dx, dweight);
 }
@@ -222,6 +242,17 @@ void bind_nn(py::module_& m) {
         for (int i = 0; i < n; ++i) out.append(names[i]);
         return out;
     }, "The instruction sets this CPU can run, best first.");
+    m.def("fma_peak_gflops", [](const std::string& name, int threads) {
+        double g;
+        {
+            py::gil_scoped_release nogil;
+            g = md::fma_peak_gflops(name.c_str(), threads);
+        }
+        if (g < 0) throw py::value_error("instruction set '" + name + "' is unknown or not supported by this CPU");
+        return g;
+    }, py::arg("isa"), py::arg("threads") = 0,
+          "GFLOP/s of the instruction set's FMAs in registers on `threads` threads (0: all): the peak the kernels "
+          "are measured against (about 0.1 s).");
     m.def("silu_forward", &py_silu_forward, py::arg("x"));
     m.def("silu_backward", &py_silu_backward, py::arg("x"), py::arg("dout"));
     m.def("group_norm_forward", &py_group_norm_forward, py::arg("x"), py::arg("gamma"), py::arg("beta"),
@@ -230,11 +261,12 @@ void bind_nn(py::module_& m) {
           py::arg("beta"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("silu"),
           "-> (dx, dgamma, dbeta)");
     m.def("conv3x3_forward", &py_conv3x3_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
-          py::arg("residual") = py::none(),
-          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or (B, Cout) or None, residual (B, H, W, Cout) "
-          "or None -> conv(x) + bias (+ residual), (B, H, W, Cout)");
+          py::arg("residual") = py::none(), py::arg("stride") = 1,
+          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or (B, Cout) or None, residual (B, Ho, Wo, Cout) "
+          "or None -> conv(x) + bias (+ residual), (B, Ho, Wo, Cout); padding 1, stride 1 or 2 "
+          "(Ho = (H - 1) // stride + 1)");
     m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
-          "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
+          py::arg("stride") = 1, "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
     m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
     m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),

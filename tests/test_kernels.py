@@ -75,6 +75,18 @@ def test_conv2d_kernel_matches_reference(isa, B, H, W, cin, cout):
 
 
 @needs_cpu
+@pytest.mark.parametrize("B,H,W,cin,cout", [(2, 28, 28, 32, 32), (2, 14, 14, 64, 64), (3, 7, 9, 24, 24), (1, 5, 4, 3, 5),
+                                            (2, 1, 1, 17, 35), (1, 2, 3, 48, 8)])
+def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
+    """Downsample's 3x3 stride-2 convolution, odd and even sizes (the input gradient's four parities)."""
+    rng = np.random.default_rng(H * 100 + cin + 7)
+    x, w, b = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3, scale=0.3), rand(rng, cout)
+    dout = rand(rng, B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, cout)
+    assert_close(*both(layers.conv2d, x, w, b, 2, 1))
+    assert_close(*both(layers.conv2d_backward, x, w, dout, 2, 1))
+
+
+@needs_cpu
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 5), (100, 64, 32), (3136, 64, 64), (50, 288, 32), (13, 17, 129),
                                    (64, 32, 128), (25, 1, 40)])
 def test_linear_kernel_matches_reference(isa, M, K, N):

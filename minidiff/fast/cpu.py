@@ -58,7 +58,7 @@ def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, with_silu=
 
 
 def _conv3x3(weight, stride, padding):
-    return weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
+    return weight.shape[2:] == (3, 3) and stride in (1, 2) and padding == 1
 
 
 def _conv1x1(weight, stride, padding):
@@ -66,12 +66,13 @@ def _conv1x1(weight, stride, padding):
 
 
 def conv2d(x, weight, bias, stride=1, padding=0, residual=None):
-    """The 3x3 stride-1 convolution (the U-Net's), bias and residual added in the kernel's last pass; the 1x1
-    convolution as the linear kernel. The others run the reference, whose matrix product is the linear kernel."""
+    """The 3x3 convolutions of stride 1 and 2 (the U-Net's, Downsample's), bias and residual added in the kernel's
+    last pass; the 1x1 convolution as the linear kernel. The others run the reference, whose matrix product is the
+    linear kernel."""
     if not _float32(x, weight, bias, residual):
         return NotImplemented
     if _conv3x3(weight, stride, padding):
-        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), _c(residual))
+        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), _c(residual), stride)
     if _conv1x1(weight, stride, padding) and (bias is None or bias.ndim == 1):
         B, H, W, _ = x.shape
         y = core.linear_forward(_c(x).reshape(-1, x.shape[-1]), _c(weight[:, :, 0, 0]), _c(bias))
@@ -84,7 +85,7 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0):
     if not _float32(x, weight, dout):
         return NotImplemented
     if _conv3x3(weight, stride, padding):
-        return core.conv3x3_backward(_c(x), _c(weight), _c(dout))
+        return core.conv3x3_backward(_c(x), _c(weight), _c(dout), stride)
     if _conv1x1(weight, stride, padding):
         cout, cin = weight.shape[:2]
         dx, dw = core.linear_backward(_c(x).reshape(-1, cin), _c(weight[:, :, 0, 0]), _c(dout).reshape(-1, cout))
