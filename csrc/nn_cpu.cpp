@@ -517,3 +517,51 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
 }
 
 }  // namespace md
+
+namespace md {
+
+// ------------------------------------------------------------------------------------------------ copies and sums
+// Memory-bound passes of the U-Net (layers.concat_channels, layers.pixel_sum), rows split over the threads.
+
+static const int64_t COPY_MIN = 1 << 14;      // floats per thread worth starting a thread for
+
+void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out) {
+    const int64_t C = Ca + Cb;
+    parallel_ranges(M, COPY_MIN / (C + 1) + 1, [&](int64_t r0, int64_t r1, int) {
+        for (int64_t r = r0; r < r1; ++r) {
+            std::memcpy(out + r * C, a + r * Ca, sizeof(float) * Ca);
+            std::memcpy(out + r * C + Ca, b + r * Cb, sizeof(float) * Cb);
+        }
+    });
+}
+
+// x (B, P, C) -> out (B, C) (per_image) or (C,): sums over the pixels (and the images), in double over float sums
+// of 32 pixels; each image's sum is its own, the images' added in order, so the result does not depend on the
+// threads.
+void pixel_sum(const float* x, int64_t B, int64_t P, int64_t C, int per_image, float* out) {
+    std::vector<double> sums((size_t)(B * C), 0.0);
+    parallel_ranges(B, COPY_MIN / (P * C + 1) + 1, [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) {
+            double* s = sums.data() + b * C;
+            const float* xb = x + b * P * C;
+            std::vector<float> block(C);
+            for (int64_t p0 = 0; p0 < P; p0 += 32) {       // float sums of 32 pixels, flushed to double
+                std::fill(block.begin(), block.end(), 0.0f);
+                for (int64_t p = p0; p < std::min(P, p0 + 32); ++p)
+                    for (int64_t c = 0; c < C; ++c) block[c] += xb[p * C + c];
+                for (int64_t c = 0; c < C; ++c) s[c] += block[c];
+            }
+        }
+    });
+    if (per_image) {
+        for (int64_t i = 0; i < B * C; ++i) out[i] = (float)sums[i];
+        return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        double s = 0.0;
+        for (int64_t b = 0; b < B; ++b) s += sums[b * C + c];
+        out[c] = (float)s;
+    }
+}
+
+}  // namespace md

@@ -113,4 +113,10 @@ void linear_forward(const float* x, const float* weight, const float* bias, int6
 void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
                      float* dx, float* dweight);
 
+// ---- copies and sums (nn_cpu.cpp)
+// a (M, Ca), b (M, Cb) -> out (M, Ca + Cb)
+void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out);
+// x (B, P, C) -> (B, C) per image, or (C,)
+void pixel_sum(const float* x, int64_t B, int64_t P, int64_t C, int per_image, float* out);
+
 }  // namespace md

@@ -226,6 +226,45 @@ py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_
     return py::make_tuple(dx, dweight);
 }
 
+// ---- copies and sums (layers.concat_channels, layers.pixel_sum), channels last
+py::array py_concat_channels(py::handle a_, py::handle b_) {
+    py::array a = arr(a_, "a", -1), b = arr(b_, "b", -1);
+    if (a.ndim() < 1 || a.ndim() != b.ndim()) throw py::value_error("a and b must have the same dimensions");
+    for (py::ssize_t i = 0; i + 1 < a.ndim(); ++i)
+        if (a.shape(i) != b.shape(i))
+            throw py::value_error("a " + shape_str(a) + " and b " + shape_str(b) + " differ before the last axis");
+    const py::ssize_t Ca = a.shape(a.ndim() - 1), Cb = b.shape(b.ndim() - 1), M = Ca ? a.size() / Ca : 0;
+    Shape shape(a.shape(), a.shape() + a.ndim());
+    shape.back() = Ca + Cb;
+    py::array_t<float> out = empty(shape);
+    if (Ca == 0 || Cb == 0 || out.size() == 0) {
+        if (out.size()) std::copy(Ca ? ptr(a) : ptr(b), (Ca ? ptr(a) : ptr(b)) + out.size(), out.mutable_data());
+        return out;
+    }
+    {
+        py::gil_scoped_release nogil;
+        md::concat_channels(ptr(a), ptr(b), M, Ca, Cb, out.mutable_data());
+    }
+    return out;
+}
+
+py::array py_pixel_sum(py::handle x_, bool per_image) {
+    py::array x = arr(x_, "x", -1);
+    if (x.ndim() < 2) throw py::value_error("x must be (B, ..., C), got " + shape_str(x));
+    const py::ssize_t B = x.shape(0), C = x.shape(x.ndim() - 1);
+    const py::ssize_t P = B && C ? x.size() / (B * C) : 0;
+    py::array_t<float> out = per_image ? empty({B, C}) : empty({C});
+    if (B == 0 || P == 0) {
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+        return out;
+    }
+    {
+        py::gil_scoped_release nogil;
+        md::pixel_sum(ptr(x), B, P, C, per_image, out.mutable_data());
+    }
+    return out;
+}
+
 }  // namespace
 
 void bind_nn(py::module_& m) {
@@ -267,6 +306,9 @@ void bind_nn(py::module_& m) {
           "(Ho = (H - 1) // stride + 1)");
     m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
           py::arg("stride") = 1, "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
+    m.def("concat_channels", &py_concat_channels, py::arg("a"), py::arg("b"), "[a, b] along the last axis");
+    m.def("pixel_sum", &py_pixel_sum, py::arg("x"), py::arg("per_image") = false,
+          "x (B, ..., C) -> the sum over pixels and images (C,), or over pixels (B, C) per image");
     m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
     m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),

@@ -87,6 +87,20 @@ def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
 
 
 @needs_cpu
+@pytest.mark.parametrize("shape,ca", [((2, 5, 7, 32), 8), ((3, 28, 28, 64), 32), ((1, 1, 1, 3), 1), ((4, 3, 2, 5), 0),
+                                      ((2, 7, 7, 96), 96)])
+def test_copy_kernels_match_reference(shape, ca):
+    """The skips' concatenation (exactly the reference's values) and the pixel sums (in double, against NumPy's
+    float32)."""
+    rng = np.random.default_rng(sum(shape) + ca)
+    d = rand(rng, *shape)
+    out, ref = both(layers.concat_channels, d[..., :ca].copy(), d[..., ca:].copy())
+    assert out.shape == ref.shape and np.array_equal(out, ref) and np.array_equal(out, d)
+    for per_image in (False, True):
+        assert_close(*both(layers.pixel_sum, d, per_image), tol=1e-5)
+
+
+@needs_cpu
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 5), (100, 64, 32), (3136, 64, 64), (50, 288, 32), (13, 17, 129),
                                    (64, 32, 128), (25, 1, 40)])
 def test_linear_kernel_matches_reference(isa, M, K, N):
@@ -170,7 +184,7 @@ def test_whole_unet_same_both_ways():
 
 # ------------------------------------------------------------------------------------------ registry and switch
 def test_every_fast_path_names_a_reference():
-    import minidiff.optim  # noqa: F401  (registers its references)
+    import minidiff.optim, minidiff.step  # noqa: F401, E401  (register their references)
     refs = fast.references()
     table = fast.table("numpy")
     assert set(table) <= set(refs), set(table) - set(refs)
