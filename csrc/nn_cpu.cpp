@@ -120,7 +120,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
 // Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
 // time); one set per calling thread.
 struct Scratch {
-    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum;
+    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum, local_x, local_dy;
     float* get(std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
         return v.data();
@@ -270,32 +270,35 @@ struct Grid {
     }
 };
 
-// x (B, H, W, C) -> buf (rows, ld) on the grid, ld >= C floats a row (zero past C), every element written once
-// (pixels copied, padding zeroed).
-static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, int64_t ld, std::vector<float>& store) {
-    float* buf = scratch.get(store, (size_t)(g.rows() * ld));
+// Image x (H, W, C) into slot b of the grid in buf (rows of ld >= C floats, zero past C): its pixels, its padding
+// column and row.
+static void pad_image(const float* x, int64_t b, const Grid& g, int64_t C, int64_t ld, float* buf) {
+    float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * ld;
+    for (int64_t h = 0; h < g.H; ++h) {
+        float* row = img + h * g.Wp * ld;
+        const float* src = x + h * g.W * C;
+        if (ld == C) {
+            std::memcpy(row, src, sizeof(float) * g.W * C);
+        } else {
+            for (int64_t w = 0; w < g.W; ++w) {
+                std::memcpy(row + w * ld, src + w * C, sizeof(float) * C);
+                std::memset(row + w * ld + C, 0, sizeof(float) * (ld - C));
+            }
+        }
+        std::memset(row + g.W * ld, 0, sizeof(float) * ld);
+    }
+    std::memset(img + g.H * g.Wp * ld, 0, sizeof(float) * g.Wp * ld);
+}
+
+// The B images of x (B, H, W, C) onto the grid g in buf, every element written once; in parallel or not.
+static void pad_images(const float* x, int64_t B, const Grid& g, int64_t C, int64_t ld, float* buf, bool parallel) {
     std::memset(buf, 0, sizeof(float) * g.m * ld);
     std::memset(buf + (g.m + g.P) * ld, 0, sizeof(float) * (g.m + g.slack) * ld);
-    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
-        for (int64_t b = b0; b < b1; ++b) {
-            float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * ld;
-            for (int64_t h = 0; h < g.H; ++h) {
-                float* row = img + h * g.Wp * ld;
-                const float* src = x + (b * g.H + h) * g.W * C;
-                if (ld == C) {
-                    std::memcpy(row, src, sizeof(float) * g.W * C);
-                } else {
-                    for (int64_t w = 0; w < g.W; ++w) {
-                        std::memcpy(row + w * ld, src + w * C, sizeof(float) * C);
-                        std::memset(row + w * ld + C, 0, sizeof(float) * (ld - C));
-                    }
-                }
-                std::memset(row + g.W * ld, 0, sizeof(float) * ld);
-            }
-            std::memset(img + g.H * g.Wp * ld, 0, sizeof(float) * g.Wp * ld);
-        }
-    });
-    return buf;
+    auto images = [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) pad_image(x + b * g.H * g.W * C, b, g, C, ld, buf);
+    };
+    if (parallel) parallel_ranges(B, 1, images);
+    else images(0, B, 0);
 }
 
 // Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
@@ -323,8 +326,7 @@ static int lane_group(int64_t N) {
 
 // wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K
 template <class F>
-static float* pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w) {
-    float* wp = scratch.get(scratch.wpack, (size_t)(T * KG * NC));
+static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
     for (int t = 0; t < T; ++t)
         for (int64_t kk = 0; kk < KG / G; ++kk)
             for (int64_t c = 0; c < NC; ++c)
@@ -332,7 +334,6 @@ static float* pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, 
                     const int64_t k = kk * G + j;
                     wp[((t * (KG / G) + kk) * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
                 }
-    return wp;
 }
 
 static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const float* wp, int64_t N, int G,
@@ -345,9 +346,10 @@ static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const floa
     return t;
 }
 
-static void run_tiles(const ConvTask& t) {
+static void run_tiles(const ConvTask& t, bool parallel) {
     const int64_t tiles = (t.P + t.rows_per_tile - 1) / t.rows_per_tile;
-    parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+    if (parallel) parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+    else isa->conv_tiles(t, 0, tiles);
 }
 
 // Input rows on the grid of output pixel (a, b) of an (Hq, Wq) output: grid pixel (s a, s b); output rows in order.
@@ -358,22 +360,48 @@ static PixelMap dense_map(int64_t Hq, int64_t Wq) { return PixelMap{Hq, Wq, 0, H
 
 static int64_t out_size(int64_t n, int stride) { return n ? (n - 1) / stride + 1 : 0; }   // 3x3, padding 1
 
+// The convolutions work image by image where there are enough images: each piece of the batch (parallel_ranges)
+// pads a few images at a time into its thread's own grid, small enough to stay in L2 while the micro-kernels read
+// it, and computes them (the padded copy never goes out to memory and back). With fewer images than that (a
+// sampling batch of one) the whole batch is padded once and the row tiles are split over the threads.
+static bool by_images(int64_t B) { return num_threads() == 1 || B >= 2 * num_threads(); }
+
+// images per padded group: about 512 KB of grid
+static int64_t group_images(int64_t H, int64_t W, int64_t ld) {
+    const int64_t bytes = (H + 1) * (W + 1) * ld * 4;
+    return std::max<int64_t>(1, (512 << 10) / std::max<int64_t>(bytes, 1));
+}
+
+// for each group of images [b, b + nb) of the batch: f(b, nb, parallel, piece)
+template <class F>
+static void for_image_groups(int64_t B, int64_t group, F f) {
+    if (!by_images(B)) { f(0, B, true, 0); return; }
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int piece) {
+        for (int64_t b = b0; b < b1; b += group) f(b, std::min(group, b1 - b), false, piece);
+    });
+}
+
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
                      const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
                      float* out) {
-    const Grid g(B, H, W);
     const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
     const int G = lane_group(N);
-    const int64_t KG = round_up(K, G);
-    const float* xbuf = pad_grid(x, B, g, K, KG, scratch.xbuf);
-    const float* wp = pack_weights(9, K, KG, N, round_up(N, isa->vw / G), G,
-                                   [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; });
-    ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias, bias_stride, residual, out);
-    t.xrow = grid_map(g, Ho, Wo, stride);
-    t.orow = dense_map(Ho, Wo);
-    t.P = B * Ho * Wo; t.T = 9;
-    g.offsets(t.off);
-    run_tiles(t);
+    const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * KG * NC));
+    pack_weights(9, K, KG, N, NC, G, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; }, wp);
+    for_image_groups(B, group_images(H, W, KG), [&](int64_t b, int64_t nb, bool parallel, int) {
+        const Grid g(nb, H, W);
+        float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * KG));
+        pad_images(x + b * H * W * K, nb, g, K, KG, xbuf, parallel);
+        const int64_t first = b * Ho * Wo;                  // the group's first output pixel
+        ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias ? bias + b * bias_stride : nullptr, bias_stride,
+                               residual ? residual + first * N : nullptr, out + first * N);
+        t.xrow = grid_map(g, Ho, Wo, stride);
+        t.orow = dense_map(Ho, Wo);
+        t.P = nb * Ho * Wo; t.T = 9;
+        g.offsets(t.off);
+        run_tiles(t, parallel);
+    });
 }
 
 // The sum of the per-piece partial weight gradients part[piece] ((T, K, NP) each), in piece order, into
@@ -393,74 +421,85 @@ static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t 
             for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
 }
 
-// dweight = sum over the task's P pixels, split into pieces, each into its own (T, K, NP) partial sum, added up in
-// piece order at the end
-static void run_wgrad(WGradTask& t, int64_t P, int64_t first, float* dweight) {
-    plan_blocks(t, t.NP / isa->vw, isa->acc);
-    const int np = max_pieces();
-    const size_t part = (size_t)(t.T * t.K * t.NP);
-    float* partial = scratch.get(scratch.wgrad, part * np);
-    std::memset(partial, 0, sizeof(float) * part * np);
+// the task's pixels [0, P) into partial (np pieces of `part` floats, zeroed), split over the threads
+static void parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t part) {
     parallel_ranges(P, 256, [&](int64_t q0, int64_t q1, int piece) {
-        isa->conv_wgrad(t, first + q0, first + q1, partial + part * piece);
+        isa->conv_wgrad(t, q0, q1, partial + part * piece);
     });
-    if (dweight) sum_wgrad(partial, part, np, t.T, t.K, t.N, t.NP, dweight);
 }
 
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
                       int64_t K, int64_t N, int stride, float* dx, float* dweight) {
-    const Grid g(B, H, W);
     const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
-    const Grid gy(B, Ho, Wo);                          // dout's grid (the same as x's for stride 1)
     const int G = lane_group(K);
     const int64_t NG = round_up(N, G), KC = round_up(K, isa->vw / G);
-    const float* dybuf = pad_grid(dout, B, gy, N, NG, scratch.dybuf);
-    if (stride == 1) {
-        // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
-        const float* wp = pack_weights(9, N, NG, K, KC, G,
-                                       [&](int64_t k, int64_t n, int t) { return weight[(n * K + k) * 9 + (8 - t)]; });
-        ConvTask t = conv_task(dybuf, NG, NG, wp, K, G, nullptr, 0, nullptr, dx);
-        t.xrow = grid_map(g, H, W, 1);
-        t.orow = dense_map(H, W);
-        t.P = B * H * W; t.T = 9;
-        g.offsets(t.off);
-        run_tiles(t);
-    } else {
-        // stride 2: input pixel (h, w) = (2a + ph, 2b + pw) gets tap (i, j) of output pixel ((h + 1 - i) / 2,
-        // (w + 1 - j) / 2) where those are whole: i = 1 for even h; i = 0 (output row a + 1) and i = 2 (row a) for
-        // odd h; columns alike. One sum of 1, 2, 2 or 4 taps per parity (ph, pw), over dout's grid.
-        for (int ph = 0; ph < 2; ++ph)
-            for (int pw = 0; pw < 2; ++pw) {
-                const int64_t Hq = (H - ph + 1) / 2, Wq = (W - pw + 1) / 2;
-                if (Hq == 0 || Wq == 0) continue;
-                int taps[4], T = 0;
-                int64_t off[4];
-                for (int i = 0; i < 3; ++i)
-                    for (int j = 0; j < 3; ++j) {
-                        if ((i == 1) != (ph == 0) || (j == 1) != (pw == 0)) continue;
-                        taps[T] = i * 3 + j;
-                        off[T++] = (i == 0 ? gy.Wp : 0) + (j == 0 ? 1 : 0);
+
+    // dx: for stride 1, conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix.
+    // For stride 2, input pixel (h, w) = (2a + ph, 2b + pw) gets tap (i, j) of output pixel ((h + 1 - i) / 2,
+    // (w + 1 - j) / 2) where those are whole: i = 1 for even h; i = 0 (output row a + 1) and i = 2 (row a) for
+    // odd h; columns alike: one sum of 1, 2, 2 or 4 taps per parity (ph, pw), over dout's grid.
+    struct Part { int ph, pw, T, taps[9]; int64_t off[9]; float* wp; };
+    std::vector<Part> parts;
+    const int64_t Wpy = Wo + 1;                            // dout's grid's row
+    for (int ph = 0; ph < stride; ++ph)
+        for (int pw = 0; pw < stride; ++pw) {
+            Part pt{ph, pw, 0, {}, {}, nullptr};
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) {
+                    if (stride == 1) {
+                        pt.taps[pt.T] = 8 - (i * 3 + j);
+                        pt.off[pt.T++] = (i - 1) * Wpy + (j - 1);
+                    } else if ((i == 1) == (ph == 0) && (j == 1) == (pw == 0)) {
+                        pt.taps[pt.T] = i * 3 + j;
+                        pt.off[pt.T++] = (i == 0 ? Wpy : 0) + (j == 0 ? 1 : 0);
                     }
-                const float* wp = pack_weights(T, N, NG, K, KC, G, [&](int64_t k, int64_t n, int t) {
-                    return weight[(n * K + k) * 9 + taps[t]];
-                });
-                ConvTask t = conv_task(dybuf, NG, NG, wp, K, G, nullptr, 0, nullptr, dx);
-                t.xrow = grid_map(gy, Hq, Wq, 1);
-                t.orow = PixelMap{Hq, Wq, ph * W + pw, H * W, 2 * W, 2};
-                t.P = B * Hq * Wq; t.T = T;
-                for (int i = 0; i < T; ++i) t.off[i] = off[i];
-                run_tiles(t);
-            }
+                }
+            parts.push_back(pt);
+        }
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * NG * KC));
+    for (Part& pt : parts) {
+        pt.wp = wp;
+        pack_weights(pt.T, N, NG, K, KC, G, [&](int64_t k, int64_t n, int t) {
+            return weight[(n * K + k) * 9 + pt.taps[t]];
+        }, wp);
+        wp += pt.T * NG * KC;
     }
 
-    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n]
-    const float* xbuf = pad_grid(x, B, g, K, K, scratch.xbuf);
-    WGradTask t;
-    t.xbuf = xbuf; t.ldx = K; t.K = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
-    t.xrow = grid_map(g, Ho, Wo, stride);
-    t.dyrow = grid_map(gy, Ho, Wo, 1);
-    g.offsets(t.off);
-    run_wgrad(t, B * Ho * Wo, 0, dweight);
+    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n], into one (9, K, NP)
+    // partial sum per piece, added up in piece order at the end
+    const int64_t NP = round_up(N, isa->vw);
+    const int np = max_pieces();
+    const size_t part = (size_t)(9 * K * NP);
+    float* partial = scratch.get(scratch.wgrad, part * np);
+    std::memset(partial, 0, sizeof(float) * part * np);
+
+    const int64_t group = group_images(H, W, K + NG);
+    for_image_groups(B, group, [&](int64_t b, int64_t nb, bool parallel, int piece) {
+        const Grid g(nb, H, W), gy(nb, Ho, Wo);            // x's grid, dout's (the same for stride 1)
+        float* dybuf = scratch.get(parallel ? scratch.dybuf : scratch.local_dy, (size_t)(gy.rows() * NG));
+        pad_images(dout + b * Ho * Wo * N, nb, gy, N, NG, dybuf, parallel);
+        for (const Part& pt : parts) {
+            const int64_t Hq = stride == 1 ? H : (H - pt.ph + 1) / 2, Wq = stride == 1 ? W : (W - pt.pw + 1) / 2;
+            if (Hq == 0 || Wq == 0) continue;
+            ConvTask t = conv_task(dybuf, NG, NG, pt.wp, K, G, nullptr, 0, nullptr, dx + b * H * W * K);
+            t.xrow = grid_map(gy, Hq, Wq, 1);
+            t.orow = PixelMap{Hq, Wq, pt.ph * W + pt.pw, H * W, stride * W, stride};
+            t.P = nb * Hq * Wq; t.T = pt.T;
+            for (int i = 0; i < pt.T; ++i) t.off[i] = pt.off[i];
+            run_tiles(t, parallel);
+        }
+        float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * K));
+        pad_images(x + b * H * W * K, nb, g, K, K, xbuf, parallel);
+        WGradTask t;
+        t.xbuf = xbuf; t.ldx = K; t.K = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = NP; t.T = 9;
+        t.xrow = grid_map(g, Ho, Wo, stride);
+        t.dyrow = grid_map(gy, Ho, Wo, 1);
+        g.offsets(t.off);
+        plan_blocks(t, NP / isa->vw, isa->acc);
+        if (parallel) parallel_wgrad(t, nb * Ho * Wo, partial, part);
+        else isa->conv_wgrad(t, 0, nb * Ho * Wo, partial + part * piece);
+    });
+    sum_wgrad(partial, part, np, 9, K, N, NP, dweight);
 }
 
 // ------------------------------------------------------------------------------------------------ matrix products
@@ -474,35 +513,42 @@ static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, in
     ConvTask t = conv_task(x, K, K, wp, N, G, bias, 0, nullptr, out);
     t.xrow = t.orow = PixelMap{1, M, 0, M, 0, 1};
     t.P = M; t.T = 1; t.off[0] = 0;
-    run_tiles(t);
+    run_tiles(t, true);
 }
 
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
                     float* out) {
     const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
-    const float* wp = pack_weights(1, K, K, N, round_up(N, isa->vw / G), G,
-                                   [&](int64_t n, int64_t k, int) { return weight[n * K + k]; });
+    const int64_t NC = round_up(N, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(K * NC));
+    pack_weights(1, K, K, N, NC, G, [&](int64_t n, int64_t k, int) { return weight[n * K + k]; }, wp);
     run_matmul(x, M, K, wp, N, G, bias, out);
 }
 
 void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
                      float* dx, float* dweight) {
     const int G = N % 2 == 0 ? lane_group(K) : 1;      // dx = dout @ weight
-    const float* wp = pack_weights(1, N, N, K, round_up(K, isa->vw / G), G,
-                                   [&](int64_t k, int64_t n, int) { return weight[n * K + k]; });
+    const int64_t KC = round_up(K, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(N * KC));
+    pack_weights(1, N, N, K, KC, G, [&](int64_t k, int64_t n, int) { return weight[n * K + k]; }, wp);
     run_matmul(dout, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
     // (whose whole vectors would read past the arrays' ends) from padded copies, into the first piece
-    WGradTask t;
-    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
-    t.off[0] = 0;
-    t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
     if (M == 0) {
         std::memset(dweight, 0, sizeof(float) * N * K);
         return;
     }
-    run_wgrad(t, M - 1, 0, nullptr);
+    WGradTask t;
+    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
+    t.off[0] = 0;
+    t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
+    plan_blocks(t, t.NP / isa->vw, isa->acc);
+    const int np = max_pieces();
+    const size_t part = (size_t)(K * t.NP);
+    float* partial = scratch.get(scratch.wgrad, part * np);
+    std::memset(partial, 0, sizeof(float) * part * np);
+    parallel_wgrad(t, M - 1, partial, part);
     const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
     float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
     std::memset(xl, 0, sizeof(float) * 2 * pad);
@@ -512,8 +558,8 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     last.xbuf = xl;
     last.dy = xl + pad;
     last.xrow = last.dyrow = PixelMap{1, 1, 0, 1, 0, 1};
-    isa->conv_wgrad(last, 0, 1, scratch.wgrad.data());
-    sum_wgrad(scratch.wgrad.data(), (size_t)(K * t.NP), max_pieces(), 1, K, N, t.NP, dweight);
+    isa->conv_wgrad(last, 0, 1, partial);
+    sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
 }
 
 }  // namespace md
