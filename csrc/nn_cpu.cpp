@@ -270,18 +270,18 @@ struct Grid {
     }
 };
 
-// Image x (H, W, C) into slot b of the grid in buf (rows of ld >= C floats, zero past C): its pixels, its padding
-// column and row.
-static void pad_image(const float* x, int64_t b, const Grid& g, int64_t C, int64_t ld, float* buf) {
+// Image x (H, W, C; pixels xs >= C floats apart) into slot b of the grid in buf (rows of ld >= C floats, zero past
+// C): its pixels, its padding column and row.
+static void pad_image(const float* x, int64_t xs, int64_t b, const Grid& g, int64_t C, int64_t ld, float* buf) {
     float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * ld;
     for (int64_t h = 0; h < g.H; ++h) {
         float* row = img + h * g.Wp * ld;
-        const float* src = x + h * g.W * C;
-        if (ld == C) {
+        const float* src = x + h * g.W * xs;
+        if (ld == C && xs == C) {
             std::memcpy(row, src, sizeof(float) * g.W * C);
         } else {
             for (int64_t w = 0; w < g.W; ++w) {
-                std::memcpy(row + w * ld, src + w * C, sizeof(float) * C);
+                std::memcpy(row + w * ld, src + w * xs, sizeof(float) * C);
                 std::memset(row + w * ld + C, 0, sizeof(float) * (ld - C));
             }
         }
@@ -290,12 +290,14 @@ static void pad_image(const float* x, int64_t b, const Grid& g, int64_t C, int64
     std::memset(img + g.H * g.Wp * ld, 0, sizeof(float) * g.Wp * ld);
 }
 
-// The B images of x (B, H, W, C) onto the grid g in buf, every element written once; in parallel or not.
-static void pad_images(const float* x, int64_t B, const Grid& g, int64_t C, int64_t ld, float* buf, bool parallel) {
+// The B images of x (B, H, W, C; pixels xs floats apart) onto the grid g in buf, every element written once; in
+// parallel or not.
+static void pad_images(const float* x, int64_t xs, int64_t B, const Grid& g, int64_t C, int64_t ld, float* buf,
+                       bool parallel) {
     std::memset(buf, 0, sizeof(float) * g.m * ld);
     std::memset(buf + (g.m + g.P) * ld, 0, sizeof(float) * (g.m + g.slack) * ld);
     auto images = [&](int64_t b0, int64_t b1, int) {
-        for (int64_t b = b0; b < b1; ++b) pad_image(x + b * g.H * g.W * C, b, g, C, ld, buf);
+        for (int64_t b = b0; b < b1; ++b) pad_image(x + b * g.H * g.W * xs, xs, b, g, C, ld, buf);
     };
     if (parallel) parallel_ranges(B, 1, images);
     else images(0, B, 0);
@@ -402,7 +404,7 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
     for_image_groups(B, group_images(H, W, KG), [&](int64_t b, int64_t nb, bool parallel, int) {
         const Grid g(nb, H, W);
         float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * KG));
-        pad_images(x + b * H * W * K, nb, g, K, KG, xbuf, parallel);
+        pad_images(x + b * H * W * K, K, nb, g, K, KG, xbuf, parallel);
         const int64_t first = b * Ho * Wo;                  // the group's first output pixel
         ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias ? bias + b * bias_stride : nullptr, bias_stride,
                                residual ? residual + first * N : nullptr, out + first * N);
@@ -438,8 +440,8 @@ static void parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t
     });
 }
 
-void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
-                      int64_t K, int64_t N, int stride, float* dx, float* dweight) {
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
+                      int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight) {
     const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
     const int G = lane_group(K);
     const int64_t NG = round_up(N, G), KC = round_up(K, isa->vw / G);
@@ -487,7 +489,7 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     for_image_groups(B, group, [&](int64_t b, int64_t nb, bool parallel, int piece) {
         const Grid g(nb, H, W), gy(nb, Ho, Wo);            // x's grid, dout's (the same for stride 1)
         float* dybuf = scratch.get(parallel ? scratch.dybuf : scratch.local_dy, (size_t)(gy.rows() * NG));
-        pad_images(dout + b * Ho * Wo * N, nb, gy, N, NG, dybuf, parallel);
+        pad_images(dout + b * Ho * Wo * ldd, ldd, nb, gy, N, NG, dybuf, parallel);
         for (const Part& pt : parts) {
             const int64_t Hq = stride == 1 ? H : (H - pt.ph + 1) / 2, Wq = stride == 1 ? W : (W - pt.pw + 1) / 2;
             if (Hq == 0 || Wq == 0) continue;
@@ -500,7 +502,7 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
             run_tiles(t, parallel);
         }
         float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * K));
-        pad_images(x + b * H * W * K, nb, g, K, K, xbuf, parallel);
+        pad_images(x + b * H * W * K, K, nb, g, K, K, xbuf, parallel);
         WGradTask t;
         t.xbuf = xbuf; t.ldx = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = NP;
         t.xrow = grid_map(g, Ho, Wo, stride);
@@ -518,10 +520,10 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
 // end (into the next row); the arrays here have no slack after their last row, so the last row goes through a
 // zero-padded copy.
 
-// out (M, N) = x (M, K) @ wp (K, NC G) (+ bias)
-static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, int G, const float* bias,
-                       float* out) {
-    ConvTask t = conv_task(x, K, K, wp, N, G, bias, 0, nullptr, out);
+// out (M, N) = x (M, K; rows ldx floats apart) @ wp (K, NC G) (+ bias)
+static void run_matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t N, int G,
+                       const float* bias, float* out) {
+    ConvTask t = conv_task(x, ldx, K, wp, N, G, bias, 0, nullptr, out);
     t.xrow = t.orow = PixelMap{1, M, 0, M, 0, 1};
     t.P = M; t.T = 1; t.off[0] = 0;
     run_tiles(t, true);
@@ -533,16 +535,16 @@ void linear_forward(const float* x, const float* weight, const float* bias, int6
     const int64_t NC = round_up(N, isa->vw / G);
     float* wp = scratch.get(scratch.wpack, (size_t)(K * NC));
     pack_weights(1, K, K, N, NC, G, [&](int64_t n, int64_t k, int) { return weight[n * K + k]; }, wp);
-    run_matmul(x, M, K, wp, N, G, bias, out);
+    run_matmul(x, K, M, K, wp, N, G, bias, out);
 }
 
-void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
-                     float* dx, float* dweight) {
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t M, int64_t K,
+                     int64_t N, float* dx, float* dweight) {
     const int G = N % 2 == 0 ? lane_group(K) : 1;      // dx = dout @ weight
     const int64_t KC = round_up(K, isa->vw / G);
     float* wp = scratch.get(scratch.wpack, (size_t)(N * KC));
     pack_weights(1, N, N, K, KC, G, [&](int64_t k, int64_t n, int) { return weight[n * K + k]; }, wp);
-    run_matmul(dout, M, N, wp, K, G, nullptr, dx);
+    run_matmul(dout, ldd, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
     // (whose whole vectors would read past the arrays' ends) from padded copies, into the first piece
@@ -551,7 +553,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
         return;
     }
     WGradTask t;
-    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
+    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = ldd; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
     t.off[0] = 0;
     t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
     plan_blocks(t, t.NP / isa->vw, isa->acc);
@@ -564,7 +566,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
     std::memset(xl, 0, sizeof(float) * 2 * pad);
     std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
-    std::memcpy(xl + pad, dout + (M - 1) * N, sizeof(float) * N);
+    std::memcpy(xl + pad, dout + (M - 1) * ldd, sizeof(float) * N);
     WGradTask last = t;
     last.xbuf = xl;
     last.dy = xl + pad;
@@ -595,17 +597,17 @@ void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int6
 // x (B, P, C) -> out (B, C) (per_image) or (C,): sums over the pixels (and the images), in double over float sums
 // of 32 pixels; each image's sum is its own, the images' added in order, so the result does not depend on the
 // threads.
-void pixel_sum(const float* x, int64_t B, int64_t P, int64_t C, int per_image, float* out) {
+void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out) {
     std::vector<double> sums((size_t)(B * C), 0.0);
     parallel_ranges(B, COPY_MIN / (P * C + 1) + 1, [&](int64_t b0, int64_t b1, int) {
         for (int64_t b = b0; b < b1; ++b) {
             double* s = sums.data() + b * C;
-            const float* xb = x + b * P * C;
+            const float* xb = x + b * P * ld;
             std::vector<float> block(C);
             for (int64_t p0 = 0; p0 < P; p0 += 32) {       // float sums of 32 pixels, flushed to double
                 std::fill(block.begin(), block.end(), 0.0f);
                 for (int64_t p = p0; p < std::min(P, p0 + 32); ++p)
-                    for (int64_t c = 0; c < C; ++c) block[c] += xb[p * C + c];
+                    for (int64_t c = 0; c < C; ++c) block[c] += xb[p * ld + c];
                 for (int64_t c = 0; c < C; ++c) s[c] += block[c];
             }
         }

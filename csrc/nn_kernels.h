@@ -104,19 +104,20 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
                      const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
                      float* out);
-// dout (B, Ho, Wo, N) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3) (written)
-void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
-                      int64_t K, int64_t N, int stride, float* dx, float* dweight);
+// dout (B, Ho, Wo, N; pixels ldd >= N floats apart) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3)
+// (written)
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
+                      int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
-// dout (M, N) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
-void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
-                     float* dx, float* dweight);
+// dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t M, int64_t K,
+                     int64_t N, float* dx, float* dweight);
 
 // ---- copies and sums (nn_cpu.cpp)
 // a (M, Ca), b (M, Cb) -> out (M, Ca + Cb)
 void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out);
-// x (B, P, C) -> (B, C) per image, or (C,)
-void pixel_sum(const float* x, int64_t B, int64_t P, int64_t C, int per_image, float* out);
+// x (B, P, C; rows ld >= C floats apart) -> (B, C) per image, or (C,)
+void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out);
 
 }  // namespace md

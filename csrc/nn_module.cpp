@@ -37,6 +37,29 @@ py::array arr(const py::handle& h, const char* name, int ndim) {
     return a;
 }
 
+// As arr, but also a slice of the channels (last axis) of a C-contiguous array, as Concat's backward gives: the
+// last axis contiguous, the others rows (pixels) of one stride, *ld floats (>= the channels) apart.
+py::array arr_rows(const py::handle& h, const char* name, int ndim, int64_t* ld) {
+    if (!py::isinstance<py::array>(h)) throw py::type_error(std::string(name) + " must be a NumPy array");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    const py::ssize_t nd = a.ndim();
+    if (a.flags() & py::array::c_style || nd < 2) {
+        *ld = nd ? a.shape(nd - 1) : 0;
+        return arr(h, name, ndim);
+    }
+    bool rows = a.strides(nd - 1) == 4 && a.strides(nd - 2) % 4 == 0 && a.strides(nd - 2) >= 4 * a.shape(nd - 1);
+    for (py::ssize_t i = 0; rows && i + 2 < nd; ++i) rows = a.strides(i) == a.strides(i + 1) * a.shape(i + 1);
+    if (!rows) return arr(h, name, ndim);                 // the error arr names
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(std::string(name) + " must be float32 (the kernels' type), got " +
+                             std::string(py::str(a.dtype())));
+    if (ndim >= 0 && nd != ndim)
+        throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                              shape_str(a));
+    *ld = a.strides(nd - 2) / 4;
+    return a;
+}
+
 void same_shape(const py::array& a, const char* an, const py::array& b, const char* bn) {
     bool same = a.ndim() == b.ndim();
     for (py::ssize_t i = 0; same && i < a.ndim(); ++i) same = a.shape(i) == b.shape(i);
@@ -164,7 +187,8 @@ py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_
 }
 
 py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_, int stride) {
-    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr(dout_, "dout", 4);
+    int64_t ldd;
+    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr_rows(dout_, "dout", 4, &ldd);
     check_conv(x, weight);
     check_stride(stride);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
@@ -181,7 +205,7 @@ py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout
     }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), B, H, W, K, N, stride, dx.mutable_data(),
+        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), ldd, B, H, W, K, N, stride, dx.mutable_data(),
                              dweight.mutable_data());
     }
     return py::make_tuple(dx, dweight);
@@ -210,7 +234,8 @@ py::array py_linear_forward(py::handle x_, py::handle weight_, py::handle bias_)
 }
 
 py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_) {
-    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2), dout = arr(dout_, "dout", 2);
+    int64_t ldd;
+    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2), dout = arr_rows(dout_, "dout", 2, &ldd);
     const py::ssize_t M = x.shape(0), K = x.shape(1), N = weight.shape(0);
     if (weight.shape(1) != K)
         throw py::value_error("weight has " + std::to_string(weight.shape(1)) + " input features but x has " +
@@ -221,7 +246,7 @@ py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_
     py::array_t<float> dx = empty({M, K}), dweight = empty({N, K});
     {
         py::gil_scoped_release nogil;
-        md::linear_backward(ptr(x), ptr(weight), ptr(dout), M, K, N, dx.mutable_data(), dweight.mutable_data());
+        md::linear_backward(ptr(x), ptr(weight), ptr(dout), ldd, M, K, N, dx.mutable_data(), dweight.mutable_data());
     }
     return py::make_tuple(dx, dweight);
 }
@@ -249,7 +274,8 @@ py::array py_concat_channels(py::handle a_, py::handle b_) {
 }
 
 py::array py_pixel_sum(py::handle x_, bool per_image) {
-    py::array x = arr(x_, "x", -1);
+    int64_t ld;
+    py::array x = arr_rows(x_, "x", -1, &ld);
     if (x.ndim() < 2) throw py::value_error("x must be (B, ..., C), got " + shape_str(x));
     const py::ssize_t B = x.shape(0), C = x.shape(x.ndim() - 1);
     const py::ssize_t P = B && C ? x.size() / (B * C) : 0;
@@ -260,7 +286,7 @@ py::array py_pixel_sum(py::handle x_, bool per_image) {
     }
     {
         py::gil_scoped_release nogil;
-        md::pixel_sum(ptr(x), B, P, C, per_image, out.mutable_data());
+        md::pixel_sum(ptr(x), ld, B, P, C, per_image, out.mutable_data());
     }
     return out;
 }

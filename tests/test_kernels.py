@@ -98,6 +98,21 @@ def test_copy_kernels_match_reference(shape, ca):
     assert out.shape == ref.shape and np.array_equal(out, ref) and np.array_equal(out, d)
     for per_image in (False, True):
         assert_close(*both(layers.pixel_sum, d, per_image), tol=1e-5)
+        if ca < shape[-1]:                                                           # a slice of channels
+            assert_close(*both(layers.pixel_sum, d[..., ca:], per_image), tol=1e-5)
+
+
+@needs_cpu
+def test_kernels_take_slices_of_channels(isa):
+    """Concat's backward gives views of its output's channels; the backward kernels read them in place."""
+    rng = np.random.default_rng(11)
+    d = rand(rng, 2, 9, 7, 40)
+    x, dy = rand(rng, 2, 9, 7, 24), d[..., 8:32]
+    assert not dy.flags.c_contiguous
+    for w in (rand(rng, 24, 24, 3, 3, scale=0.3), rand(rng, 24, 24, 1, 1)):
+        assert_close(*both(layers.conv2d_backward, x, w, dy, 1, (w.shape[-1] - 1) // 2))
+    assert_close(*both(layers.conv2d_backward, x, rand(rng, 24, 24, 3, 3, scale=0.3), d[:, ::2, ::2, 8:32], 2, 1))
+    assert_close(*both(layers.linear_backward, x.reshape(-1, 24), rand(rng, 24, 24), dy.reshape(-1, 24)))
 
 
 @needs_cpu

@@ -17,6 +17,16 @@ def _c(a):
     return None if a is None else np.ascontiguousarray(a)
 
 
+def _rows(a):
+    """a itself where it is C-contiguous or a slice of the channels of a C-contiguous array (Concat's backward
+    gives those; the kernels that take it read rows of channels one stride apart), else a C-contiguous copy."""
+    s, n = a.strides, a.shape
+    if a.flags.c_contiguous or (a.ndim >= 2 and s[-1] == 4 and s[-2] % 4 == 0 and s[-2] >= 4 * n[-1]
+                                and all(s[i] == s[i + 1] * n[i + 1] for i in range(a.ndim - 2))):
+        return a
+    return np.ascontiguousarray(a)
+
+
 def linear(x, weight, bias):
     if not _float32(x, weight, bias):
         return NotImplemented
@@ -26,7 +36,7 @@ def linear(x, weight, bias):
 def linear_backward(x, weight, dout):
     if not _float32(x, weight, dout):
         return NotImplemented
-    return core.linear_backward(_c(x), _c(weight), _c(dout))
+    return core.linear_backward(_c(x), _c(weight), _rows(dout))
 
 
 def silu(x):
@@ -85,10 +95,11 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0):
     if not _float32(x, weight, dout):
         return NotImplemented
     if _conv3x3(weight, stride, padding):
-        return core.conv3x3_backward(_c(x), _c(weight), _c(dout), stride)
+        return core.conv3x3_backward(_c(x), _c(weight), _rows(dout), stride)
     if _conv1x1(weight, stride, padding):
         cout, cin = weight.shape[:2]
-        dx, dw = core.linear_backward(_c(x).reshape(-1, cin), _c(weight[:, :, 0, 0]), _c(dout).reshape(-1, cout))
+        dy = _rows(_rows(dout).reshape(-1, cout))          # a view where dout is a slice of channels
+        dx, dw = core.linear_backward(_c(x).reshape(-1, cin), _c(weight[:, :, 0, 0]), dy)
         return dx.reshape(x.shape), dw.reshape(cout, cin, 1, 1)
     return NotImplemented
 
@@ -97,7 +108,7 @@ def pixel_sum(x, per_image=False):
     """Sums in double, each image's apart (the images' added in order: the same for any thread count)."""
     if not _float32(x) or x.ndim < 2:
         return NotImplemented
-    return core.pixel_sum(_c(x), bool(per_image))
+    return core.pixel_sum(_rows(x), bool(per_image))
 
 
 def concat_channels(a, b):
