@@ -268,6 +268,21 @@ static void conv_rows(const ConvTask& a, const int64_t* xoff, const int64_t* oro
     }
 }
 
+// Ask for the input rows of the tile from pixel q0 (one span per tap or run, at most 32 KB in all): they come in
+// from L2 or memory while the tile before computes.
+static void prefetch_tile(const ConvTask& a, int64_t q0) {
+    if (q0 >= a.P) return;
+    int64_t first, last;
+    map_rows(a.xrow, q0, 1, &first);
+    map_rows(a.xrow, imin(a.P, q0 + a.rows_per_tile) - 1, 1, &last);
+    const int64_t span = (last - first) * a.ldx + a.K;           // floats of one tap's span
+    if (span * a.T > 8192) return;
+    for (int t = 0; t < a.T; ++t) {
+        const float* p = a.xbuf + (first + a.off[t]) * a.ldx;
+        for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(p + i);
+    }
+}
+
 // Row tiles [tile0, tile1) (rows_per_tile output pixels each, a multiple of every R used) of every channel block.
 // Channel blocks hold up to 4 (AVX-512) or 3 vectors; R = MD_ACC / NB.
 void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
@@ -275,6 +290,7 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     for (int64_t tile = tile0; tile < tile1; ++tile) {
         const int64_t q0 = tile * a.rows_per_tile;
         const int n = (int)imin(a.rows_per_tile, a.P - q0);
+        prefetch_tile(a, q0 + a.rows_per_tile);
         map_rows(a.xrow, q0, n, xoff);
         map_rows(a.orow, q0, n, orows);
         for (int r = 0; r < a.rows_per_tile; ++r)            // rows past P repeat the last pixel (not written)
