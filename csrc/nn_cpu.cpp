@@ -107,12 +107,23 @@ static int num_threads() {
 // result does not depend on which thread ran what (a resumed training run is bit for bit the same).
 static int max_pieces() { return 4 * num_threads(); }
 
-template <class F>
-static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
+static int threads_for(int64_t n, int64_t min_per_thread) {
     int nt = num_threads();
     if (nt > 1 && n < min_per_thread * nt) nt = (int)(n / min_per_thread > 1 ? n / min_per_thread : 1);
+    return nt;
+}
+
+// how many pieces parallel_ranges cuts [0, n) into
+static int num_pieces(int64_t n, int64_t min_per_thread) {
+    const int nt = threads_for(n, min_per_thread);
+    return nt <= 1 ? 1 : (int)(n < 4 * nt ? n : 4 * nt);
+}
+
+template <class F>
+static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
+    const int nt = threads_for(n, min_per_thread);
     if (nt <= 1) { f(0, n, 0); return; }
-    const int64_t pieces = n < 4 * nt ? n : 4 * nt;
+    const int64_t pieces = num_pieces(n, min_per_thread);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < pieces; ++i) f(n * i / pieces, n * (i + 1) / pieces, (int)i);
 }
@@ -326,16 +337,22 @@ static int lane_group(int64_t N) {
     return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
 }
 
-// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K
+// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K; rows (t, kk) split over
+// the threads (a layer of 128 -> 64 channels packs 74k weights every call)
 template <class F>
 static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
-    for (int t = 0; t < T; ++t)
-        for (int64_t kk = 0; kk < KG / G; ++kk)
+    const int64_t KK = KG / G;
+    parallel_ranges(T * KK, std::max<int64_t>(1, 4096 / (NC * G)), [&](int64_t r0, int64_t r1, int) {
+        for (int64_t row = r0; row < r1; ++row) {
+            const int t = (int)(row / KK);
+            const int64_t kk = row % KK;
             for (int64_t c = 0; c < NC; ++c)
                 for (int j = 0; j < G; ++j) {
                     const int64_t k = kk * G + j;
-                    wp[((t * (KG / G) + kk) * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
+                    wp[(row * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
                 }
+        }
+    });
 }
 
 static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const float* wp, int64_t N, int G,
@@ -359,6 +376,9 @@ static PixelMap grid_map(const Grid& g, int64_t Hq, int64_t Wq, int64_t s) {
     return PixelMap{Hq, Wq, g.m, (g.H + 1) * g.Wp, s * g.Wp, s};
 }
 static PixelMap dense_map(int64_t Hq, int64_t Wq) { return PixelMap{Hq, Wq, 0, Hq * Wq, Wq, 1}; }
+
+// the first image of piece `piece` of the batch in for_image_groups (parallel_ranges' cut)
+static int64_t piece_start(int64_t B, int piece) { return B * piece / num_pieces(B, 1); }
 
 static int64_t out_size(int64_t n, int stride) { return n ? (n - 1) / stride + 1 : 0; }   // 3x3, padding 1
 
@@ -433,11 +453,14 @@ static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t 
             for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
 }
 
-// the task's pixels [0, P) into partial (np pieces of `part` floats, zeroed), split over the threads
-static void parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t part) {
-    parallel_ranges(P, 256, [&](int64_t q0, int64_t q1, int piece) {
-        isa->conv_wgrad(t, q0, q1, partial + part * piece);
+// the task's pixels [0, P) (P > 0) into partial (`part` floats a piece, each written), split over the threads;
+// returns the pieces
+static const int64_t WGRAD_MIN = 256;                 // pixels per thread worth starting a thread for
+static int parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t part, int add) {
+    parallel_ranges(P, WGRAD_MIN, [&](int64_t q0, int64_t q1, int piece) {
+        isa->conv_wgrad(t, q0, q1, partial + part * piece, add);
     });
+    return num_pieces(P, WGRAD_MIN);
 }
 
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
@@ -478,12 +501,11 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     }
 
     // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n], into one (9, K, NP)
-    // partial sum per piece, added up in piece order at the end
+    // partial sum per piece (written by the piece's first group of images), added up in piece order at the end
     const int64_t NP = round_up(N, isa->vw);
-    const int np = max_pieces();
     const size_t part = (size_t)(9 * K * NP);
-    float* partial = scratch.get(scratch.wgrad, part * np);
-    std::memset(partial, 0, sizeof(float) * part * np);
+    float* partial = scratch.get(scratch.wgrad, part * max_pieces());
+    int np = by_images(B) ? num_pieces(B, 1) : 0;
 
     const int64_t group = group_images(H, W, K + NG);
     for_image_groups(B, group, [&](int64_t b, int64_t nb, bool parallel, int piece) {
@@ -509,8 +531,8 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
         t.dyrow = grid_map(gy, Ho, Wo, 1);
         row_runs(g, K, t);                                 // dw (3, 3K, NP) is dw (9, K, NP)
         plan_blocks(t, NP / isa->vw, isa->acc);
-        if (parallel) parallel_wgrad(t, nb * Ho * Wo, partial, part);
-        else isa->conv_wgrad(t, 0, nb * Ho * Wo, partial + part * piece);
+        if (parallel) np = parallel_wgrad(t, nb * Ho * Wo, partial, part, 0);
+        else isa->conv_wgrad(t, 0, nb * Ho * Wo, partial + part * piece, b > piece_start(B, piece));
     });
     sum_wgrad(partial, part, np, 9, K, N, NP, dweight);
 }
@@ -561,7 +583,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     const size_t part = (size_t)(K * t.NP);
     float* partial = scratch.get(scratch.wgrad, part * np);
     std::memset(partial, 0, sizeof(float) * part * np);
-    parallel_wgrad(t, M - 1, partial, part);
+    if (M > 1) parallel_wgrad(t, M - 1, partial, part, 1);
     const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
     float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
     std::memset(xl, 0, sizeof(float) * 2 * pad);
@@ -571,7 +593,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     last.xbuf = xl;
     last.dy = xl + pad;
     last.xrow = last.dyrow = PixelMap{1, 1, 0, 1, 0, 1};
-    isa->conv_wgrad(last, 0, 1, partial);
+    isa->conv_wgrad(last, 0, 1, partial, 1);
     sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
 }
 

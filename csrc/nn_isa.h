@@ -317,7 +317,7 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
 // 9 taps and all tiles pass over them. dw is (9, K, NP), this piece's own.
 template <int R, int NB>
 static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const int64_t* xrows, const int64_t* dyrows,
-                       int64_t n, float* dw) {
+                       int64_t n, int add, float* dw) {
     vf acc[R][NB];
     float* d = dw + (t * a.K + k0) * a.NP + n0;
     for (int r = 0; r < R; ++r)
@@ -338,10 +338,14 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const 
         }
     }
     for (int r = 0; r < R && k0 + r < a.K; ++r)
-        for (int nb = 0; nb < NB; ++nb) store(d + r * a.NP + nb * MD_VW, load(d + r * a.NP + nb * MD_VW) + acc[r][nb]);
+        for (int nb = 0; nb < NB; ++nb) {
+            float* o = d + r * a.NP + nb * MD_VW;
+            store(o, add ? load(o) + acc[r][nb] : acc[r][nb]);
+        }
 }
 
-void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw) {
+// add = 0: dw is written by the first chunk (every element of it), not added to
+void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) {
     // a chunk's dy rows (NP floats each) fill about 16 KB of L1
     const int64_t CHUNK = imin(256, 4096 / a.NP > 16 ? 4096 / a.NP : 16);
     int64_t xrows[256], dyrows[256];
@@ -349,15 +353,16 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw) {
         const int64_t n = imin(q1, c0 + CHUNK) - c0;
         map_rows(a.xrow, c0, n, xrows);
         map_rows(a.dyrow, c0, n, dyrows);
+        if (c0 > q0) add = 1;
         for (int t = 0; t < a.T; ++t) {
             for (int blk = 0; blk < a.nblocks; ++blk) {
                 const int64_t n0 = a.block_start[blk] * MD_VW;
                 switch (a.block_vectors[blk]) {
-                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, xrows, dyrows, n, dw); break;
-                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, xrows, dyrows, n, dw); break;
-                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, xrows, dyrows, n, dw); break;
+                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
+                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
+                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
 #if MD_ACC >= 24
-                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, xrows, dyrows, n, dw); break;
+                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
 #else
                 default: break;
 #endif

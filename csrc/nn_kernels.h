@@ -72,7 +72,7 @@ struct NNKernels {
     void (*gn_backward_apply)(const float* x, const float* dout, const float* a, const float* b, const float* A,
                               const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx);
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
-    void (*conv_wgrad)(const WGradTask& a, int64_t p0, int64_t p1, float* dw);
+    void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
     float (*fma_loop)(int64_t iters);   // MD_ACC independent FMA chains (the peak)
 };
 
