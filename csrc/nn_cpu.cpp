@@ -385,8 +385,7 @@ static int64_t out_size(int64_t n, int stride) { return n ? (n - 1) / stride + 1
 // The three taps (i, 0), (i, 1), (i, 2) of a kernel row read grid rows p - 1, p, p + 1 around p + (i - 1)(W + 1):
 // one run of 3 K consecutive floats, whose packed weights are consecutive too. So a task takes T = 3 runs of
 // 3 K inputs instead of 9 taps of K: inner loops three times as long, a third of the loop overhead.
-template <class Task>
-static void row_runs(const Grid& g, int64_t K, Task& t) {
+static void row_runs(const Grid& g, int64_t K, ConvTask& t) {
     t.T = 3;
     t.K = 3 * K;
     for (int i = 0; i < 3; ++i) t.off[i] = (i - 1) * g.Wp - 1;
@@ -436,10 +435,8 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
     });
 }
 
-// The sum of the per-piece partial weight gradients part[piece] ((T, K, NP) each), in piece order, into
-// dweight[n, k, t] (= (N, K, 3, 3) for T = 9)
-static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t K, int64_t N, int64_t NP,
-                      float* dweight) {
+// The sum of the per-piece partial weight gradients part[piece] (`part` floats each), in piece order
+static float* sum_pieces(const float* partial, size_t part, int np) {
     float* total = scratch.get(scratch.wsum, part);
     parallel_ranges((int64_t)part, 1 << 14, [&](int64_t e0, int64_t e1, int) {
         std::memcpy(total + e0, partial + e0, sizeof(float) * (e1 - e0));
@@ -448,6 +445,13 @@ static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t 
             for (int64_t e = e0; e < e1; ++e) total[e] += src[e];
         }
     });
+    return total;
+}
+
+// ... into dweight[n, k, t] (= (N, K, 3, 3) for T = 9) from pieces (T, K, NP)
+static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t K, int64_t N, int64_t NP,
+                      float* dweight) {
+    const float* total = sum_pieces(partial, part, np);
     for (int64_t n = 0; n < N; ++n)
         for (int64_t k = 0; k < K; ++k)
             for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
@@ -500,10 +504,14 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
         wp += pt.T * NG * KC;
     }
 
-    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n], into one (9, K, NP)
-    // partial sum per piece (written by the piece's first group of images), added up in piece order at the end
-    const int64_t NP = round_up(N, isa->vw);
-    const size_t part = (size_t)(9 * K * NP);
+    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n]: kernel row i's three taps
+    // as one run of 3K inputs (as forward); broadcast x, times vectors of dy's N channels (dw (3, 3K, NP)), or,
+    // when vectors of the 3K run waste fewer lanes (N = 24 on AVX-512: 75% of each vector), broadcast dy times
+    // vectors of x's run (dw (3, N, KP)). One partial sum per piece (written by the piece's first group of
+    // images), added up in piece order at the end.
+    const int64_t vw = isa->vw, NP = round_up(N, vw), KP = round_up(3 * K, vw);
+    const bool swap = (double)KP * round_up(N, 8) / (3 * K * N) < (double)NP * round_up(3 * K, 8) / (3 * K * N);
+    const size_t part = (size_t)(swap ? 3 * N * KP : 9 * K * NP);
     float* partial = scratch.get(scratch.wgrad, part * max_pieces());
     int np = by_images(B) ? num_pieces(B, 1) : 0;
 
@@ -526,15 +534,32 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
         float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * K));
         pad_images(x + b * H * W * K, K, nb, g, K, K, xbuf, parallel);
         WGradTask t;
-        t.xbuf = xbuf; t.ldx = K; t.dy = dybuf; t.ldy = NG; t.N = N; t.NP = NP;
-        t.xrow = grid_map(g, Ho, Wo, stride);
-        t.dyrow = grid_map(gy, Ho, Wo, 1);
-        row_runs(g, K, t);                                 // dw (3, 3K, NP) is dw (9, K, NP)
-        plan_blocks(t, NP / isa->vw, isa->acc);
+        const PixelMap xrow = grid_map(g, Ho, Wo, stride), dyrow = grid_map(gy, Ho, Wo, 1);
+        t.T = 3;
+        for (int i = 0; i < 3; ++i) {
+            t.off[i] = swap ? 0 : (i - 1) * g.Wp - 1;
+            t.voff[i] = swap ? (i - 1) * g.Wp - 1 : 0;
+        }
+        if (!swap) {
+            t.xbuf = xbuf; t.ldx = K; t.xrow = xrow; t.K = 3 * K;
+            t.dy = dybuf; t.ldy = NG; t.dyrow = dyrow; t.N = N; t.NP = NP;
+        } else {
+            t.xbuf = dybuf; t.ldx = NG; t.xrow = dyrow; t.K = N;
+            t.dy = xbuf; t.ldy = K; t.dyrow = xrow; t.N = 3 * K; t.NP = KP;
+        }
+        plan_blocks(t, t.NP / isa->vw, isa->acc);
         if (parallel) np = parallel_wgrad(t, nb * Ho * Wo, partial, part, 0);
         else isa->conv_wgrad(t, 0, nb * Ho * Wo, partial + part * piece, b > piece_start(B, piece));
     });
-    sum_wgrad(partial, part, np, 9, K, N, NP, dweight);
+    if (!swap) {
+        sum_wgrad(partial, part, np, 9, K, N, NP, dweight);     // dw (3, 3K, NP) is dw (9, K, NP)
+        return;
+    }
+    const float* total = sum_pieces(partial, part, np);        // dw (3, N, KP): [i, n, j K + k]
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) dweight[(n * K + k) * 9 + i * 3 + j] = total[(i * N + n) * KP + j * K + k];
 }
 
 // ------------------------------------------------------------------------------------------------ matrix products
@@ -576,7 +601,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     }
     WGradTask t;
     t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = ldd; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
-    t.off[0] = 0;
+    t.off[0] = t.voff[0] = 0;
     t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
     plan_blocks(t, t.NP / isa->vw, isa->acc);
     const int np = max_pieces();

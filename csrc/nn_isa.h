@@ -311,7 +311,7 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     }
 }
 
-// The weight gradient: dw[t, k, n] += sum_q xbuf[xrow(q) + off[t], k] dy[dyrow(q), n] over pixels q in [q0, q1)
+// The weight gradient: dw[t, k, n] += sum_q xbuf[xrow(q) + off[t], k] dy[dyrow(q) + voff[t], n], pixels [q0, q1)
 // (rows of ldy floats, so a last vector past N reads the next row: those lanes land in dw's padding columns, never
 // read). A tile is R input channels x NB vectors of output channels; pixels go in chunks that stay in L1 while the
 // 9 taps and all tiles pass over them. dw is (9, K, NP), this piece's own.
@@ -323,7 +323,7 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const 
     for (int r = 0; r < R; ++r)
         for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
     const float* xt = a.xbuf + a.off[t] * a.ldx + k0;
-    const float* dyt = a.dy + n0;
+    const float* dyt = a.dy + a.voff[t] * a.ldy + n0;
     for (int64_t i = 0; i < n; ++i) {
         const float* xr = xt + xrows[i] * a.ldx;
         const float* dyr = dyt + dyrows[i] * a.ldy;
@@ -346,8 +346,9 @@ static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const 
 
 // add = 0: dw is written by the first chunk (every element of it), not added to
 void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) {
-    // a chunk's dy rows (NP floats each) fill about 16 KB of L1
-    const int64_t CHUNK = imin(256, 4096 / a.NP > 16 ? 4096 / a.NP : 16);
+    // a chunk's dy rows (ldy floats each, on each of the taps' rows when the taps move them) fill about 16 KB of L1
+    const int64_t per_pixel = a.ldy * (a.voff[0] != a.voff[a.T - 1] ? a.T : 1);
+    const int64_t CHUNK = imin(256, 4096 / per_pixel > 16 ? 4096 / per_pixel : 16);
     int64_t xrows[256], dyrows[256];
     for (int64_t c0 = q0; c0 < q1; c0 += CHUNK) {
         const int64_t n = imin(q1, c0 + CHUNK) - c0;

@@ -43,17 +43,20 @@ struct ConvTask {
     int block_start[64], block_vectors[64];   // block_start[i]
 };
 
-// The weight gradient of that product: dw[t, k, n] = sum over pixels q of xbuf[xrow(q) + off[t], k] dy[dyrow(q), n].
+// The weight gradient of that product: dw[t, k, n] = sum over pixels q of xbuf[xrow(q) + off[t], k]
+// dy[dyrow(q) + voff[t], n]: K values of the "x" side broadcast, times vectors of the "dy" side's N. The kernels'
+// weight gradient is this with x = the layer's input and dy = its output gradient (voff = 0), or the other way
+// round (x = dy, dy = the input, off = 0: the sum's transpose), whichever wastes fewer lanes.
 struct WGradTask {
-    const float* xbuf;          // as in ConvTask
+    const float* xbuf;          // broadcast side: rows of ldx floats
     int64_t ldx;
     PixelMap xrow, dyrow;
     int64_t K;
-    const float* dy;            // output gradient rows of ldy floats (whole vectors are read: rows past the last
-    int64_t ldy;                // one must exist)
-    int64_t N, NP;
+    const float* dy;            // vector side: rows of ldy floats (whole vectors are read: rows past the last one
+    int64_t ldy;                // must exist)
+    int64_t N, NP;              // dy's channels, rounded up to the vector width
     int T;
-    int64_t off[9];
+    int64_t off[9], voff[9];    // each tap's row offset on either side
     int nblocks;
     int block_start[64], block_vectors[64];
 };
