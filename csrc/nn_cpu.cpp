@@ -671,3 +671,42 @@ void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int 
 }
 
 }  // namespace md
+
+namespace md {
+
+// ------------------------------------------------------------------------------------------------ optimizer
+// optim.adam_update and optim.ema_update in one pass over the flat buffers, each element with the reference's float32
+// operations in its order (this file is compiled without FMA contraction), so the results are the reference's to
+// the bit.
+
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                 float eps, float bias_correction1, float bias_correction2, float weight_decay) {
+    const float c1 = 1.0f - beta1, c2 = 1.0f - beta2;
+    parallel_ranges(n, COPY_MIN, [&](int64_t i0, int64_t i1, int) {
+        float* __restrict pp = p;
+        float* __restrict mm = m;
+        float* __restrict vv = v;
+        const float* __restrict gg = g;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) {
+            const float mi = mm[i] * beta1 + c1 * gg[i];
+            const float vi = vv[i] * beta2 + c2 * (gg[i] * gg[i]);
+            mm[i] = mi;
+            vv[i] = vi;
+            const float m_hat = mi / bias_correction1, v_hat = vi / bias_correction2;
+            pp[i] = pp[i] - lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * pp[i]);
+        }
+    });
+}
+
+void ema_update(float* e, const float* p, int64_t n, float decay) {
+    const float c = 1.0f - decay;
+    parallel_ranges(n, COPY_MIN, [&](int64_t i0, int64_t i1, int) {
+        float* __restrict ee = e;
+        const float* __restrict pp = p;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) ee[i] = ee[i] * decay + c * pp[i];
+    });
+}
+
+}  // namespace md

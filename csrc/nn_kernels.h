@@ -123,4 +123,9 @@ void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int6
 // x (B, P, C; rows ld >= C floats apart) -> (B, C) per image, or (C,)
 void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out);
 
+// ---- optimizer (nn_cpu.cpp), in place over n floats: optim.adam_update, optim.ema_update
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                 float eps, float bias_correction1, float bias_correction2, float weight_decay);
+void ema_update(float* e, const float* p, int64_t n, float decay);
+
 }  // namespace md

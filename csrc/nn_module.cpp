@@ -291,6 +291,34 @@ py::array py_pixel_sum(py::handle x_, bool per_image) {
     return out;
 }
 
+// ---- optimizer (optim.adam_update, optim.ema_update), in place
+void writable(const py::array& a, const char* name) {
+    if (!a.writeable()) throw py::value_error(std::string(name) + " must be writeable (it is updated in place)");
+}
+
+void py_adam_update(py::handle p_, py::handle g_, py::handle m_, py::handle v_, float lr, float beta1, float beta2,
+                    float eps, float bias_correction1, float bias_correction2, float weight_decay) {
+    py::array p = arr(p_, "p", -1), g = arr(g_, "g", -1), m = arr(m_, "m", -1), v = arr(v_, "v", -1);
+    same_shape(g, "g", p, "p");
+    same_shape(m, "m", p, "p");
+    same_shape(v, "v", p, "p");
+    writable(p, "p");
+    writable(m, "m");
+    writable(v, "v");
+    py::gil_scoped_release nogil;
+    md::adam_update(static_cast<float*>(p.mutable_data()), ptr(g), static_cast<float*>(m.mutable_data()),
+                    static_cast<float*>(v.mutable_data()), p.size(), lr, beta1, beta2, eps, bias_correction1,
+                    bias_correction2, weight_decay);
+}
+
+void py_ema_update(py::handle e_, py::handle p_, float decay) {
+    py::array e = arr(e_, "e", -1), p = arr(p_, "p", -1);
+    same_shape(p, "p", e, "e");
+    writable(e, "e");
+    py::gil_scoped_release nogil;
+    md::ema_update(static_cast<float*>(e.mutable_data()), ptr(p), e.size(), decay);
+}
+
 }  // namespace
 
 void bind_nn(py::module_& m) {
@@ -335,6 +363,11 @@ void bind_nn(py::module_& m) {
     m.def("concat_channels", &py_concat_channels, py::arg("a"), py::arg("b"), "[a, b] along the last axis");
     m.def("pixel_sum", &py_pixel_sum, py::arg("x"), py::arg("per_image") = false,
           "x (B, ..., C) -> the sum over pixels and images (C,), or over pixels (B, C) per image");
+    m.def("adam_update", &py_adam_update, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"),
+          py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("bias_correction1"),
+          py::arg("bias_correction2"), py::arg("weight_decay"), "optim.adam_update in place, float32");
+    m.def("ema_update", &py_ema_update, py::arg("e"), py::arg("p"), py::arg("decay"),
+          "optim.ema_update in place: e <- decay e + (1 - decay) p, float32");
     m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
     m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),

@@ -103,6 +103,26 @@ def test_copy_kernels_match_reference(shape, ca):
 
 
 @needs_cpu
+@pytest.mark.parametrize("n,weight_decay", [(1, 0.0), (1000003, 0.01)])
+def test_optimizer_kernels_match_reference_bit_for_bit(n, weight_decay):
+    """Adam and the EMA in one pass, each element with the reference's float32 operations in order: the same bits."""
+    from minidiff import optim
+    rng = np.random.default_rng(n)
+    p, g, m = rand(rng, n), rand(rng, n), rand(rng, n, scale=0.1)
+    v = np.abs(rand(rng, n, scale=0.01))
+    s = [np.float32(a) for a in (1e-3, 0.9, 0.999, 1e-8, 1 - 0.9 ** 3, 1 - 0.999 ** 3, weight_decay)]
+    runs = []
+    for reference in (False, True):
+        arrays = [a.copy() for a in (p, g, m, v)]
+        with fast.use_reference(reference):
+            optim.adam_update(*arrays, *s)
+            optim.ema_update(arrays[2], arrays[0], np.float32(0.99))     # any two buffers
+        runs.append(arrays)
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+@needs_cpu
 def test_kernels_take_slices_of_channels(isa):
     """Concat's backward gives views of its output's channels; the backward kernels read them in place."""
     rng = np.random.default_rng(11)

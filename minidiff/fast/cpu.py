@@ -117,6 +117,37 @@ def concat_channels(a, b):
     return core.concat_channels(_c(a), _c(b))
 
 
+def _host_float32(*scalars):
+    """The scalars as float32 values, or None if one is not a host scalar (a 0-d array on a device, say)."""
+    out = []
+    for s in scalars:
+        if isinstance(s, np.ndarray) and s.ndim == 0 or isinstance(s, (float, int, np.floating, np.integer)):
+            out.append(float(np.float32(s)))
+        else:
+            return None
+    return out
+
+
+def _in_place(*arrays):
+    return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+               and a.shape == arrays[0].shape for a in arrays)
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay):
+    """One pass in the reference's float32 operations and order (the same bits), instead of NumPy's ten."""
+    s = _host_float32(lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay)
+    if s is None or not _in_place(p, g, m, v):
+        return NotImplemented
+    core.adam_update(p, g, m, v, *s)
+
+
+def ema_update(e, p, decay):
+    s = _host_float32(decay)
+    if s is None or not _in_place(e, p):
+        return NotImplemented
+    core.ema_update(e, p, *s)
+
+
 def _step_arrays(x_t, **arrays):
     """Whether the step kernel takes these arrays: float32 C-contiguous NumPy arrays of x_t's shape."""
     return all(a is None or (type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous
@@ -159,4 +190,5 @@ def table():
             "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
             "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward, "layers.pixel_sum": pixel_sum,
             "layers.concat_channels": concat_channels,
+            "optim.adam_update": adam_update, "optim.ema_update": ema_update,
             "step.step": step}
