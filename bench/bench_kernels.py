@@ -24,8 +24,9 @@ SHAPES = [(28, 32, 32), (28, 64, 32), (28, 96, 32), (14, 64, 64), (14, 128, 64),
 
 
 def best_ms(fn, reps):
-    time.sleep(0.3)                             # the other library's OpenMP threads stop spinning (they would take
-    fn()                                        # the cores from this one's)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:       # warm-up: caches, the cores' clocks, the other library's threads idle
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
