@@ -6,9 +6,9 @@ set, beside PyTorch's conv2d (channels_last) on the same shapes and threads, and
 
 A 3x3 convolution of a (B, H, W, Cin) batch to Cout channels costs 2 B H W Cin Cout 9 FLOP forward and twice that
 backward (input and weight gradients). Times are the best of --reps after a warm-up (the machine's other load
-shows as spread, not in the best). Compare with the cores' peak: 2 FMA units x vector width x 2 FLOP x clock x
-cores (on the 2-core development machine, AVX-512 measured about 536 GFLOP/s, AVX2 about 275, in a loop of
-independent FMAs).
+shows as spread, not in the best). Each cell also gives the share of the instruction set's peak, measured first by
+core.fma_peak_gflops (independent FMAs in registers on all threads: 2 FMA units x vector width x 2 FLOP x clock x
+cores); PyTorch's share is of the best instruction set's peak.
 """
 import argparse
 import os
@@ -20,17 +20,24 @@ from minidiff import fast as kernels, layers
 from minidiff.utils import native as _native
 
 SHAPES = [(28, 32, 32), (28, 64, 32), (28, 96, 32), (14, 64, 64), (14, 128, 64), (7, 64, 64), (7, 128, 64),
-          (28, 24, 24), (14, 48, 48)]        # (H = W, Cin, Cout) of the C = 32 and C = 24 U-Nets
+          (4, 64, 64), (28, 24, 24), (14, 48, 48)]   # (H = W, Cin, Cout) of the C = 32 (MNIST, CIFAR-10) and C = 24 U-Nets
 
 
 def best_ms(fn, reps):
-    fn()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.2:       # warm-up: caches, the cores' clocks, the other library's threads idle
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * min(times)
+
+
+def cell(fwd, bwd, peak):
+    """forward / backward GFLOP/s and their shares of the peak"""
+    return f"{fwd:.0f} / {bwd:.0f} ({fwd / peak:.0%} / {bwd / peak:.0%})"
 
 
 def main():
@@ -46,9 +53,11 @@ def main():
         torch.set_num_threads(os.cpu_count())
     except ImportError:
         torch = None
-    print(f"{os.cpu_count()} threads; instruction sets {', '.join(core.cpu_isas())}; load average "
-          f"{os.getloadavg()[0]:.2f}; GFLOP/s (forward / backward), best of {a.reps}")
     isas = core.cpu_isas()
+    peak = {isa: core.fma_peak_gflops(isa) for isa in isas}
+    print(f"{os.cpu_count()} threads; instruction sets {', '.join(isas)}; load average {os.getloadavg()[0]:.2f}; "
+          f"GFLOP/s (forward / backward) and share of the peak, best of {a.reps}; peak (FMAs in registers): "
+          + ", ".join(f"{isa} {g:.0f}" for isa, g in peak.items()))
     print("| H x W, Cin -> Cout | " + " | ".join(isas) + " | NumPy reference | PyTorch channels_last |")
     print("| --- " * (len(isas) + 3) + "|")
     rng = np.random.default_rng(0)
@@ -63,7 +72,7 @@ def main():
             core.set_cpu_isa(isa)
             f, bw = (best_ms(lambda: fn(*args), a.reps) for fn, args in ((layers.conv2d, (x, w, b, 1, 1)),
                                                                         (layers.conv2d_backward, (x, w, d, 1, 1))))
-            cells.append(f"{flop / f / 1e6:.0f} / {2 * flop / bw / 1e6:.0f}")
+            cells.append(cell(flop / f / 1e6, 2 * flop / bw / 1e6, peak[isa]))
         core.set_cpu_isa("auto")
         with kernels.use_reference():
             f = best_ms(lambda: layers.conv2d(x, w, b, 1, 1), max(1, a.reps // 2))
@@ -82,7 +91,7 @@ def main():
                 torch.autograd.grad(torch.nn.functional.conv2d(xt, wt, padding=1), (xt, wt), gt)
             tf = best_ms(fwd, a.reps)
             tb = best_ms(bwd, a.reps) - tf
-            cells.append(f"{flop / tf / 1e6:.0f} / {2 * flop / tb / 1e6:.0f}")
+            cells.append(cell(flop / tf / 1e6, 2 * flop / tb / 1e6, peak[isas[0]]))
         else:
             cells.append("-")
         print(f"| {hw} x {hw}, {cin} -> {cout} | " + " | ".join(cells) + " |", flush=True)

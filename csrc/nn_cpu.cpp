@@ -2,6 +2,7 @@
 // split the work over OpenMP threads and call one instruction set's inner loops (nn_isa.h), chosen when the
 // module loads from what the CPU supports (set_cpu_isa overrides it, for tests and benchmarks).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -67,6 +68,29 @@ const char* const* cpu_isas_available(int* n) {
     return list;
 }
 
+double fma_peak_gflops(const char* name, int threads) {
+    const NNKernels* k = by_name(name);
+    if (!k || !cpu_has(name)) return -1.0;
+#ifdef _OPENMP
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
+#else
+    const int nt = 1;
+#endif
+    const int64_t iters = 1 << 20;
+    double best = 0.0;
+    for (int rep = 0; rep < 5; ++rep) {                 // the best of 5 (another program may hold a core)
+        volatile float sink = 0.0f;
+        const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(nt)
+        { const float r = k->fma_loop(iters); if (r == 12345.0f) sink = r; }
+        const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        const double gflops = 2.0 * k->vw * k->acc * (double)iters * nt / dt * 1e-9;
+        if (gflops > best) best = gflops;
+        (void)sink;
+    }
+    return best;
+}
+
 // ------------------------------------------------------------------------------------------------ threads, scratch
 static int num_threads() {
 #ifdef _OPENMP
@@ -83,12 +107,23 @@ static int num_threads() {
 // result does not depend on which thread ran what (a resumed training run is bit for bit the same).
 static int max_pieces() { return 4 * num_threads(); }
 
-template <class F>
-static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
+static int threads_for(int64_t n, int64_t min_per_thread) {
     int nt = num_threads();
     if (nt > 1 && n < min_per_thread * nt) nt = (int)(n / min_per_thread > 1 ? n / min_per_thread : 1);
+    return nt;
+}
+
+// how many pieces parallel_ranges cuts [0, n) into
+static int num_pieces(int64_t n, int64_t min_per_thread) {
+    const int nt = threads_for(n, min_per_thread);
+    return nt <= 1 ? 1 : (int)(n < 4 * nt ? n : 4 * nt);
+}
+
+template <class F>
+static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
+    const int nt = threads_for(n, min_per_thread);
     if (nt <= 1) { f(0, n, 0); return; }
-    const int64_t pieces = n < 4 * nt ? n : 4 * nt;
+    const int64_t pieces = num_pieces(n, min_per_thread);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t i = 0; i < pieces; ++i) f(n * i / pieces, n * (i + 1) / pieces, (int)i);
 }
@@ -96,7 +131,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
 // Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
 // time); one set per calling thread.
 struct Scratch {
-    std::vector<float> xbuf, dybuf, wpack, wgrad;
+    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum, local_x, local_dy;
     float* get(std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
         return v.data();
@@ -228,17 +263,16 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
 }
 
 // ------------------------------------------------------------------------------------------------ 3x3 convolution
-// The shared-padding grid of layers.pad_flat with p = 1: image b, row h, column w is grid row
-// (b (H + 1) + h)(W + 1) + w; row H and column W of each image are zero padding; m = W + 2 zero rows before
-// the first image and after the last stand in for the rest. Tap (i, j) of output row p reads row
-// p + (i - 1)(W + 1) + (j - 1).
+// The shared-padding grid: image b, row h, column w is grid row m + (b (H + 1) + h)(W + 1) + w; row H and
+// column W of each image are zero padding; m = W + 2 zero rows before the first image and after the last stand in
+// for the rest. Tap (i, j) of the pixel at grid row p reads row p + (i - 1)(W + 1) + (j - 1).
 
 struct Grid {
     int64_t H, W, Wp, P, m, slack;
-    Grid(int64_t B, int64_t H_, int64_t W_, int64_t acc) : H(H_), W(W_), Wp(W_ + 1) {
+    Grid(int64_t B, int64_t H_, int64_t W_) : H(H_), W(W_), Wp(W_ + 1) {
         P = B * (H + 1) * Wp;
         m = Wp + 1;
-        slack = 2 * acc;                 // a last tile may read past the grid: zero rows there
+        slack = 2;                       // whole vectors read past a last row's end: zero rows there
     }
     int64_t rows() const { return m + P + m + slack; }
     void offsets(int64_t* off) const {
@@ -247,28 +281,43 @@ struct Grid {
     }
 };
 
-// x (B, H, W, C) -> buf (rows, C) on the grid, every element written once (pixels copied, padding zeroed).
-static float* pad_grid(const float* x, int64_t B, const Grid& g, int64_t C, std::vector<float>& store) {
-    float* buf = scratch.get(store, (size_t)(g.rows() * C));
-    std::memset(buf, 0, sizeof(float) * g.m * C);
-    std::memset(buf + (g.m + g.P) * C, 0, sizeof(float) * (g.m + g.slack) * C);
-    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
-        for (int64_t b = b0; b < b1; ++b) {
-            float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * C;
-            for (int64_t h = 0; h < g.H; ++h) {
-                std::memcpy(img + h * g.Wp * C, x + (b * g.H + h) * g.W * C, sizeof(float) * g.W * C);
-                std::memset(img + (h * g.Wp + g.W) * C, 0, sizeof(float) * C);
+// Image x (H, W, C; pixels xs >= C floats apart) into slot b of the grid in buf (rows of ld >= C floats, zero past
+// C): its pixels, its padding column and row.
+static void pad_image(const float* x, int64_t xs, int64_t b, const Grid& g, int64_t C, int64_t ld, float* buf) {
+    float* img = buf + (g.m + b * (g.H + 1) * g.Wp) * ld;
+    for (int64_t h = 0; h < g.H; ++h) {
+        float* row = img + h * g.Wp * ld;
+        const float* src = x + h * g.W * xs;
+        if (ld == C && xs == C) {
+            std::memcpy(row, src, sizeof(float) * g.W * C);
+        } else {
+            for (int64_t w = 0; w < g.W; ++w) {
+                std::memcpy(row + w * ld, src + w * xs, sizeof(float) * C);
+                std::memset(row + w * ld + C, 0, sizeof(float) * (ld - C));
             }
-            std::memset(img + g.H * g.Wp * C, 0, sizeof(float) * g.Wp * C);
         }
-    });
-    return buf;
+        std::memset(row + g.W * ld, 0, sizeof(float) * ld);
+    }
+    std::memset(img + g.H * g.Wp * ld, 0, sizeof(float) * g.Wp * ld);
+}
+
+// The B images of x (B, H, W, C; pixels xs floats apart) onto the grid g in buf, every element written once; in
+// parallel or not.
+static void pad_images(const float* x, int64_t xs, int64_t B, const Grid& g, int64_t C, int64_t ld, float* buf,
+                       bool parallel) {
+    std::memset(buf, 0, sizeof(float) * g.m * ld);
+    std::memset(buf + (g.m + g.P) * ld, 0, sizeof(float) * (g.m + g.slack) * ld);
+    auto images = [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) pad_image(x + b * g.H * g.W * xs, xs, b, g, C, ld, buf);
+    };
+    if (parallel) parallel_ranges(B, 1, images);
+    else images(0, B, 0);
 }
 
 // Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
 template <class Task>
-static void plan_blocks(Task& t, int64_t NP, int64_t vw, int acc) {
-    const int nbv = (int)(NP / vw), nbmax = acc >= 24 ? 4 : 3;
+static void plan_blocks(Task& t, int64_t vectors, int acc) {
+    const int nbv = (int)vectors, nbmax = acc >= 24 ? 4 : 3;
     const int nblocks = (nbv + nbmax - 1) / nbmax;
     t.nblocks = nblocks;
     for (int i = 0, start = 0; i < nblocks; ++i) {
@@ -281,145 +330,383 @@ static void plan_blocks(Task& t, int64_t NP, int64_t vw, int acc) {
 
 static int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
-// out = conv(xbuf, packed weights) (+ bias) on the grid; wp is (9, K, NP)
-static void run_conv(const float* xbuf, const Grid& g, int64_t K, const float* wp, int64_t N, const float* bias,
-                     int64_t bias_stride, const float* residual, float* out) {
-    ConvTask t;
-    t.xbuf = xbuf; t.m = g.m; t.P = g.P; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 9;
-    g.offsets(t.off);
-    t.bias = bias; t.bias_stride = bias_stride; t.residual = residual; t.out = out; t.H = g.H; t.W = g.W;
-    t.rows_per_tile = isa->acc;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
-    const int64_t tiles = (g.P + t.rows_per_tile - 1) / t.rows_per_tile;
-    parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+// Input channels per lane group for N output channels: 2 when vectors of channel pairs waste fewer lanes (N = 24
+// on AVX-512: 24 of 24 lanes instead of 24 of 32).
+static int lane_group(int64_t N) {
+    const int64_t vw = isa->vw;
+    return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
 }
 
-void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
-                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out) {
-    const Grid g(B, H, W, isa->acc);
-    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
-    const int64_t NP = round_up(N, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(9 * K * NP));     // wp[t, k, n] = weight[n, k, i, j]
-    for (int t = 0; t < 9; ++t)
-        for (int64_t k = 0; k < K; ++k)
-            for (int64_t n = 0; n < NP; ++n) wp[(t * K + k) * NP + n] = n < N ? weight[(n * K + k) * 9 + t] : 0.0f;
-    run_conv(xbuf, g, K, wp, N, bias, bias_stride, residual, out);
-}
-
-void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
-                      int64_t K, int64_t N, float* dx, float* dweight) {
-    const Grid g(B, H, W, isa->acc);
-    const float* dybuf = pad_grid(dout, B, g, N, scratch.dybuf);
-
-    // dx = conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix
-    const int64_t KP = round_up(K, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(9 * N * KP));
-    for (int t = 0; t < 9; ++t)
-        for (int64_t n = 0; n < N; ++n)
-            for (int64_t k = 0; k < KP; ++k) wp[(t * N + n) * KP + k] = k < K ? weight[(n * K + k) * 9 + (8 - t)] : 0.0f;
-    run_conv(dybuf, g, N, wp, K, nullptr, 0, nullptr, dx);
-
-    // dW[n, k, i, j] = sum over grid rows p of xbuf[p + off(i, j), k] dy[p, n]: rows split over threads, each
-    // into its own (9, K, NP) partial sum, added up at the end
-    const float* xbuf = pad_grid(x, B, g, K, scratch.xbuf);
-    WGradTask t;
-    t.xbuf = xbuf; t.m = g.m; t.K = K; t.dy = dybuf + g.m * N; t.N = N; t.NP = round_up(N, isa->vw); t.T = 9;
-    g.offsets(t.off);
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
-    const int np = max_pieces();
-    const size_t part = (size_t)(9 * K * t.NP);
-    float* partial = scratch.get(scratch.wgrad, part * np);
-    std::memset(partial, 0, sizeof(float) * part * np);
-    parallel_ranges(g.P, 256, [&](int64_t p0, int64_t p1, int piece) {
-        isa->conv_wgrad(t, p0, p1, partial + part * piece);
+// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K; rows (t, kk) split over
+// the threads (a layer of 128 -> 64 channels packs 74k weights every call)
+template <class F>
+static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
+    const int64_t KK = KG / G;
+    parallel_ranges(T * KK, std::max<int64_t>(1, 4096 / (NC * G)), [&](int64_t r0, int64_t r1, int) {
+        for (int64_t row = r0; row < r1; ++row) {
+            const int t = (int)(row / KK);
+            const int64_t kk = row % KK;
+            for (int64_t c = 0; c < NC; ++c)
+                for (int j = 0; j < G; ++j) {
+                    const int64_t k = kk * G + j;
+                    wp[(row * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
+                }
+        }
     });
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k)
-            for (int tap = 0; tap < 9; ++tap) {
-                float s = 0.0f;
-                for (int p = 0; p < np; ++p) s += partial[part * p + (tap * K + k) * t.NP + n];
-                dweight[(n * K + k) * 9 + tap] = s;
-            }
 }
 
-// ------------------------------------------------------------------------------------------------ matrix products
-// The same micro-kernels with one tap (T = 1) and plain rows. The kernels read whole tiles of rows and, in the
-// weight gradient, whole vectors past a row's end (into the next row); the arrays here have no slack after
-// their last row, so the last rows go through a zero-padded copy.
-
-static ConvTask plain_task(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
-                           float* out) {
+static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const float* wp, int64_t N, int G,
+                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
     ConvTask t;
-    t.xbuf = x; t.m = 0; t.P = M; t.K = K; t.w = wp; t.NP = round_up(N, isa->vw); t.N = N; t.T = 1; t.off[0] = 0;
-    t.bias = bias; t.bias_stride = 0; t.residual = nullptr; t.out = out; t.H = 0; t.W = 0;
+    t.xbuf = xbuf; t.ldx = ldx; t.K = KG; t.w = wp; t.N = N; t.G = G; t.NC = round_up(N, isa->vw / G);
+    t.bias = bias; t.bias_stride = bias_stride; t.residual = residual; t.out = out;
     t.rows_per_tile = isa->acc;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    plan_blocks(t, t.NC * G / isa->vw, isa->acc);
     return t;
 }
 
-// out (M, N) = x (M, K) @ wp (K, NP) (+ bias)
-static void run_matmul(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, const float* bias,
-                       float* out) {
-    const int64_t acc = isa->acc, main = M / acc * acc, tail = M - main;
-    if (main) {
-        const ConvTask t = plain_task(x, main, K, wp, N, bias, out);
-        parallel_ranges(main / acc, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+static void run_tiles(const ConvTask& t, bool parallel) {
+    const int64_t tiles = (t.P + t.rows_per_tile - 1) / t.rows_per_tile;
+    if (parallel) parallel_ranges(tiles, 4, [&](int64_t i0, int64_t i1, int) { isa->conv_tiles(t, i0, i1); });
+    else isa->conv_tiles(t, 0, tiles);
+}
+
+// Input rows on the grid of output pixel (a, b) of an (Hq, Wq) output: grid pixel (s a, s b); output rows in order.
+static PixelMap grid_map(const Grid& g, int64_t Hq, int64_t Wq, int64_t s) {
+    return PixelMap{Hq, Wq, g.m, (g.H + 1) * g.Wp, s * g.Wp, s};
+}
+static PixelMap dense_map(int64_t Hq, int64_t Wq) { return PixelMap{Hq, Wq, 0, Hq * Wq, Wq, 1}; }
+
+// the first image of piece `piece` of the batch in for_image_groups (parallel_ranges' cut)
+static int64_t piece_start(int64_t B, int piece) { return B * piece / num_pieces(B, 1); }
+
+static int64_t out_size(int64_t n, int stride) { return n ? (n - 1) / stride + 1 : 0; }   // 3x3, padding 1
+
+// The three taps (i, 0), (i, 1), (i, 2) of a kernel row read grid rows p - 1, p, p + 1 around p + (i - 1)(W + 1):
+// one run of 3 K consecutive floats, whose packed weights are consecutive too. So a task takes T = 3 runs of
+// 3 K inputs instead of 9 taps of K: inner loops three times as long, a third of the loop overhead.
+static void row_runs(const Grid& g, int64_t K, ConvTask& t) {
+    t.T = 3;
+    t.K = 3 * K;
+    for (int i = 0; i < 3; ++i) t.off[i] = (i - 1) * g.Wp - 1;
+}
+
+// The convolutions work image by image where there are enough images: each piece of the batch (parallel_ranges)
+// pads a few images at a time into its thread's own grid, small enough to stay in L2 while the micro-kernels read
+// it, and computes them (the padded copy never goes out to memory and back). With fewer images than that (a
+// sampling batch of one) the whole batch is padded once and the row tiles are split over the threads.
+static bool by_images(int64_t B) { return num_threads() == 1 || B >= 2 * num_threads(); }
+
+// images per padded group: about 512 KB of grid
+static int64_t group_images(int64_t H, int64_t W, int64_t ld) {
+    const int64_t bytes = (H + 1) * (W + 1) * ld * 4;
+    return std::max<int64_t>(1, (512 << 10) / std::max<int64_t>(bytes, 1));
+}
+
+// for each group of images [b, b + nb) of the batch: f(b, nb, parallel, piece)
+template <class F>
+static void for_image_groups(int64_t B, int64_t group, F f) {
+    if (!by_images(B)) { f(0, B, true, 0); return; }
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int piece) {
+        for (int64_t b = b0; b < b1; b += group) f(b, std::min(group, b1 - b), false, piece);
+    });
+}
+
+void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
+                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
+                     float* out) {
+    const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
+    const int G = lane_group(N);
+    const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * KG * NC));
+    pack_weights(9, K, KG, N, NC, G, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; }, wp);
+    for_image_groups(B, group_images(H, W, KG), [&](int64_t b, int64_t nb, bool parallel, int) {
+        const Grid g(nb, H, W);
+        float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * KG));
+        pad_images(x + b * H * W * K, K, nb, g, K, KG, xbuf, parallel);
+        const int64_t first = b * Ho * Wo;                  // the group's first output pixel
+        ConvTask t = conv_task(xbuf, KG, KG, wp, N, G, bias ? bias + b * bias_stride : nullptr, bias_stride,
+                               residual ? residual + first * N : nullptr, out + first * N);
+        t.xrow = grid_map(g, Ho, Wo, stride);
+        t.orow = dense_map(Ho, Wo);
+        t.P = nb * Ho * Wo;
+        row_runs(g, KG, t);
+        run_tiles(t, parallel);
+    });
+}
+
+// The sum of the per-piece partial weight gradients part[piece] (`part` floats each), in piece order
+static float* sum_pieces(const float* partial, size_t part, int np) {
+    float* total = scratch.get(scratch.wsum, part);
+    parallel_ranges((int64_t)part, 1 << 14, [&](int64_t e0, int64_t e1, int) {
+        std::memcpy(total + e0, partial + e0, sizeof(float) * (e1 - e0));
+        for (int p = 1; p < np; ++p) {
+            const float* src = partial + part * p;
+            for (int64_t e = e0; e < e1; ++e) total[e] += src[e];
+        }
+    });
+    return total;
+}
+
+// ... into dweight[n, k, t] (= (N, K, 3, 3) for T = 9) from pieces (T, K, NP)
+static void sum_wgrad(const float* partial, size_t part, int np, int T, int64_t K, int64_t N, int64_t NP,
+                      float* dweight) {
+    const float* total = sum_pieces(partial, part, np);
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            for (int t = 0; t < T; ++t) dweight[(n * K + k) * T + t] = total[(t * K + k) * NP + n];
+}
+
+// the task's pixels [0, P) (P > 0) into partial (`part` floats a piece, each written), split over the threads;
+// returns the pieces
+static const int64_t WGRAD_MIN = 256;                 // pixels per thread worth starting a thread for
+static int parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t part, int add) {
+    parallel_ranges(P, WGRAD_MIN, [&](int64_t q0, int64_t q1, int piece) {
+        isa->conv_wgrad(t, q0, q1, partial + part * piece, add);
+    });
+    return num_pieces(P, WGRAD_MIN);
+}
+
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
+                      int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight) {
+    const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
+    const int G = lane_group(K);
+    const int64_t NG = round_up(N, G), KC = round_up(K, isa->vw / G);
+
+    // dx: for stride 1, conv(dy, flipped kernel): tap t = (i, j) uses W[n, k, 2 - i, 2 - j] as its (N, K) matrix.
+    // For stride 2, input pixel (h, w) = (2a + ph, 2b + pw) gets tap (i, j) of output pixel ((h + 1 - i) / 2,
+    // (w + 1 - j) / 2) where those are whole: i = 1 for even h; i = 0 (output row a + 1) and i = 2 (row a) for
+    // odd h; columns alike: one sum of 1, 2, 2 or 4 taps per parity (ph, pw), over dout's grid.
+    struct Part { int ph, pw, T, taps[9]; int64_t off[9]; float* wp; };
+    std::vector<Part> parts;
+    const int64_t Wpy = Wo + 1;                            // dout's grid's row
+    for (int ph = 0; ph < stride; ++ph)
+        for (int pw = 0; pw < stride; ++pw) {
+            Part pt{ph, pw, 0, {}, {}, nullptr};
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) {
+                    if (stride == 1) {
+                        pt.taps[pt.T] = 8 - (i * 3 + j);
+                        pt.off[pt.T++] = (i - 1) * Wpy + (j - 1);
+                    } else if ((i == 1) == (ph == 0) && (j == 1) == (pw == 0)) {
+                        pt.taps[pt.T] = i * 3 + j;
+                        pt.off[pt.T++] = (i == 0 ? Wpy : 0) + (j == 0 ? 1 : 0);
+                    }
+                }
+            parts.push_back(pt);
+        }
+    float* wp = scratch.get(scratch.wpack, (size_t)(9 * NG * KC));
+    for (Part& pt : parts) {
+        pt.wp = wp;
+        pack_weights(pt.T, N, NG, K, KC, G, [&](int64_t k, int64_t n, int t) {
+            return weight[(n * K + k) * 9 + pt.taps[t]];
+        }, wp);
+        wp += pt.T * NG * KC;
     }
-    if (tail) {
-        float* xt = scratch.get(scratch.xbuf, (size_t)(acc * K));
-        std::memcpy(xt, x + main * K, sizeof(float) * tail * K);
-        std::memset(xt + tail * K, 0, sizeof(float) * (acc - tail) * K);
-        isa->conv_tiles(plain_task(xt, tail, K, wp, N, bias, out + main * N), 0, 1);
+
+    // dW[n, k, i, j] = sum over output pixels of xbuf[xrow + off(i, j), k] dy[dyrow, n]: kernel row i's three taps
+    // as one run of 3K inputs (as forward); broadcast x, times vectors of dy's N channels (dw (3, 3K, NP)), or,
+    // when vectors of the 3K run waste fewer lanes (N = 24 on AVX-512: 75% of each vector), broadcast dy times
+    // vectors of x's run (dw (3, N, KP)). One partial sum per piece (written by the piece's first group of
+    // images), added up in piece order at the end.
+    const int64_t vw = isa->vw, NP = round_up(N, vw), KP = round_up(3 * K, vw);
+    const bool swap = (double)KP * round_up(N, 8) / (3 * K * N) < (double)NP * round_up(3 * K, 8) / (3 * K * N);
+    const size_t part = (size_t)(swap ? 3 * N * KP : 9 * K * NP);
+    float* partial = scratch.get(scratch.wgrad, part * max_pieces());
+    int np = by_images(B) ? num_pieces(B, 1) : 0;
+
+    const int64_t group = group_images(H, W, K + NG);
+    for_image_groups(B, group, [&](int64_t b, int64_t nb, bool parallel, int piece) {
+        const Grid g(nb, H, W), gy(nb, Ho, Wo);            // x's grid, dout's (the same for stride 1)
+        float* dybuf = scratch.get(parallel ? scratch.dybuf : scratch.local_dy, (size_t)(gy.rows() * NG));
+        pad_images(dout + b * Ho * Wo * ldd, ldd, nb, gy, N, NG, dybuf, parallel);
+        for (const Part& pt : parts) {
+            const int64_t Hq = stride == 1 ? H : (H - pt.ph + 1) / 2, Wq = stride == 1 ? W : (W - pt.pw + 1) / 2;
+            if (Hq == 0 || Wq == 0) continue;
+            ConvTask t = conv_task(dybuf, NG, NG, pt.wp, K, G, nullptr, 0, nullptr, dx + b * H * W * K);
+            t.xrow = grid_map(gy, Hq, Wq, 1);
+            t.orow = PixelMap{Hq, Wq, pt.ph * W + pt.pw, H * W, stride * W, stride};
+            t.P = nb * Hq * Wq; t.T = pt.T;
+            for (int i = 0; i < pt.T; ++i) t.off[i] = pt.off[i];
+            if (stride == 1) row_runs(gy, NG, t);           // the flipped taps in runs of three, as forward
+            run_tiles(t, parallel);
+        }
+        float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * K));
+        pad_images(x + b * H * W * K, K, nb, g, K, K, xbuf, parallel);
+        WGradTask t;
+        const PixelMap xrow = grid_map(g, Ho, Wo, stride), dyrow = grid_map(gy, Ho, Wo, 1);
+        t.T = 3;
+        for (int i = 0; i < 3; ++i) {
+            t.off[i] = swap ? 0 : (i - 1) * g.Wp - 1;
+            t.voff[i] = swap ? (i - 1) * g.Wp - 1 : 0;
+        }
+        if (!swap) {
+            t.xbuf = xbuf; t.ldx = K; t.xrow = xrow; t.K = 3 * K;
+            t.dy = dybuf; t.ldy = NG; t.dyrow = dyrow; t.N = N; t.NP = NP;
+        } else {
+            t.xbuf = dybuf; t.ldx = NG; t.xrow = dyrow; t.K = N;
+            t.dy = xbuf; t.ldy = K; t.dyrow = xrow; t.N = 3 * K; t.NP = KP;
+        }
+        plan_blocks(t, t.NP / isa->vw, isa->acc);
+        if (parallel) np = parallel_wgrad(t, nb * Ho * Wo, partial, part, 0);
+        else isa->conv_wgrad(t, 0, nb * Ho * Wo, partial + part * piece, b > piece_start(B, piece));
+    });
+    if (!swap) {
+        sum_wgrad(partial, part, np, 9, K, N, NP, dweight);     // dw (3, 3K, NP) is dw (9, K, NP)
+        return;
     }
+    const float* total = sum_pieces(partial, part, np);        // dw (3, N, KP): [i, n, j K + k]
+    for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < K; ++k)
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) dweight[(n * K + k) * 9 + i * 3 + j] = total[(i * N + n) * KP + j * K + k];
+}
+
+// ------------------------------------------------------------------------------------------------ matrix products
+// The same micro-kernels with one tap (T = 1) and plain rows. The weight gradient reads whole vectors past a row's
+// end (into the next row); the arrays here have no slack after their last row, so the last row goes through a
+// zero-padded copy.
+
+// out (M, N) = x (M, K; rows ldx floats apart) @ wp (K, NC G) (+ bias)
+static void run_matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t N, int G,
+                       const float* bias, float* out) {
+    ConvTask t = conv_task(x, ldx, K, wp, N, G, bias, 0, nullptr, out);
+    t.xrow = t.orow = PixelMap{1, M, 0, M, 0, 1};
+    t.P = M; t.T = 1; t.off[0] = 0;
+    run_tiles(t, true);
 }
 
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
                     float* out) {
-    const int64_t NP = round_up(N, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(K * NP));          // wp[k, n] = weight[n, k]
-    for (int64_t k = 0; k < K; ++k)
-        for (int64_t n = 0; n < NP; ++n) wp[k * NP + n] = n < N ? weight[n * K + k] : 0.0f;
-    run_matmul(x, M, K, wp, N, bias, out);
+    const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
+    const int64_t NC = round_up(N, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(K * NC));
+    pack_weights(1, K, K, N, NC, G, [&](int64_t n, int64_t k, int) { return weight[n * K + k]; }, wp);
+    run_matmul(x, K, M, K, wp, N, G, bias, out);
 }
 
-void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
-                     float* dx, float* dweight) {
-    const int64_t KP = round_up(K, isa->vw);
-    float* wp = scratch.get(scratch.wpack, (size_t)(N * KP));          // dx = dout @ weight: wp[n, k] = weight[n, k]
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < KP; ++k) wp[n * KP + k] = k < K ? weight[n * K + k] : 0.0f;
-    run_matmul(dout, M, N, wp, K, nullptr, dx);
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t M, int64_t K,
+                     int64_t N, float* dx, float* dweight) {
+    const int G = N % 2 == 0 ? lane_group(K) : 1;      // dx = dout @ weight
+    const int64_t KC = round_up(K, isa->vw / G);
+    float* wp = scratch.get(scratch.wpack, (size_t)(N * KC));
+    pack_weights(1, N, N, K, KC, G, [&](int64_t k, int64_t n, int) { return weight[n * K + k]; }, wp);
+    run_matmul(dout, ldd, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
-    // from padded copies
+    // (whose whole vectors would read past the arrays' ends) from padded copies, into the first piece
+    if (M == 0) {
+        std::memset(dweight, 0, sizeof(float) * N * K);
+        return;
+    }
     WGradTask t;
-    t.xbuf = x; t.m = 0; t.K = K; t.dy = dout; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1; t.off[0] = 0;
-    plan_blocks(t, t.NP, isa->vw, isa->acc);
+    t.xbuf = x; t.ldx = K; t.K = K; t.dy = dout; t.ldy = ldd; t.N = N; t.NP = round_up(N, isa->vw); t.T = 1;
+    t.off[0] = t.voff[0] = 0;
+    t.xrow = t.dyrow = PixelMap{1, M, 0, M, 0, 1};
+    plan_blocks(t, t.NP / isa->vw, isa->acc);
     const int np = max_pieces();
     const size_t part = (size_t)(K * t.NP);
     float* partial = scratch.get(scratch.wgrad, part * np);
     std::memset(partial, 0, sizeof(float) * part * np);
-    if (M > 1)
-        parallel_ranges(M - 1, 256, [&](int64_t p0, int64_t p1, int piece) {
-            isa->conv_wgrad(t, p0, p1, partial + part * piece);
-        });
-    if (M > 0) {
-        const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
-        float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
-        std::memset(xl, 0, sizeof(float) * 2 * pad);
-        std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
-        std::memcpy(xl + pad, dout + (M - 1) * N, sizeof(float) * N);
-        WGradTask last = t;
-        last.xbuf = xl;
-        last.dy = xl + pad;
-        isa->conv_wgrad(last, 0, 1, partial);
-    }
-    for (int64_t n = 0; n < N; ++n)
-        for (int64_t k = 0; k < K; ++k) {
-            float s = 0.0f;
-            for (int p = 0; p < np; ++p) s += partial[part * p + k * t.NP + n];
-            dweight[n * K + k] = s;
+    if (M > 1) parallel_wgrad(t, M - 1, partial, part, 1);
+    const int64_t pad = round_up(K + N, isa->vw) + 4 * isa->acc;   // room for whole vectors and tiles past the end
+    float* xl = scratch.get(scratch.xbuf, (size_t)(2 * pad));
+    std::memset(xl, 0, sizeof(float) * 2 * pad);
+    std::memcpy(xl, x + (M - 1) * K, sizeof(float) * K);
+    std::memcpy(xl + pad, dout + (M - 1) * ldd, sizeof(float) * N);
+    WGradTask last = t;
+    last.xbuf = xl;
+    last.dy = xl + pad;
+    last.xrow = last.dyrow = PixelMap{1, 1, 0, 1, 0, 1};
+    isa->conv_wgrad(last, 0, 1, partial, 1);
+    sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
+}
+
+}  // namespace md
+
+namespace md {
+
+// ------------------------------------------------------------------------------------------------ copies and sums
+// Memory-bound passes of the U-Net (layers.concat_channels, layers.pixel_sum), rows split over the threads.
+
+static const int64_t COPY_MIN = 1 << 14;      // floats per thread worth starting a thread for
+
+void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out) {
+    const int64_t C = Ca + Cb;
+    parallel_ranges(M, COPY_MIN / (C + 1) + 1, [&](int64_t r0, int64_t r1, int) {
+        for (int64_t r = r0; r < r1; ++r) {
+            std::memcpy(out + r * C, a + r * Ca, sizeof(float) * Ca);
+            std::memcpy(out + r * C + Ca, b + r * Cb, sizeof(float) * Cb);
         }
+    });
+}
+
+// x (B, P, C) -> out (B, C) (per_image) or (C,): sums over the pixels (and the images), in double over float sums
+// of 32 pixels; each image's sum is its own, the images' added in order, so the result does not depend on the
+// threads.
+void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out) {
+    std::vector<double> sums((size_t)(B * C), 0.0);
+    parallel_ranges(B, COPY_MIN / (P * C + 1) + 1, [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) {
+            double* s = sums.data() + b * C;
+            const float* xb = x + b * P * ld;
+            std::vector<float> block(C);
+            for (int64_t p0 = 0; p0 < P; p0 += 32) {       // float sums of 32 pixels, flushed to double
+                std::fill(block.begin(), block.end(), 0.0f);
+                for (int64_t p = p0; p < std::min(P, p0 + 32); ++p)
+                    for (int64_t c = 0; c < C; ++c) block[c] += xb[p * ld + c];
+                for (int64_t c = 0; c < C; ++c) s[c] += block[c];
+            }
+        }
+    });
+    if (per_image) {
+        for (int64_t i = 0; i < B * C; ++i) out[i] = (float)sums[i];
+        return;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        double s = 0.0;
+        for (int64_t b = 0; b < B; ++b) s += sums[b * C + c];
+        out[c] = (float)s;
+    }
+}
+
+}  // namespace md
+
+namespace md {
+
+// ------------------------------------------------------------------------------------------------ optimizer
+// optim.adam_update and optim.ema_update in one pass over the flat buffers, each element with the reference's float32
+// operations in its order (this file is compiled without FMA contraction), so the results are the reference's to
+// the bit.
+
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                 float eps, float bias_correction1, float bias_correction2, float weight_decay) {
+    const float c1 = 1.0f - beta1, c2 = 1.0f - beta2;
+    parallel_ranges(n, COPY_MIN, [&](int64_t i0, int64_t i1, int) {
+        float* __restrict pp = p;
+        float* __restrict mm = m;
+        float* __restrict vv = v;
+        const float* __restrict gg = g;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) {
+            const float mi = mm[i] * beta1 + c1 * gg[i];
+            const float vi = vv[i] * beta2 + c2 * (gg[i] * gg[i]);
+            mm[i] = mi;
+            vv[i] = vi;
+            const float m_hat = mi / bias_correction1, v_hat = vi / bias_correction2;
+            pp[i] = pp[i] - lr * (m_hat / (std::sqrt(v_hat) + eps) + weight_decay * pp[i]);
+        }
+    });
+}
+
+void ema_update(float* e, const float* p, int64_t n, float decay) {
+    const float c = 1.0f - decay;
+    parallel_ranges(n, COPY_MIN, [&](int64_t i0, int64_t i1, int) {
+        float* __restrict ee = e;
+        const float* __restrict pp = p;
+#pragma omp simd
+        for (int64_t i = i0; i < i1; ++i) ee[i] = ee[i] * decay + c * pp[i];
+    });
 }
 
 }  // namespace md

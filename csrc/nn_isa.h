@@ -17,7 +17,10 @@ typedef int vi __attribute__((vector_size(MD_VW * 4)));
 
 static inline vf load(const float* p) { return *(const vfu*)p; }
 static inline void store(float* p, vf v) { *(vfu*)p = v; }
-static inline vf splat(float s) { return (vf){} + s; }
+// every lane s. Not (vf){} + s: 0 + s is not s for s = -0, so the compiler keeps a real scalar addition and a
+// register broadcast (two extra instructions per use, one on an FMA port); s - 0 is s for every s, so this
+// form folds to one broadcast (from memory: a load, or an FMA's {1to16} operand)
+static inline vf splat(float s) { return s - (vf){}; }
 // the first n lanes only (n < MD_VW): the ragged end of a channel row
 static inline void store_n(float* p, vf v, int n) { for (int l = 0; l < n; ++l) p[l] = v[l]; }
 static inline vf load_n(const float* p, int n) { vf v = {}; for (int l = 0; l < n; ++l) v[l] = p[l]; return v; }
@@ -157,79 +160,149 @@ void gn_backward_apply(const float* x, const float* dout, const float* a, const 
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.shifted_matmul and
-// layers.conv2d_same), and the plain matrix product (T = 1: layers.linear), with a register-blocked
-// micro-kernel. For the convolution, rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
-// output row p reads input rows p + off[t] for the 9 taps t. A tile is R rows x NB vectors of output
-// channels; its R * NB accumulators stay in registers through all taps and all K input channels (the
-// reduction), each step a broadcast input value times a vector of weights.
+// The 3x3 stride-1 convolution as a sum of shifted matrix products (reference: layers.conv2d and
+// layers.conv2d_backward), and the plain matrix product (T = 1: layers.linear), with a register-blocked
+// micro-kernel. For the convolution, input rows are pixels of the padded image grid (B, H + 1, W + 1), flattened;
+// output pixel q reads input rows xrow(q) + off[t] for the 9 taps t (nn_kernels.h). A tile is R output pixels x NB
+// vectors of output channels; its R * NB accumulators stay in registers through all taps and all K input channels
+// (the reduction), each step a broadcast input value times a vector of weights. Tiles hold real pixels only: each
+// row's input address is its own (a register per row, as a fixed stride would take), so the grid's padding rows
+// cost nothing.
 
-// Output rows p0 .. p0 + R of channel block [n0, n0 + NB * VW): accumulate, then write the rows that are real
-// pixels (not padding) to out, adding the bias (and the residual).
-template <int R, int NB>
-static void conv_tile(const ConvTask& a, int64_t p0, int64_t n0) {
+typedef double vd __attribute__((vector_size(MD_VW * 4)));
+typedef double f64u __attribute__((aligned(4), may_alias));   // two floats read as one 8-byte value
+
+// The G floats at p repeated across a vector: G = 1, a broadcast; G = 2, the pair (p[0], p[1]) in every two lanes
+// (one 8-byte broadcast load).
+template <int G>
+static inline vf bcast(const float* p) {
+    if constexpr (G == 1) return splat(*p);
+    else return (vf)(*(const f64u*)p - (vd){});
+}
+
+static inline vi iota() { vi v; for (int l = 0; l < MD_VW; ++l) v[l] = l; return v; }
+
+// Lanes (c, j) = 2c + j of a and b hold two partial sums of output channel c: their sums, a's channels then b's.
+static inline vf fold_pairs(vf a, vf b) {
+    const vi even = iota() * 2;
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, even + 1);
+}
+
+// rows[i] = map's row of output pixel q0 + i, i < n: one division, then steps
+static inline void map_rows(const PixelMap& m, int64_t q0, int64_t n, int64_t* rows) {
+    const int64_t hw = m.Hq * m.Wq;
+    int64_t img = q0 / hw, a = q0 % hw / m.Wq, b = q0 % m.Wq;
+    int64_t line = m.base + img * m.s_img + a * m.s_row;          // row of pixel (img, a, 0)
+    for (int64_t i = 0; i < n; ++i) {
+        rows[i] = line + b * m.s_col;
+        if (++b == m.Wq) {
+            b = 0;
+            if (++a == m.Hq) { a = 0; ++img; }
+            line = m.base + img * m.s_img + a * m.s_row;
+        }
+    }
+}
+
+// Output pixels q0 .. q0 + n (n <= R; xoff: their input rows' offsets in floats, R of them; orows: their output
+// rows) of channel block [n0, n0 + NB * VW) of a packed weight row (output channels from c0): accumulate, then
+// write out, adding the bias (and the residual).
+template <int R, int NB, int G>
+static void conv_tile(const ConvTask& a, const int64_t* xoff, const int64_t* orows, int64_t q0, int n, int64_t n0,
+                      int64_t c0) {
     vf acc[R][NB];
-    for (int r = 0; r < R; ++r)
+    int64_t o[R];                                         // each row's input offset, kept in a register
+    for (int r = 0; r < R; ++r) {
+        o[r] = xoff[r];
         for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
-    const int64_t K = a.K;
+    }
+    const int64_t KG = a.K / G, ldw = a.NC * G;
     for (int t = 0; t < a.T; ++t) {
-        const float* xt = a.xbuf + (a.m + p0 + a.off[t]) * K;
-        const float* wt = a.w + t * K * a.NP + n0;
-        for (int64_t k = 0; k < K; ++k) {
+        const float* xt = a.xbuf + a.off[t] * a.ldx;
+        const float* wt = a.w + t * a.K * a.NC + n0;
+        for (int64_t kk = 0; kk < KG; ++kk) {
             vf wv[NB];
 #pragma GCC unroll 4
-            for (int nb = 0; nb < NB; ++nb) wv[nb] = load(wt + k * a.NP + nb * MD_VW);
+            for (int nb = 0; nb < NB; ++nb) wv[nb] = load(wt + kk * ldw + nb * MD_VW);
 #pragma GCC unroll 24
             for (int r = 0; r < R; ++r) {
-                const vf xv = splat(xt[r * K + k]);
+                const vf xv = bcast<G>(xt + o[r] + kk * G);
 #pragma GCC unroll 4
                 for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * wv[nb];
             }
         }
     }
-    // which pixel is row p0: image img, row h, column w of the padded grid (h == H or w == W: padding)
-    const int64_t Wp = a.W + 1, HWp = (a.H + 1) * Wp;      // (plain rows, W = 0: unused)
-    int64_t img = p0 / HWp, h = (p0 % HWp) / Wp, w = p0 % Wp;
-    for (int r = 0; r < R && p0 + r < a.P; ++r) {
-        if (a.W == 0 || (h < a.H && w < a.W)) {
-            const int64_t row = a.W == 0 ? p0 + r : (img * a.H + h) * a.W + w;      // output row
-            const float* bias = a.bias ? a.bias + img * a.bias_stride : nullptr;     // per image, or shared
-            const float* res = a.residual ? a.residual + row * a.N : nullptr;
-            float* o = a.out + row * a.N;
-            for (int nb = 0; nb < NB; ++nb) {
-                const int64_t c = n0 + nb * MD_VW;
-                const int k = (int)imin(MD_VW, a.N - c);   // channels of this vector that exist
-                vf v = acc[r][nb];
-                if (k == MD_VW) {
-                    if (bias) v += load(bias + c);
-                    if (res) v += load(res + c);
-                    store(o + c, v);
-                } else if (k > 0) {
-                    if (bias) v += load_n(bias + c, k);
-                    if (res) v += load_n(res + c, k);
-                    store_n(o + c, v, k);
-                }
+    // the channel vectors as written: G = 2 folds each two accumulators into one vector of channels
+    constexpr int NOUT = G == 1 ? NB : (NB + 1) / 2;
+    const int64_t hw = a.orow.Hq * a.orow.Wq;
+    for (int r = 0; r < n; ++r) {
+        const int64_t row = orows[r];
+        const float* bias = a.bias ? a.bias + (q0 + r) / hw * a.bias_stride : nullptr;   // per image, or shared
+        const float* res = a.residual ? a.residual + row * a.N : nullptr;
+        float* out = a.out + row * a.N;
+        for (int v = 0; v < NOUT; ++v) {
+            vf s;
+            if constexpr (G == 1) s = acc[r][v];
+            else s = fold_pairs(acc[r][2 * v], 2 * v + 1 < NB ? acc[r][2 * v + 1] : (vf){});
+            const int64_t c = c0 + v * MD_VW;
+            const int k = (int)imin(MD_VW, a.N - c);           // channels of this vector that exist
+            if (k == MD_VW) {
+                if (bias) s += load(bias + c);
+                if (res) s += load(res + c);
+                store(out + c, s);
+            } else if (k > 0) {
+                if (bias) s += load_n(bias + c, k);
+                if (res) s += load_n(res + c, k);
+                store_n(out + c, s, k);
             }
         }
-        if (++w == Wp) { w = 0; if (++h == a.H + 1) { h = 0; ++img; } }
     }
 }
 
-// Row tiles [tile0, tile1) of every channel block. Channel blocks hold up to NBMAX vectors; R = MD_ACC / NB.
+template <int R, int NB>
+static void conv_rows(const ConvTask& a, const int64_t* xoff, const int64_t* orows, int64_t q0, int n, int64_t n0,
+                      int64_t c0) {
+    for (int i = 0; i < n; i += R) {
+        const int m = (int)imin(R, n - i);
+        if (a.G == 2) conv_tile<R, NB, 2>(a, xoff + i, orows + i, q0 + i, m, n0, c0);
+        else conv_tile<R, NB, 1>(a, xoff + i, orows + i, q0 + i, m, n0, c0);
+    }
+}
+
+// Ask for the input rows of the tile from pixel q0 (one span per tap or run, at most 32 KB in all): they come in
+// from L2 or memory while the tile before computes.
+static void prefetch_tile(const ConvTask& a, int64_t q0) {
+    if (q0 >= a.P) return;
+    int64_t first, last;
+    map_rows(a.xrow, q0, 1, &first);
+    map_rows(a.xrow, imin(a.P, q0 + a.rows_per_tile) - 1, 1, &last);
+    const int64_t span = (last - first) * a.ldx + a.K;           // floats of one tap's span
+    if (span * a.T > 8192) return;
+    for (int t = 0; t < a.T; ++t) {
+        const float* p = a.xbuf + (first + a.off[t]) * a.ldx;
+        for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(p + i);
+    }
+}
+
+// Row tiles [tile0, tile1) (rows_per_tile output pixels each, a multiple of every R used) of every channel block.
+// Channel blocks hold up to 4 (AVX-512) or 3 vectors; R = MD_ACC / NB.
 void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
+    int64_t xoff[MD_ACC], orows[MD_ACC];
     for (int64_t tile = tile0; tile < tile1; ++tile) {
+        const int64_t q0 = tile * a.rows_per_tile;
+        const int n = (int)imin(a.rows_per_tile, a.P - q0);
+        prefetch_tile(a, q0 + a.rows_per_tile);
+        map_rows(a.xrow, q0, n, xoff);
+        map_rows(a.orow, q0, n, orows);
+        for (int r = 0; r < a.rows_per_tile; ++r)            // rows past P repeat the last pixel (not written)
+            xoff[r] = r < n ? xoff[r] * a.ldx : xoff[n - 1];
         for (int blk = 0; blk < a.nblocks; ++blk) {
-            const int64_t n0 = a.block_start[blk] * MD_VW;
-            const int nb = a.block_vectors[blk];
-            const int64_t p0 = tile * a.rows_per_tile;
-            // each channel block uses its own R = MD_ACC / nb rows; a tile of the task covers rows_per_tile rows
-            // (a multiple of every R used), so the loop below steps through it in that block's R.
-            switch (nb) {
-            case 1: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC) conv_tile<MD_ACC, 1>(a, p, n0); break;
-            case 2: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 2) conv_tile<MD_ACC / 2, 2>(a, p, n0); break;
-            case 3: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 3) conv_tile<MD_ACC / 3, 3>(a, p, n0); break;
+            const int64_t n0 = a.block_start[blk] * MD_VW, c0 = n0 / a.G;
+            switch (a.block_vectors[blk]) {
+            case 1: conv_rows<MD_ACC, 1>(a, xoff, orows, q0, n, n0, c0); break;
+            case 2: conv_rows<MD_ACC / 2, 2>(a, xoff, orows, q0, n, n0, c0); break;
+            case 3: conv_rows<MD_ACC / 3, 3>(a, xoff, orows, q0, n, n0, c0); break;
 #if MD_ACC >= 24
-            default: for (int64_t p = p0; p < p0 + a.rows_per_tile && p < a.P; p += MD_ACC / 4) conv_tile<MD_ACC / 4, 4>(a, p, n0); break;
+            default: conv_rows<MD_ACC / 4, 4>(a, xoff, orows, q0, n, n0, c0); break;
 #else
             default: break;
 #endif
@@ -238,45 +311,59 @@ void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     }
 }
 
-// The weight gradient: dw[t, k, n] += sum_p xbuf[m + p + off[t], k] * dy[p, n] over rows p in [p0, p1) (dy is
-// zero on padding rows; rows of N floats, so a last vector past N reads the next row: those lanes land in
-// dw's padding columns, never read). A tile is R input channels x NB vectors of output channels; rows go in
-// chunks that stay in L1 while the 9 taps and all tiles pass over them. dw is (9, K, NP), this thread's own.
+// The weight gradient: dw[t, k, n] += sum_q xbuf[xrow(q) + off[t], k] dy[dyrow(q) + voff[t], n], pixels [q0, q1)
+// (rows of ldy floats, so a last vector past N reads the next row: those lanes land in dw's padding columns, never
+// read). A tile is R input channels x NB vectors of output channels; pixels go in chunks that stay in L1 while the
+// 9 taps and all tiles pass over them. dw is (9, K, NP), this piece's own.
 template <int R, int NB>
-static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, int64_t c0, int64_t c1, float* dw) {
+static void wgrad_tile(const WGradTask& a, int t, int64_t k0, int64_t n0, const int64_t* xrows, const int64_t* dyrows,
+                       int64_t n, int add, float* dw) {
     vf acc[R][NB];
     float* d = dw + (t * a.K + k0) * a.NP + n0;
     for (int r = 0; r < R; ++r)
         for (int nb = 0; nb < NB; ++nb) acc[r][nb] = (vf){};
-    const float* xt = a.xbuf + (a.m + a.off[t]) * a.K + k0;
-    for (int64_t p = c0; p < c1; ++p) {
+    const float* xt = a.xbuf + a.off[t] * a.ldx + k0;
+    const float* dyt = a.dy + a.voff[t] * a.ldy + n0;
+    for (int64_t i = 0; i < n; ++i) {
+        const float* xr = xt + xrows[i] * a.ldx;
+        const float* dyr = dyt + dyrows[i] * a.ldy;
         vf dv[NB];
 #pragma GCC unroll 4
-        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(a.dy + p * a.N + n0 + nb * MD_VW);
+        for (int nb = 0; nb < NB; ++nb) dv[nb] = load(dyr + nb * MD_VW);
 #pragma GCC unroll 24
         for (int r = 0; r < R; ++r) {
-            const vf xv = splat(xt[p * a.K + r]);
+            const vf xv = splat(xr[r]);
 #pragma GCC unroll 4
             for (int nb = 0; nb < NB; ++nb) acc[r][nb] += xv * dv[nb];
         }
     }
     for (int r = 0; r < R && k0 + r < a.K; ++r)
-        for (int nb = 0; nb < NB; ++nb) store(d + r * a.NP + nb * MD_VW, load(d + r * a.NP + nb * MD_VW) + acc[r][nb]);
+        for (int nb = 0; nb < NB; ++nb) {
+            float* o = d + r * a.NP + nb * MD_VW;
+            store(o, add ? load(o) + acc[r][nb] : acc[r][nb]);
+        }
 }
 
-void conv_wgrad(const WGradTask& a, int64_t p0, int64_t p1, float* dw) {
-    const int64_t CHUNK = 128;
-    for (int64_t c0 = p0; c0 < p1; c0 += CHUNK) {
-        const int64_t c1 = imin(p1, c0 + CHUNK);
+// add = 0: dw is written by the first chunk (every element of it), not added to
+void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) {
+    // a chunk's dy rows (ldy floats each, on each of the taps' rows when the taps move them) fill about 16 KB of L1
+    const int64_t per_pixel = a.ldy * (a.voff[0] != a.voff[a.T - 1] ? a.T : 1);
+    const int64_t CHUNK = imin(256, 4096 / per_pixel > 16 ? 4096 / per_pixel : 16);
+    int64_t xrows[256], dyrows[256];
+    for (int64_t c0 = q0; c0 < q1; c0 += CHUNK) {
+        const int64_t n = imin(q1, c0 + CHUNK) - c0;
+        map_rows(a.xrow, c0, n, xrows);
+        map_rows(a.dyrow, c0, n, dyrows);
+        if (c0 > q0) add = 1;
         for (int t = 0; t < a.T; ++t) {
             for (int blk = 0; blk < a.nblocks; ++blk) {
                 const int64_t n0 = a.block_start[blk] * MD_VW;
                 switch (a.block_vectors[blk]) {
-                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, c0, c1, dw); break;
-                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, c0, c1, dw); break;
-                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, c0, c1, dw); break;
+                case 1: for (int64_t k = 0; k < a.K; k += MD_ACC) wgrad_tile<MD_ACC, 1>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
+                case 2: for (int64_t k = 0; k < a.K; k += MD_ACC / 2) wgrad_tile<MD_ACC / 2, 2>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
+                case 3: for (int64_t k = 0; k < a.K; k += MD_ACC / 3) wgrad_tile<MD_ACC / 3, 3>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
 #if MD_ACC >= 24
-                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, c0, c1, dw); break;
+                default: for (int64_t k = 0; k < a.K; k += MD_ACC / 4) wgrad_tile<MD_ACC / 4, 4>(a, t, k, n0, xrows, dyrows, n, add, dw); break;
 #else
                 default: break;
 #endif
@@ -284,4 +371,22 @@ void conv_wgrad(const WGradTask& a, int64_t p0, int64_t p1, float* dw) {
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// The instruction set's peak: MD_ACC independent chains of a * x + b (one FMA each, no loads), `iters` times;
+// returns a value depending on every chain so that none is optimised away. 2 MD_VW MD_ACC FLOP an iteration.
+float fma_loop(int64_t iters) {
+    vf acc[MD_ACC];
+    for (int i = 0; i < MD_ACC; ++i) acc[i] = splat(1.0f + 0.001f * (float)i);
+    const vf a = splat(0.999999f), b = splat(1e-7f);
+    for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 32
+        for (int i = 0; i < MD_ACC; ++i) acc[i] = acc[i] * a + b;
+    }
+    vf s = {};
+    for (int i = 0; i < MD_ACC; ++i) s += acc[i];
+    float r = 0.0f;
+    for (int l = 0; l < MD_VW; ++l) r += s[l];
+    return r;
 }

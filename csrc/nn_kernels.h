@@ -8,34 +8,55 @@
 
 namespace md {
 
-// A sum of T shifted matrix products, out[p] = sum_t xbuf[m + p + off[t]] @ w[t] (+ bias): the 3x3 stride-1
-// convolution over the shared-padding grid (layers.pad_flat; T = 9, output rows p of the padded grid
-// (B, H + 1, W + 1)), or a plain matrix product (T = 1, W = 0: every row is an output row).
-struct ConvTask {
-    const float* xbuf;          // input rows of K floats; row m + p + off[t] is read for output row p
-    int64_t m, P, K;            // leading rows, output rows, input channels
-    const float* w;             // (T, K, NP) packed weights, zero past N
-    int64_t NP, N;              // output channels rounded up to the vector width, and as they are
-    int T;
-    int64_t off[9];             // row offset of each tap
-    const float* bias;          // (N,), or (B, N) per image (bias_stride N; grid only), or null
-    int64_t bias_stride;        // 0: one bias for all images
-    const float* residual;      // added to the output (same layout as out), or null
-    float* out;                 // grid: (B, H, W, N), only real pixels are written; plain (W = 0): (P, N)
-    int64_t H, W;
-    int64_t rows_per_tile;      // rows a work item covers (the instruction set's accumulator count)
-    int nblocks;                // output channels go in blocks of block_vectors[i] vectors from block_start[i]
-    int block_start[64], block_vectors[64];
+// Where the rows of output pixel q are: q counts pixels (img, a, b) of a (Hq, Wq) grid per image, and
+// row(q) = base + img * s_img + a * s_row + b * s_col. A stride-1 convolution's input rows on the padded grid
+// (nn_cpu.cpp, Grid): (Hq, Wq) = (H, W), s_img = (H + 1)(W + 1), s_row = W + 1, s_col = 1, base = the leading
+// rows m; stride 2: s_row = 2 (W + 1), s_col = 2; the output rows of the pixels in order: s_img = Hq Wq,
+// s_row = Wq, s_col = 1; plain rows (a matrix product): Hq = 1, Wq = s_img = rows, s_col = 1.
+struct PixelMap {
+    int64_t Hq, Wq, base, s_img, s_row, s_col;
 };
 
-// The weight gradient of that product: dw[t, k, n] = sum_p xbuf[m + p + off[t], k] dy[p, n].
-struct WGradTask {
-    const float* xbuf;          // as in ConvTask
-    int64_t m, K;
-    const float* dy;            // (P, N): output gradient (on the grid: zero on padding rows)
-    int64_t N, NP;
+// A sum of T shifted matrix products, out[orow(q)] = sum_t xbuf[xrow(q) + off[t]] @ w[t] (+ bias): the 3x3
+// convolution over a shared-padding grid (T = 9: output pixel q reads around input row xrow(q); the stride-2
+// convolution's input gradient is four such sums of 1, 2, 2 and 4 taps, one per parity of the pixel's row and
+// column), or a plain matrix product (T = 1).
+// Lane groups: with G = 2 each vector holds 8 (AVX-512) output channels x 2 consecutive input channels, so an
+// output channel count that is a multiple of half a vector (24 on AVX-512) fills whole vectors; the pairs are
+// added up when the tile is written.
+struct ConvTask {
+    const float* xbuf;          // input rows, ldx floats apart; K channels, zero up to K rounded up to G
+    int64_t ldx;
+    PixelMap xrow, orow;        // input and output row of each output pixel
+    int64_t P, K;               // output pixels, input channels (a multiple of G)
+    const float* w;             // (T, K / G, NC, G) packed weights: w[t, kk, c, j] = weight of input kk G + j, output c
+    int64_t NC, N;              // output channels rounded up to a vector's VW / G, and as they are
+    int G;                      // input channels per lane group: 1 or 2
     int T;
-    int64_t off[9];
+    int64_t off[9];             // row offset of each tap
+    const float* bias;          // (N,), or (B, N) per image (bias_stride N), or null
+    int64_t bias_stride;        // 0: one bias for all images
+    const float* residual;      // added to the output (same layout as out), or null
+    float* out;                 // output rows of N floats
+    int64_t rows_per_tile;      // rows a work item covers (the instruction set's accumulator count)
+    int nblocks;                // the NC G / VW vectors of a packed row go in blocks of block_vectors[i] from
+    int block_start[64], block_vectors[64];   // block_start[i]
+};
+
+// The weight gradient of that product: dw[t, k, n] = sum over pixels q of xbuf[xrow(q) + off[t], k]
+// dy[dyrow(q) + voff[t], n]: K values of the "x" side broadcast, times vectors of the "dy" side's N. The kernels'
+// weight gradient is this with x = the layer's input and dy = its output gradient (voff = 0), or the other way
+// round (x = dy, dy = the input, off = 0: the sum's transpose), whichever wastes fewer lanes.
+struct WGradTask {
+    const float* xbuf;          // broadcast side: rows of ldx floats
+    int64_t ldx;
+    PixelMap xrow, dyrow;
+    int64_t K;
+    const float* dy;            // vector side: rows of ldy floats (whole vectors are read: rows past the last one
+    int64_t ldy;                // must exist)
+    int64_t N, NP;              // dy's channels, rounded up to the vector width
+    int T;
+    int64_t off[9], voff[9];    // each tap's row offset on either side
     int nblocks;
     int block_start[64], block_vectors[64];
 };
@@ -54,7 +75,8 @@ struct NNKernels {
     void (*gn_backward_apply)(const float* x, const float* dout, const float* a, const float* b, const float* A,
                               const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx);
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
-    void (*conv_wgrad)(const WGradTask& a, int64_t p0, int64_t p1, float* dw);
+    void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
+    float (*fma_loop)(int64_t iters);   // MD_ACC independent FMA chains (the peak)
 };
 
 extern const NNKernels nn_base;
@@ -66,6 +88,9 @@ extern const NNKernels nn_avx2, nn_avx512;
 const char* cpu_isa();                         // the instruction set in use
 bool set_cpu_isa(const char* name);            // "avx512", "avx2", "base" or "auto"; false if the CPU lacks it
 const char* const* cpu_isas_available(int* n); // the ones this CPU can run, best first
+// GFLOP/s of an instruction set's FMAs on `threads` threads (0: all), registers only: the peak the kernels
+// are measured against; negative if the CPU lacks that instruction set
+double fma_peak_gflops(const char* name, int threads);
 
 void silu_forward(const float* x, float* y, int64_t n);
 void silu_backward(const float* x, const float* dout, float* dx, int64_t n);
@@ -77,16 +102,30 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
                          const float* rstd, int64_t B, int64_t npix, int64_t C, int64_t G, int silu, float* dx,
                          float* dgamma, float* dbeta);
 // x (B, H, W, K), weight (N, K, 3, 3), bias (N,) (bias_stride 0) or (B, N) (bias_stride N) or null, residual
-// (B, H, W, N) or null -> out (B, H, W, N) = conv(x) + bias (+ residual)
+// (B, Ho, Wo, N) or null -> out (B, Ho, Wo, N) = conv(x) + bias (+ residual); padding 1, stride 1 or 2
+// (Ho = (H - 1) / stride + 1, Wo likewise)
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
-                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, float* out);
-// dout (B, H, W, N) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3) (written)
-void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t B, int64_t H, int64_t W,
-                      int64_t K, int64_t N, float* dx, float* dweight);
+                     const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
+                     float* out);
+// dout (B, Ho, Wo, N; pixels ldd >= N floats apart) -> dx (B, H, W, K) (written) and dweight (N, K, 3, 3)
+// (written)
+void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
+                      int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
-// dout (M, N) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
-void linear_backward(const float* x, const float* weight, const float* dout, int64_t M, int64_t K, int64_t N,
-                     float* dx, float* dweight);
+// dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
+void linear_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t M, int64_t K,
+                     int64_t N, float* dx, float* dweight);
+
+// ---- copies and sums (nn_cpu.cpp)
+// a (M, Ca), b (M, Cb) -> out (M, Ca + Cb)
+void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out);
+// x (B, P, C; rows ld >= C floats apart) -> (B, C) per image, or (C,)
+void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out);
+
+// ---- optimizer (nn_cpu.cpp), in place over n floats: optim.adam_update, optim.ema_update
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, float lr, float beta1, float beta2,
+                 float eps, float bias_correction1, float bias_correction2, float weight_decay);
+void ema_update(float* e, const float* p, int64_t n, float decay);
 
 }  // namespace md

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,29 @@ py::array arr(const py::handle& h, const char* name, int ndim) {
     if (ndim >= 0 && a.ndim() != ndim)
         throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
                               shape_str(a));
+    return a;
+}
+
+// As arr, but also a slice of the channels (last axis) of a C-contiguous array, as Concat's backward gives: the
+// last axis contiguous, the others rows (pixels) of one stride, *ld floats (>= the channels) apart.
+py::array arr_rows(const py::handle& h, const char* name, int ndim, int64_t* ld) {
+    if (!py::isinstance<py::array>(h)) throw py::type_error(std::string(name) + " must be a NumPy array");
+    py::array a = py::reinterpret_borrow<py::array>(h);
+    const py::ssize_t nd = a.ndim();
+    if (a.flags() & py::array::c_style || nd < 2) {
+        *ld = nd ? a.shape(nd - 1) : 0;
+        return arr(h, name, ndim);
+    }
+    bool rows = a.strides(nd - 1) == 4 && a.strides(nd - 2) % 4 == 0 && a.strides(nd - 2) >= 4 * a.shape(nd - 1);
+    for (py::ssize_t i = 0; rows && i + 2 < nd; ++i) rows = a.strides(i) == a.strides(i + 1) * a.shape(i + 1);
+    if (!rows) return arr(h, name, ndim);                 // the error arr names
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(std::string(name) + " must be float32 (the kernels' type), got " +
+                             std::string(py::str(a.dtype())));
+    if (ndim >= 0 && nd != ndim)
+        throw py::value_error(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got shape " +
+                              shape_str(a));
+    *ld = a.strides(nd - 2) / 4;
     return a;
 }
 
@@ -125,10 +149,16 @@ void check_conv(const py::array& x, const py::array& weight) {
                               std::to_string(x.shape(3)));
 }
 
-py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_, py::handle residual_) {
+void check_stride(int stride) {
+    if (stride != 1 && stride != 2) throw py::value_error("stride must be 1 or 2, got " + std::to_string(stride));
+}
+
+py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_, py::handle residual_, int stride) {
     py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4);
     check_conv(x, weight);
+    check_stride(stride);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
+    const py::ssize_t Ho = H ? (H - 1) / stride + 1 : 0, Wo = W ? (W - 1) / stride + 1 : 0;
     py::array bias, residual;                   // keep the arrays alive while the kernel runs
     const float *bias_ptr = nullptr, *res_ptr = nullptr;
     int64_t bias_stride = 0;
@@ -138,31 +168,45 @@ py::array py_conv3x3_forward(py::handle x_, py::handle weight_, py::handle bias_
         else vector_of(bias, "bias (or (B, Cout) per image)", N);
         bias_ptr = ptr(bias);
     }
-    py::array_t<float> out = empty({B, H, W, N});
+    py::array_t<float> out = empty({B, Ho, Wo, N});
     if (!residual_.is_none()) {
         residual = arr(residual_, "residual", 4);
         same_shape(residual, "residual", out, "the output");
         res_ptr = ptr(residual);
     }
+    if (B * H * W == 0 || N == 0) {             // nothing to compute (an empty batch, no channels)
+        if (out.size()) std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+        return out;
+    }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, bias_stride, res_ptr, B, H, W, K, N, out.mutable_data());
+        md::conv3x3_forward(ptr(x), ptr(weight), bias_ptr, bias_stride, res_ptr, B, H, W, K, N, stride,
+                            out.mutable_data());
     }
     return out;
 }
 
-py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_) {
-    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr(dout_, "dout", 4);
+py::tuple py_conv3x3_backward(py::handle x_, py::handle weight_, py::handle dout_, int stride) {
+    int64_t ldd;
+    py::array x = arr(x_, "x", 4), weight = arr(weight_, "weight", 4), dout = arr_rows(dout_, "dout", 4, &ldd);
     check_conv(x, weight);
+    check_stride(stride);
     const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), K = x.shape(3), N = weight.shape(0);
-    if (dout.shape(0) != B || dout.shape(1) != H || dout.shape(2) != W || dout.shape(3) != N)
-        throw py::value_error("dout must have shape (B, H, W, Cout) = (" + std::to_string(B) + ", " +
-                              std::to_string(H) + ", " + std::to_string(W) + ", " + std::to_string(N) + "), got " +
+    const py::ssize_t Ho = H ? (H - 1) / stride + 1 : 0, Wo = W ? (W - 1) / stride + 1 : 0;
+    if (dout.shape(0) != B || dout.shape(1) != Ho || dout.shape(2) != Wo || dout.shape(3) != N)
+        throw py::value_error("dout must have shape (B, Ho, Wo, Cout) = (" + std::to_string(B) + ", " +
+                              std::to_string(Ho) + ", " + std::to_string(Wo) + ", " + std::to_string(N) + "), got " +
                               shape_str(dout));
     py::array_t<float> dx = empty({B, H, W, K}), dweight = empty({N, K, 3, 3});
+    if (B * H * W == 0 || N == 0 || K == 0) {   // nothing to sum
+        std::fill(dx.mutable_data(), dx.mutable_data() + dx.size(), 0.0f);
+        std::fill(dweight.mutable_data(), dweight.mutable_data() + dweight.size(), 0.0f);
+        return py::make_tuple(dx, dweight);
+    }
     {
         py::gil_scoped_release nogil;
-        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), B, H, W, K, N, dx.mutable_data(), dweight.mutable_data());
+        md::conv3x3_backward(ptr(x), ptr(weight), ptr(dout), ldd, B, H, W, K, N, stride, dx.mutable_data(),
+                             dweight.mutable_data());
     }
     return py::make_tuple(dx, dweight);
 }
@@ -190,7 +234,8 @@ py::array py_linear_forward(py::handle x_, py::handle weight_, py::handle bias_)
 }
 
 py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_) {
-    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2), dout = arr(dout_, "dout", 2);
+    int64_t ldd;
+    py::array x = arr(x_, "x", 2), weight = arr(weight_, "weight", 2), dout = arr_rows(dout_, "dout", 2, &ldd);
     const py::ssize_t M = x.shape(0), K = x.shape(1), N = weight.shape(0);
     if (weight.shape(1) != K)
         throw py::value_error("weight has " + std::to_string(weight.shape(1)) + " input features but x has " +
@@ -201,9 +246,77 @@ py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_
     py::array_t<float> dx = empty({M, K}), dweight = empty({N, K});
     {
         py::gil_scoped_release nogil;
-        md::linear_backward(ptr(x), ptr(weight), ptr(dout), M, K, N, dx.mutable_data(), dweight.mutable_data());
+        md::linear_backward(ptr(x), ptr(weight), ptr(dout), ldd, M, K, N, dx.mutable_data(), dweight.mutable_data());
     }
     return py::make_tuple(dx, dweight);
+}
+
+// ---- copies and sums (layers.concat_channels, layers.pixel_sum), channels last
+py::array py_concat_channels(py::handle a_, py::handle b_) {
+    py::array a = arr(a_, "a", -1), b = arr(b_, "b", -1);
+    if (a.ndim() < 1 || a.ndim() != b.ndim()) throw py::value_error("a and b must have the same dimensions");
+    for (py::ssize_t i = 0; i + 1 < a.ndim(); ++i)
+        if (a.shape(i) != b.shape(i))
+            throw py::value_error("a " + shape_str(a) + " and b " + shape_str(b) + " differ before the last axis");
+    const py::ssize_t Ca = a.shape(a.ndim() - 1), Cb = b.shape(b.ndim() - 1), M = Ca ? a.size() / Ca : 0;
+    Shape shape(a.shape(), a.shape() + a.ndim());
+    shape.back() = Ca + Cb;
+    py::array_t<float> out = empty(shape);
+    if (Ca == 0 || Cb == 0 || out.size() == 0) {
+        if (out.size()) std::copy(Ca ? ptr(a) : ptr(b), (Ca ? ptr(a) : ptr(b)) + out.size(), out.mutable_data());
+        return out;
+    }
+    {
+        py::gil_scoped_release nogil;
+        md::concat_channels(ptr(a), ptr(b), M, Ca, Cb, out.mutable_data());
+    }
+    return out;
+}
+
+py::array py_pixel_sum(py::handle x_, bool per_image) {
+    int64_t ld;
+    py::array x = arr_rows(x_, "x", -1, &ld);
+    if (x.ndim() < 2) throw py::value_error("x must be (B, ..., C), got " + shape_str(x));
+    const py::ssize_t B = x.shape(0), C = x.shape(x.ndim() - 1);
+    const py::ssize_t P = B && C ? x.size() / (B * C) : 0;
+    py::array_t<float> out = per_image ? empty({B, C}) : empty({C});
+    if (B == 0 || P == 0) {
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+        return out;
+    }
+    {
+        py::gil_scoped_release nogil;
+        md::pixel_sum(ptr(x), ld, B, P, C, per_image, out.mutable_data());
+    }
+    return out;
+}
+
+// ---- optimizer (optim.adam_update, optim.ema_update), in place
+void writable(const py::array& a, const char* name) {
+    if (!a.writeable()) throw py::value_error(std::string(name) + " must be writeable (it is updated in place)");
+}
+
+void py_adam_update(py::handle p_, py::handle g_, py::handle m_, py::handle v_, float lr, float beta1, float beta2,
+                    float eps, float bias_correction1, float bias_correction2, float weight_decay) {
+    py::array p = arr(p_, "p", -1), g = arr(g_, "g", -1), m = arr(m_, "m", -1), v = arr(v_, "v", -1);
+    same_shape(g, "g", p, "p");
+    same_shape(m, "m", p, "p");
+    same_shape(v, "v", p, "p");
+    writable(p, "p");
+    writable(m, "m");
+    writable(v, "v");
+    py::gil_scoped_release nogil;
+    md::adam_update(static_cast<float*>(p.mutable_data()), ptr(g), static_cast<float*>(m.mutable_data()),
+                    static_cast<float*>(v.mutable_data()), p.size(), lr, beta1, beta2, eps, bias_correction1,
+                    bias_correction2, weight_decay);
+}
+
+void py_ema_update(py::handle e_, py::handle p_, float decay) {
+    py::array e = arr(e_, "e", -1), p = arr(p_, "p", -1);
+    same_shape(p, "p", e, "e");
+    writable(e, "e");
+    py::gil_scoped_release nogil;
+    md::ema_update(static_cast<float*>(e.mutable_data()), ptr(p), e.size(), decay);
 }
 
 }  // namespace
@@ -222,6 +335,17 @@ void bind_nn(py::module_& m) {
         for (int i = 0; i < n; ++i) out.append(names[i]);
         return out;
     }, "The instruction sets this CPU can run, best first.");
+    m.def("fma_peak_gflops", [](const std::string& name, int threads) {
+        double g;
+        {
+            py::gil_scoped_release nogil;
+            g = md::fma_peak_gflops(name.c_str(), threads);
+        }
+        if (g < 0) throw py::value_error("instruction set '" + name + "' is unknown or not supported by this CPU");
+        return g;
+    }, py::arg("isa"), py::arg("threads") = 0,
+          "GFLOP/s of the instruction set's FMAs in registers on `threads` threads (0: all): the peak the kernels "
+          "are measured against (about 0.1 s).");
     m.def("silu_forward", &py_silu_forward, py::arg("x"));
     m.def("silu_backward", &py_silu_backward, py::arg("x"), py::arg("dout"));
     m.def("group_norm_forward", &py_group_norm_forward, py::arg("x"), py::arg("gamma"), py::arg("beta"),
@@ -230,11 +354,20 @@ void bind_nn(py::module_& m) {
           py::arg("beta"), py::arg("mean"), py::arg("rstd"), py::arg("num_groups"), py::arg("silu"),
           "-> (dx, dgamma, dbeta)");
     m.def("conv3x3_forward", &py_conv3x3_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
-          py::arg("residual") = py::none(),
-          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or (B, Cout) or None, residual (B, H, W, Cout) "
-          "or None -> conv(x) + bias (+ residual), (B, H, W, Cout)");
+          py::arg("residual") = py::none(), py::arg("stride") = 1,
+          "x (B, H, W, Cin), weight (Cout, Cin, 3, 3), bias (Cout,) or (B, Cout) or None, residual (B, Ho, Wo, Cout) "
+          "or None -> conv(x) + bias (+ residual), (B, Ho, Wo, Cout); padding 1, stride 1 or 2 "
+          "(Ho = (H - 1) // stride + 1)");
     m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
-          "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
+          py::arg("stride") = 1, "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
+    m.def("concat_channels", &py_concat_channels, py::arg("a"), py::arg("b"), "[a, b] along the last axis");
+    m.def("pixel_sum", &py_pixel_sum, py::arg("x"), py::arg("per_image") = false,
+          "x (B, ..., C) -> the sum over pixels and images (C,), or over pixels (B, C) per image");
+    m.def("adam_update", &py_adam_update, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"),
+          py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("bias_correction1"),
+          py::arg("bias_correction2"), py::arg("weight_decay"), "optim.adam_update in place, float32");
+    m.def("ema_update", &py_ema_update, py::arg("e"), py::arg("p"), py::arg("decay"),
+          "optim.ema_update in place: e <- decay e + (1 - decay) p, float32");
     m.def("linear_forward", &py_linear_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
           "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
     m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),

@@ -368,11 +368,15 @@ class Upsample2x(Layer):
 # ----------------------------------------------------------------------------------------------------
 # Channel concatenation (U-Net skips):  y = [a, b] along channels.
 
+@fast.reference
+def concat_channels(a, b):                      # a (B, H, W, Ca), b (B, H, W, Cb) -> [a, b] (B, H, W, Ca + Cb)
+    return array_module(a).concatenate([a, b], axis=-1)
+
+
 class Concat(Layer):
     def forward(self, a, b):                    # a (B, H, W, Ca), b (B, H, W, Cb)
-        xp = array_module(a)
         self.save(a.shape[-1])
-        return xp.concatenate([a, b], axis=-1)  # (B, H, W, Ca + Cb)
+        return concat_channels(a, b)            # (B, H, W, Ca + Cb)
 
     def backward(self, dout):
         ca = self.cache

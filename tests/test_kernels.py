@@ -75,6 +75,67 @@ def test_conv2d_kernel_matches_reference(isa, B, H, W, cin, cout):
 
 
 @needs_cpu
+@pytest.mark.parametrize("B,H,W,cin,cout", [(2, 28, 28, 32, 32), (2, 14, 14, 64, 64), (3, 7, 9, 24, 24), (1, 5, 4, 3, 5),
+                                            (2, 1, 1, 17, 35), (1, 2, 3, 48, 8)])
+def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
+    """Downsample's 3x3 stride-2 convolution, odd and even sizes (the input gradient's four parities)."""
+    rng = np.random.default_rng(H * 100 + cin + 7)
+    x, w, b = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3, scale=0.3), rand(rng, cout)
+    dout = rand(rng, B, (H - 1) // 2 + 1, (W - 1) // 2 + 1, cout)
+    assert_close(*both(layers.conv2d, x, w, b, 2, 1))
+    assert_close(*both(layers.conv2d_backward, x, w, dout, 2, 1))
+
+
+@needs_cpu
+@pytest.mark.parametrize("shape,ca", [((2, 5, 7, 32), 8), ((3, 28, 28, 64), 32), ((1, 1, 1, 3), 1), ((4, 3, 2, 5), 0),
+                                      ((2, 7, 7, 96), 96)])
+def test_copy_kernels_match_reference(shape, ca):
+    """The skips' concatenation (exactly the reference's values) and the pixel sums (in double, against NumPy's
+    float32)."""
+    rng = np.random.default_rng(sum(shape) + ca)
+    d = rand(rng, *shape)
+    out, ref = both(layers.concat_channels, d[..., :ca].copy(), d[..., ca:].copy())
+    assert out.shape == ref.shape and np.array_equal(out, ref) and np.array_equal(out, d)
+    for per_image in (False, True):
+        assert_close(*both(layers.pixel_sum, d, per_image), tol=1e-5)
+        if ca < shape[-1]:                                                           # a slice of channels
+            assert_close(*both(layers.pixel_sum, d[..., ca:], per_image), tol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("n,weight_decay", [(1, 0.0), (1000003, 0.01)])
+def test_optimizer_kernels_match_reference_bit_for_bit(n, weight_decay):
+    """Adam and the EMA in one pass, each element with the reference's float32 operations in order: the same bits."""
+    from minidiff import optim
+    rng = np.random.default_rng(n)
+    p, g, m = rand(rng, n), rand(rng, n), rand(rng, n, scale=0.1)
+    v = np.abs(rand(rng, n, scale=0.01))
+    s = [np.float32(a) for a in (1e-3, 0.9, 0.999, 1e-8, 1 - 0.9 ** 3, 1 - 0.999 ** 3, weight_decay)]
+    runs = []
+    for reference in (False, True):
+        arrays = [a.copy() for a in (p, g, m, v)]
+        with fast.use_reference(reference):
+            optim.adam_update(*arrays, *s)
+            optim.ema_update(arrays[2], arrays[0], np.float32(0.99))     # any two buffers
+        runs.append(arrays)
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+@needs_cpu
+def test_kernels_take_slices_of_channels(isa):
+    """Concat's backward gives views of its output's channels; the backward kernels read them in place."""
+    rng = np.random.default_rng(11)
+    d = rand(rng, 2, 9, 7, 40)
+    x, dy = rand(rng, 2, 9, 7, 24), d[..., 8:32]
+    assert not dy.flags.c_contiguous
+    for w in (rand(rng, 24, 24, 3, 3, scale=0.3), rand(rng, 24, 24, 1, 1)):
+        assert_close(*both(layers.conv2d_backward, x, w, dy, 1, (w.shape[-1] - 1) // 2))
+    assert_close(*both(layers.conv2d_backward, x, rand(rng, 24, 24, 3, 3, scale=0.3), d[:, ::2, ::2, 8:32], 2, 1))
+    assert_close(*both(layers.linear_backward, x.reshape(-1, 24), rand(rng, 24, 24), dy.reshape(-1, 24)))
+
+
+@needs_cpu
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (7, 3, 5), (100, 64, 32), (3136, 64, 64), (50, 288, 32), (13, 17, 129),
                                    (64, 32, 128), (25, 1, 40)])
 def test_linear_kernel_matches_reference(isa, M, K, N):
@@ -158,7 +219,7 @@ def test_whole_unet_same_both_ways():
 
 # ------------------------------------------------------------------------------------------ registry and switch
 def test_every_fast_path_names_a_reference():
-    import minidiff.optim  # noqa: F401  (registers its references)
+    import minidiff.optim, minidiff.step  # noqa: F401, E401  (register their references)
     refs = fast.references()
     table = fast.table("numpy")
     assert set(table) <= set(refs), set(table) - set(refs)

@@ -17,6 +17,16 @@ def _c(a):
     return None if a is None else np.ascontiguousarray(a)
 
 
+def _rows(a):
+    """a itself where it is C-contiguous or a slice of the channels of a C-contiguous array (Concat's backward
+    gives those; the kernels that take it read rows of channels one stride apart), else a C-contiguous copy."""
+    s, n = a.strides, a.shape
+    if a.flags.c_contiguous or (a.ndim >= 2 and s[-1] == 4 and s[-2] % 4 == 0 and s[-2] >= 4 * n[-1]
+                                and all(s[i] == s[i + 1] * n[i + 1] for i in range(a.ndim - 2))):
+        return a
+    return np.ascontiguousarray(a)
+
+
 def linear(x, weight, bias):
     if not _float32(x, weight, bias):
         return NotImplemented
@@ -26,7 +36,7 @@ def linear(x, weight, bias):
 def linear_backward(x, weight, dout):
     if not _float32(x, weight, dout):
         return NotImplemented
-    return core.linear_backward(_c(x), _c(weight), _c(dout))
+    return core.linear_backward(_c(x), _c(weight), _rows(dout))
 
 
 def silu(x):
@@ -58,7 +68,7 @@ def group_norm_backward(dout, x, gamma, beta, mean, rstd, num_groups, with_silu=
 
 
 def _conv3x3(weight, stride, padding):
-    return weight.shape[2:] == (3, 3) and stride == 1 and padding == 1
+    return weight.shape[2:] == (3, 3) and stride in (1, 2) and padding == 1
 
 
 def _conv1x1(weight, stride, padding):
@@ -66,12 +76,13 @@ def _conv1x1(weight, stride, padding):
 
 
 def conv2d(x, weight, bias, stride=1, padding=0, residual=None):
-    """The 3x3 stride-1 convolution (the U-Net's), bias and residual added in the kernel's last pass; the 1x1
-    convolution as the linear kernel. The others run the reference, whose matrix product is the linear kernel."""
+    """The 3x3 convolutions of stride 1 and 2 (the U-Net's, Downsample's), bias and residual added in the kernel's
+    last pass; the 1x1 convolution as the linear kernel. The others run the reference, whose matrix product is the
+    linear kernel."""
     if not _float32(x, weight, bias, residual):
         return NotImplemented
     if _conv3x3(weight, stride, padding):
-        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), _c(residual))
+        return core.conv3x3_forward(_c(x), _c(weight), _c(bias), _c(residual), stride)
     if _conv1x1(weight, stride, padding) and (bias is None or bias.ndim == 1):
         B, H, W, _ = x.shape
         y = core.linear_forward(_c(x).reshape(-1, x.shape[-1]), _c(weight[:, :, 0, 0]), _c(bias))
@@ -84,19 +95,57 @@ def conv2d_backward(x, weight, dout, stride=1, padding=0):
     if not _float32(x, weight, dout):
         return NotImplemented
     if _conv3x3(weight, stride, padding):
-        return core.conv3x3_backward(_c(x), _c(weight), _c(dout))
+        return core.conv3x3_backward(_c(x), _c(weight), _rows(dout), stride)
     if _conv1x1(weight, stride, padding):
         cout, cin = weight.shape[:2]
-        dx, dw = core.linear_backward(_c(x).reshape(-1, cin), _c(weight[:, :, 0, 0]), _c(dout).reshape(-1, cout))
+        dy = _rows(_rows(dout).reshape(-1, cout))          # a view where dout is a slice of channels
+        dx, dw = core.linear_backward(_c(x).reshape(-1, cin), _c(weight[:, :, 0, 0]), dy)
         return dx.reshape(x.shape), dw.reshape(cout, cin, 1, 1)
     return NotImplemented
 
 
 def pixel_sum(x, per_image=False):
-    """einsum's pixel sums are 2-4x faster than ndarray.sum over the leading axes (docs/performance.md)."""
-    if type(x) is not np.ndarray or x.ndim != 4:
+    """Sums in double, each image's apart (the images' added in order: the same for any thread count)."""
+    if not _float32(x) or x.ndim < 2:
         return NotImplemented
-    return np.einsum("bhwc->bc" if per_image else "bhwc->c", x)
+    return core.pixel_sum(_rows(x), bool(per_image))
+
+
+def concat_channels(a, b):
+    if not _float32(a, b) or a.ndim != b.ndim or a.ndim < 1 or a.shape[:-1] != b.shape[:-1]:
+        return NotImplemented
+    return core.concat_channels(_c(a), _c(b))
+
+
+def _host_float32(*scalars):
+    """The scalars as float32 values, or None if one is not a host scalar (a 0-d array on a device, say)."""
+    out = []
+    for s in scalars:
+        if isinstance(s, np.ndarray) and s.ndim == 0 or isinstance(s, (float, int, np.floating, np.integer)):
+            out.append(float(np.float32(s)))
+        else:
+            return None
+    return out
+
+
+def _in_place(*arrays):
+    return all(type(a) is np.ndarray and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+               and a.shape == arrays[0].shape for a in arrays)
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay):
+    """One pass in the reference's float32 operations and order (the same bits), instead of NumPy's ten."""
+    s = _host_float32(lr, beta1, beta2, eps, bias_correction1, bias_correction2, weight_decay)
+    if s is None or not _in_place(p, g, m, v):
+        return NotImplemented
+    core.adam_update(p, g, m, v, *s)
+
+
+def ema_update(e, p, decay):
+    s = _host_float32(decay)
+    if s is None or not _in_place(e, p):
+        return NotImplemented
+    core.ema_update(e, p, *s)
 
 
 def _step_arrays(x_t, **arrays):
@@ -140,4 +189,6 @@ def table():
             "layers.silu": silu, "layers.silu_backward": silu_backward,
             "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
             "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward, "layers.pixel_sum": pixel_sum,
+            "layers.concat_channels": concat_channels,
+            "optim.adam_update": adam_update, "optim.ema_update": ema_update,
             "step.step": step}
