@@ -4,6 +4,7 @@ trained on a folder of images, or its bound, with faults to inject.
     mpi_run.py train FOLDER OUT STEPS [--resume] [--fail-rank R --fail-step S] [--nan-rank R] [--minutes-rank R]
                                       [--interrupt-rank R --interrupt-step S] [--device cuda]
     mpi_run.py bound CKPT FOLDER OUT
+    mpi_run.py average OUT            # each rank's mean of its rows of a fixed batch, then group.average
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ TINY = dict(in_channels=3, resolution=8, base_channels=8, ch_mult=(1, 2), num_re
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "bound"])
+    p.add_argument("mode", choices=["train", "bound", "average"])
     p.add_argument("args", nargs="+")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int, default=-1)
@@ -40,6 +41,15 @@ def main():
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     group = process_group()
+    if a.mode == "average":                     # the batch's mean from each share's mean, weighted by its rows
+        x = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
+        lo, hi = group.share(len(x))
+        flat = x[lo:hi].mean(axis=0)
+        group.average(flat, (hi - lo) / len(x))
+        everyone = group.gather(flat.tolist())
+        if group.main:
+            json.dump(dict(ranks=everyone, want=x.mean(axis=0).tolist()), open(a.args[0], "w"))
+        return
     if a.mode == "bound":
         ckpt, folder, out = a.args
         model, schedule, _ = load_model(ckpt)

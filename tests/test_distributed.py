@@ -38,6 +38,18 @@ def test_shares_cover_the_batch_in_order():
         assert max(hi - lo for lo, hi in shares) - min(hi - lo for lo, hi in shares) <= 1
 
 
+@needs_mpi
+def test_average_weights_each_share_by_its_rows(tmp_path):
+    """MPIGroup.average over 3 processes sharing a batch of 8 unevenly (3, 3, 2 rows, MPIGroup.share): each
+    process's mean of its rows, weighted by its share of the batch and summed, is the whole batch's mean, on every
+    process (what one allreduce of the flat gradient buffer does for the gradient of the mean loss)."""
+    run(3, "average", tmp_path / "avg.json", tmp=tmp_path)
+    got = json.loads((tmp_path / "avg.json").read_text())
+    assert len(got["ranks"]) == 3
+    for flat in got["ranks"]:
+        np.testing.assert_allclose(flat, got["want"], rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A folder of 48 RGB 12x12 PNGs in 3 class subfolders (a coloured square whose corner is the class)."""

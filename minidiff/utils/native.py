@@ -12,8 +12,7 @@ ABI_VERSION = 3
 _FIX = "build it with `pip install .` from the repository root"
 
 # The kernels' OpenMP threads sleep when they wait, instead of spinning (GNU OpenMP reads this when _core loads it):
-# on an idle machine that costs about 3% of a training step; when another program holds a core it keeps the step
-# about 1.3x faster (docs/performance.md). Set OMP_WAIT_POLICY=active in the environment to spin.
+# a spinning thread waits for a core that another program holds (docs/performance.md). OMP_WAIT_POLICY=active spins.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 
