@@ -72,7 +72,9 @@ class TrainConfig:
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept."""
+    """Training cannot go on (for example the loss became NaN); the last good checkpoint is kept. Every process
+    raises it at the same step (it is found in values summed over the processes)."""
+    every_rank = True
 
 
 def _check_same(kind, saved, wanted, path, ignore=()):

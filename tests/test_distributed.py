@@ -131,7 +131,8 @@ def test_a_nan_on_one_process_stops_all_before_any_checkpoint(folder, tmp_path):
     run(2, "train", folder, out, 2, tmp=tmp_path)
     before = (out / "checkpoint.npz").read_bytes()
     res = run(2, "train", folder, out, 6, "--resume", "--nan-rank", 1, tmp=tmp_path, timeout=120, check=False)
-    assert res.returncode != 0 and "loss became nan at step 2" in res.stderr + res.stdout
+    # every process finds the NaN in the summed loss: rank 0 reports it once, and all leave after it is printed
+    assert res.returncode != 0 and (res.stderr + res.stdout).count("loss became nan at step 2") == 1
     assert (out / "checkpoint.npz").read_bytes() == before
 
 

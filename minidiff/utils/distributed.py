@@ -74,8 +74,10 @@ class Single:
     def use_gpu(self):
         """On GPUs: use device local_rank mod device count; set up NCCL."""
 
-    def fail(self, message, code=1):
-        """Stop with an error: every rank (a process that just left would leave the others waiting forever)."""
+    def fail(self, message, code=1, together=False):
+        """Stop with an error: every rank (a process that just left would leave the others waiting forever).
+        together: every rank found this same error in the same reduced values (a NaN loss), so rank 0 alone
+        reports it and all leave after it is printed; otherwise the first rank to fail stops the others."""
         sys.exit(message)
 
 
@@ -93,6 +95,11 @@ class MPIGroup(Single):
         previous = sys.excepthook
 
         def abort(*exc):                        # an exception on any rank ends every rank: no hang
+            if getattr(exc[1], "every_rank", False):            # raised on all ranks together: report it once
+                if self.main:
+                    previous(*exc)
+                self.comm.Barrier()
+                return
             traceback.print_exception(*exc)
             sys.stderr.flush()
             self.comm.Abort(1)
@@ -146,7 +153,12 @@ class MPIGroup(Single):
         uid = self.comm.bcast(nccl.get_unique_id() if self.main else None, root=0)
         self.nccl = nccl.NcclCommunicator(self.size, uid, self.rank)
 
-    def fail(self, message, code=1):
+    def fail(self, message, code=1, together=False):
+        if together:                            # printed before anyone leaves: the launcher cannot cut it off
+            if self.main:
+                print(message, file=sys.stderr, flush=True)
+            self.comm.Barrier()
+            sys.exit(code)
         print(message, file=sys.stderr, flush=True)
         self.comm.Abort(code)
 
