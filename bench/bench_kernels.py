@@ -16,6 +16,11 @@ import time
 
 import numpy as np
 
+try:                # before minidiff, which sets OMP_WAIT_POLICY=passive: PyTorch's threads start as they would alone
+    import torch
+except ImportError:
+    torch = None
+
 from minidiff import fast as kernels, layers
 from minidiff.utils import native as _native
 
@@ -48,11 +53,8 @@ def main():
     core = _native.core
     if core is None:
         raise SystemExit(f"error: {_native.native_status()['reason']}")
-    try:
-        import torch
+    if torch is not None:
         torch.set_num_threads(os.cpu_count())
-    except ImportError:
-        torch = None
     isas = core.cpu_isas()
     peak = {isa: core.fma_peak_gflops(isa) for isa in isas}
     print(f"{os.cpu_count()} threads; instruction sets {', '.join(isas)}; load average {os.getloadavg()[0]:.2f}; "

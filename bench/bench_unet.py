@@ -28,6 +28,10 @@ import sys
 import time
 from statistics import median
 
+# The environment as the user set it, before anything imports minidiff (which sets OMP_WAIT_POLICY=passive for its
+# own threads, minidiff/utils/native.py): PyTorch's workers get this one, so PyTorch runs as it would on its own.
+USER_ENV = dict(os.environ)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CASES = {"cpu": [("forward", 64), ("forward", 256), ("train", 64), ("train", 128)],
@@ -225,7 +229,7 @@ def device_name(device):
 def run_case(impl, mode, batch, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, mode, str(batch), "--channels",
            str(args.channels), "--shape", args.shape, "--seconds", str(args.seconds), "--device", args.device]
-    env = dict(os.environ)
+    env = dict(USER_ENV if impl == "torch" else os.environ)
     if args.isa:
         env.update(MINIDIFF_CPU_ISA=args.isa, **TORCH_ISA.get(args.isa, {}))
     if args.reference:
