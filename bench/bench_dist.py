@@ -77,7 +77,7 @@ def worker(batch, channels, seconds, allreduces):
 LINKS = [("10 Gb Ethernet (TCP)", 1.25e9, 30e-6, None), ("100 Gb InfiniBand", 12.5e9, 2e-6, None),
          ("400 Gb InfiniBand", 50e9, 2e-6, None), ("NVLink (the 8 GPUs of one node)", 450e9, 3e-6, 8)]
 # (network, parameters, compute time of one rank's step in s: what it stands for)
-PAPER_CASES = [("benchmark model, C = 32", 1_623_169, 0.90, "2 CPU cores, batch 64 per process"),
+PAPER_CASES = [("benchmark model, C = 32", 1_623_169, 0.48, "2 CPU cores, batch 64 per process"),
                ("benchmark model, C = 32", 1_623_169, 0.010, "one GPU, batch 128 per process (assumed)"),
                ("DDPM CIFAR-10, C = 128", 35_746_307, 0.100, "one GPU, batch 128 per process (assumed)")]
 
