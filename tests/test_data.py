@@ -8,7 +8,6 @@ import gzip
 import os
 import hashlib
 import struct
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -59,19 +58,9 @@ def write_toy(d, raw=False, only=None, content=None):
     return d
 
 
-def real_urlopen_file_only(url, *args, **kwargs):
-    if not url.startswith("file://"):
-        raise AssertionError(f"a test tried to reach the network: {url}")
-    return urllib.request.urlopen(url, *args, **kwargs)
-
-
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No real cache, env var, /usr/share or network; a 'toy' data set served by a file:// mirror."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("MINIDIFF_DATA_DIR", raising=False)
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "usr-share-datasets")
-    monkeypatch.setattr(D, "_urlopen", real_urlopen_file_only)
+def isolated(offline, tmp_path, monkeypatch):
+    """No real cache, env var, /usr/share or network (conftest.py); a 'toy' data set served by a file:// mirror."""
     mirror = write_toy(tmp_path / "mirror")
     monkeypatch.setitem(D.DATASETS, "toy", {
         "mirrors": [(tmp_path / "no-such-mirror").as_uri() + "/", mirror.as_uri() + "/"],

@@ -12,7 +12,6 @@ import os
 import pickle
 import tarfile
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +28,10 @@ def md5(b):
     return hashlib.md5(b).hexdigest()
 
 
-def real_urlopen_file_only(url, *args, **kwargs):
-    if not url.startswith("file://"):
-        raise AssertionError(f"a test tried to reach the network: {url}")
-    return urllib.request.urlopen(url, *args, **kwargs)
-
-
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No real cache, env var, /usr/share or network."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("MINIDIFF_DATA_DIR", raising=False)
-    monkeypatch.setattr(D, "SYSTEM_DATA_DIR", tmp_path / "usr-share-datasets")
-    monkeypatch.setattr(D, "_urlopen", real_urlopen_file_only)
-    return tmp_path
+def isolated(offline):
+    """No real cache, env var, /usr/share or network (conftest.py)."""
+    return offline
 
 
 # --------------------------------------------------------------------------- a synthetic CIFAR-10
