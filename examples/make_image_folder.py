@@ -1,8 +1,8 @@
 """Write a folder of RGB images to try training on a folder: MNIST digits in random colours, 32x32 PNGs.
 
     python examples/make_image_folder.py runs/color_mnist                 # 60,000 train and 10,000 test images
-    python examples/train.py --data runs/color_mnist/train --class-conditional
-    python examples/bound.py runs/color_mnist_train/checkpoint.npz --data runs/color_mnist/test
+    python examples/train.py --data runs/color_mnist/train --class-conditional --out-dir runs/color_train
+    python examples/bound.py runs/color_train/checkpoint.npz --data runs/color_mnist/test
 
 Each digit is drawn in a random colour on a random background colour (two independent uniform RGB colours per image,
 blended by the digit's grey level), padded from 28 to 32 pixels: RGB images of CIFAR-10's shape whose content is

@@ -44,13 +44,13 @@ from minidiff.utils.image import save_grid
 #             dropout 0.1, Adam 2e-4 with 5,000 warm-up steps, batch 128, EMA 0.9999, random flips, 800k steps.
 PRESETS = {
     ("mnist", "cpu"): dict(model=dict(base_channels=24, num_res_blocks=1),
-                          train=dict(steps=8000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                          train=dict(steps=6400, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
                                      ema_decay=0.999, max_minutes=28, guide_step=1000)),
     ("mnist", "gpu"): dict(model=dict(base_channels=64),
                           train=dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999,
                                      sample_every=2500, ckpt_every=1000)),
     ("cifar10", "cpu"): dict(model=dict(base_channels=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,)),
-                         train=dict(steps=3000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                         train=dict(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
                                     ema_decay=0.999, max_minutes=28, guide_step=500, hflip=True)),
     ("cifar10", "gpu"): dict(model=dict(base_channels=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                     dropout=0.1),
