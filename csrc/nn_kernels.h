@@ -1,7 +1,7 @@
 // nn_kernels.h: the network's CPU kernels (3x3 convolution, GroupNorm with SiLU, SiLU), float32, NHWC.
 // nn_cpu.cpp holds the drivers (argument layout, padding, weight packing, threads); nn_isa.h the inner loops,
 // compiled once per instruction set (nn_avx512.cpp, nn_avx2.cpp, nn_base.cpp). The readable reference of each
-// kernel is the function of minidiff/layers.py named beside it; minidiff/kernels.py registers the kernels for
+// kernel is the function of minidiff/layers.py named beside it; minidiff/fast/cpu.py registers the kernels for
 // those functions, and tests/test_kernels.py checks that each equals its reference.
 #pragma once
 #include <cstdint>

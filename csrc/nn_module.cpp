@@ -1,6 +1,6 @@
 // nn_module.cpp: Python bindings of the network's CPU kernels (nn_kernels.h), part of minidiff._core.
 // Every array is checked here (dtype, C-contiguity, shapes), so bad input is a TypeError or ValueError, never a
-// crash; minidiff/kernels.py calls these only for inputs the kernels take and uses the references otherwise.
+// crash; minidiff/fast/cpu.py calls these only for inputs the kernels take and uses the references otherwise.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -140,7 +140,7 @@ py::tuple py_group_norm_backward(py::handle dout_, py::handle x_, py::handle gam
     return py::make_tuple(dx, dgamma, dbeta);
 }
 
-// ---- 3x3 stride-1 'same' convolution, NHWC (layers.conv2d_same, layers.conv2d_same_backward)
+// ---- 3x3 stride-1 'same' convolution, NHWC (layers.conv2d, layers.conv2d_backward)
 void check_conv(const py::array& x, const py::array& weight) {
     if (weight.shape(2) != 3 || weight.shape(3) != 3)
         throw py::value_error("weight must be (Cout, Cin, 3, 3), got " + shape_str(weight));

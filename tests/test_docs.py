@@ -5,8 +5,10 @@
 * every script that the documents run (examples/*.py, bench/*.py) starts and prints its --help, and every --option
   the documents give it is one it has;
 * every test (test_x.py::name) and every minidiff function (module.name) the equation map names exists, and each
-  test mentions a function its row names (the test tests what its row says);
-* no placeholder is left where a measurement belongs.
+  test mentions a function its row names (the test tests what its row says); every `module.name` of minidiff that
+  any document names exists;
+* no placeholder is left where a measurement belongs;
+* no path outside the repository appears in the documents, the code, the examples or the tests.
 
 Scripts run in a subprocess from a temporary folder, so they import the installed minidiff, as a user's would.
 """
@@ -52,6 +54,26 @@ def test_relative_links_and_images_exist(path):
 def test_no_placeholders_left(path):
     left = re.findall(r"TODO\([^)\n]*", path.read_text(encoding="utf-8"))
     assert not left, f"{path.relative_to(ROOT)}: placeholders {left}"
+
+
+# What only the machines this project was developed on have: a folder beside the checkout, and its files.
+OUTSIDE = re.compile("|".join([r"\.\./" + "shared", "/" + "work/", "REFERENCE" + "_RUNS", "STYLE" + r"\.md",
+                               "development " + "(machine|setup|VM|copy)"]))
+SOURCES = (["README.md", "CONTRIBUTING.md", "pyproject.toml", "CMakeLists.txt"]
+           + [f"{d}/**/*{ext}" for d in ("minidiff", "examples", "bench", "tests", "csrc", "docs")
+              for ext in (".py", ".md", ".sh", ".h", ".cpp", ".cu")])
+
+
+def test_no_path_outside_the_repository():
+    """README, docs, code, examples, benchmarks and tests speak of a user's machine: no path outside the repository,
+    no file a user does not have (.ci/run alone may point at the data copy of the machine it runs on)."""
+    found = []
+    for pattern in SOURCES:
+        for path in sorted(ROOT.glob(pattern)):
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if OUTSIDE.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:100]}")
+    assert not found, "\n".join(found)
 
 
 def documented_commands():
@@ -153,6 +175,24 @@ def test_equation_map_functions_and_tests_exist():
                                                           current.read_text(encoding="utf-8"))):
                 missing.append(ref)
     assert not missing, f"the equation map names what does not exist: {missing}"
+
+
+FILE_SUFFIXES = {"py", "md", "npz", "npy", "png", "json", "jsonl", "txt", "gz", "bin", "h", "cpp", "cu", "sh", "toml"}
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_minidiff_name_the_documents_use_exists(path):
+    """`module.name` in a document's text, where module is one of minidiff's (step.timesteps, utils.data.load_dataset,
+    fast.gpu.STEP_PARAMS, layers.Conv2d.forward(...)), names something that module defines: a renamed or deleted
+    function leaves no stale reference behind."""
+    stale = []
+    for ref in re.findall(r"`([a-z_]+(?:\.\w+)+)[`(\[ ]", path.read_text(encoding="utf-8")):
+        if ref.rsplit(".", 1)[-1] in FILE_SUFFIXES:
+            continue
+        src, names = _source(ref)
+        if src is not None and names and not _defined(names[-1], src.read_text(encoding="utf-8")):
+            stale.append(ref)
+    assert not stale, f"{path.relative_to(ROOT)} names what minidiff does not define: {sorted(set(stale))}"
 
 
 def _test_source(file, name):

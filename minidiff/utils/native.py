@@ -1,5 +1,5 @@
 """The compiled extension minidiff._core (csrc/), loaded if present and current.
-Underneath every stage: the C++/CUDA kernels of kernels.py and step.py.
+Underneath every stage: the C++/CUDA kernels that minidiff/fast/ registers.
 
 `import minidiff` never fails because of it: without the extension (a source tree that was not built,
 or a build from older sources) the NumPy path works and ``native_status()`` says why and how to fix it.
