@@ -4,7 +4,7 @@
 
 Writes OUT_DIR/classifier.npz (weights, feature scale and test accuracy in its meta). examples/mnist_eval.py uses it
 to judge samples: which digit each shows, how confident, and the Frechet distance in its judge features
-(docs/evaluation.md). 4 epochs take a few minutes on 2 CPU cores.
+(docs/evaluation.md). 4 epochs take about a minute on 2 CPU cores.
 """
 import argparse
 import os
