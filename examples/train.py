@@ -167,7 +167,7 @@ def main(argv=None, default_data=None, description=None):
         if a.final_sampler != "none" and (step >= tcfg.steps or out_of_time):
             final_grid(a, tcfg, step, group)
     except (DataError, CheckpointError, TrainingError, ValueError, RuntimeError) as e:   # RuntimeError: no GPU
-        group.fail(f"error: {e}", together=isinstance(e, TrainingError))
+        group.fail(f"error: {e}", together=getattr(e, "every_rank", False))
 
 
 def final_grid(a, tcfg, step, group=None):

@@ -5,6 +5,7 @@ trained on a folder of images, or its bound, with faults to inject.
                                       [--interrupt-rank R --interrupt-step S] [--device cuda]
     mpi_run.py bound CKPT FOLDER OUT
     mpi_run.py average OUT            # each rank's mean of its rows of a fixed batch, then group.average
+    mpi_run.py fail MESSAGE           # every rank calls group.fail(MESSAGE, together=True)
 """
 import argparse
 import json
@@ -29,7 +30,7 @@ TINY = dict(in_channels=3, resolution=8, base_channels=8, ch_mult=(1, 2), num_re
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "bound", "average"])
+    p.add_argument("mode", choices=["train", "bound", "average", "fail"])
     p.add_argument("args", nargs="+")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--fail-rank", type=int, default=-1)
@@ -41,6 +42,8 @@ def main():
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     group = process_group()
+    if a.mode == "fail":
+        group.fail(a.args[0], code=3, together=True)
     if a.mode == "average":                     # the batch's mean from each share's mean, weighted by its rows
         x = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
         lo, hi = group.share(len(x))

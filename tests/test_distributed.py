@@ -137,6 +137,12 @@ def test_a_nan_on_one_process_stops_all_before_any_checkpoint(folder, tmp_path):
 
 
 @needs_mpi
+def test_an_error_every_process_finds_together_is_reported_once_with_its_exit_code(tmp_path):
+    res = run(3, "fail", "error: the same on every rank", tmp=tmp_path, timeout=60, check=False)
+    assert res.returncode == 3 and (res.stderr + res.stdout).count("error: the same on every rank") == 1
+
+
+@needs_mpi
 def test_parallel_sampling_and_bound_are_one_process_s(folder, tmp_path):
     run(1, "train", folder, tmp_path / "m", 2, tmp=tmp_path)
     ckpt = tmp_path / "m" / "checkpoint.npz"
