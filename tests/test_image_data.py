@@ -6,6 +6,7 @@ member, with the spec's MD5 and size pointed at it, and folders of tiny images w
 use file:// mirrors, and any other URL fails the test (no test touches the network); the per-user cache is a
 folder of tmp_path.
 """
+import gzip
 import hashlib
 import io
 import os
@@ -59,7 +60,8 @@ RECORDS = {m: records(m, n) for m, n in COUNTS.items()}
 def tar_gz(members, extra=()):
     """A .tar.gz holding {name: bytes} (names under cifar-10-batches-bin/) plus (name, bytes) extras."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    # gzip's header time fixed: the same members give the same bytes (and MD5) on every call, whatever the clock
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name, data in list((PREFIX + m, d) for m, d in members.items()) + list(extra):
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data), 0
