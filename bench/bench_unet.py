@@ -16,8 +16,8 @@ measurement warms up, then times whole steps until --seconds have passed (at lea
 machine, so each case runs --rounds times, minidiff and PyTorch back to back in each round: the table shows the
 median images/s of each and the median (range) of the per-round ratios. Peak memory: resident set (CPU) or the
 memory pools' high-water mark / torch.cuda.max_memory_allocated (GPU). On the CPU, check `uptime` first (the table
-prints the load average before and after): under load PyTorch slows down more than minidiff does, so a ratio
-measured on a busy machine flatters minidiff.
+prints the load average before and after, and on Linux the share of the cores' time the host of a VM took, steal):
+under load PyTorch slows down more than minidiff does, so a ratio measured on a busy machine flatters minidiff.
 """
 import argparse
 import json
@@ -213,6 +213,25 @@ def print_counts(batch, channels):
     print(f"| all | {sum(counts['training step'].values())} | {sum(counts['sampling step'].values())} |")
 
 
+def cpu_times():
+    """(steal, total) clock ticks of all cores since boot from /proc/stat (Linux), or None elsewhere. Steal is the time
+    a virtual machine's cores were runnable but the host ran something else: a VM can look idle (load average,
+    vmstat's idle column) while its host takes a share of every second."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before, after):
+    """The share of the cores' time that the host took between two cpu_times() readings (None: not known)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def device_name(device):
     if device == "cpu":
         try:
@@ -281,7 +300,7 @@ def main():
         except ImportError as e:
             print(f"PyTorch not usable ({e}): minidiff only")
             impls = ["minidiff"]
-    load = os.getloadavg()
+    load, ticks = os.getloadavg(), cpu_times()
     print(f"U-Net C={args.channels}, {args.shape} shape, float32, {device_name(args.device)}"
           f"{', minidiff references' if args.reference else ''}{', ISA ' + args.isa if args.isa else ''}; "
           f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -300,8 +319,12 @@ def main():
         elif "torch" in impls:
             row += " - |"
         print(row, flush=True)
-    load = os.getloadavg()
-    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    load, stolen = os.getloadavg(), steal_share(ticks, cpu_times())
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("" if stolen is None else f"; time stolen by the host (steal): {stolen:.0%} of the cores' time"))
+    if stolen is not None and stolen > 0.03:
+        print("warning: this VM's host took part of the cores' time during the run; its ratios are not a fair "
+              "comparison (PyTorch slows more under contention): measure again when steal is near 0%")
 
 
 if __name__ == "__main__":

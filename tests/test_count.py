@@ -58,3 +58,26 @@ def test_the_gpu_path_has_no_einsum(monkeypatch):
         raise AssertionError("einsum on the GPU path")
     monkeypatch.setattr(np, "einsum", refuse)
     _bench().count_ops(batch=1, channels=8)
+
+
+def test_bench_reads_the_hosts_steal_from_proc_stat(tmp_path, monkeypatch):
+    """bench_unet.cpu_times reads (steal, total) ticks from /proc/stat's first line, and steal_share is the share
+    of the cores' time the host took between two readings; without /proc/stat neither is known."""
+    bench = _bench()
+    stat = tmp_path / "stat"
+    real_open = open
+
+    def fake_open(path, *args, **kw):
+        return real_open(stat if path == "/proc/stat" else path, *args, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n")
+    before = bench.cpu_times()
+    assert before == (40, 1000)
+    stat.write_text("cpu  200 0 60 1000 10 0 0 130 0 0\n")
+    after = bench.cpu_times()
+    assert after == (130, 1400)
+    assert bench.steal_share(before, after) == pytest.approx(90 / 400)
+    assert bench.steal_share(before, before) is None and bench.steal_share(None, after) is None
+    stat.unlink()
+    assert bench.cpu_times() is None
