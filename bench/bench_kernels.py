@@ -5,8 +5,8 @@ set, beside PyTorch's conv2d (channels_last) on the same shapes and threads, and
     python bench/bench_kernels.py --batch 128 --reps 10
 
 A 3x3 convolution of a (B, H, W, Cin) batch to Cout channels costs 2 B H W Cin Cout 9 FLOP forward and twice that
-backward (input and weight gradients). Times are the best of --reps after a warm-up (the machine's other load
-shows as spread, not in the best). Each cell also gives the share of the instruction set's peak, measured first by
+backward (input and weight gradients). Times are the best of at least --reps calls spread over at least --seconds,
+after a warm-up (the machine's other load shows as spread, not in the best). Each cell also gives the share of the instruction set's peak, measured first by
 core.fma_peak_gflops (independent FMAs in registers on all threads: 2 FMA units x vector width x 2 FLOP x clock x
 cores); PyTorch's share is of the best instruction set's peak.
 """
@@ -28,12 +28,15 @@ SHAPES = [(28, 32, 32), (28, 64, 32), (28, 96, 32), (14, 64, 64), (14, 128, 64),
           (4, 64, 64), (28, 24, 24), (14, 48, 48)]   # (H = W, Cin, Cout) of the C = 32 (MNIST, CIFAR-10) and C = 24 U-Nets
 
 
-def best_ms(fn, reps):
+def best_ms(fn, reps, seconds):
+    """the best time of at least `reps` calls spread over at least `seconds` (a VM's host takes the cores in
+    bursts: a short window can fall inside one)"""
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 0.2:       # warm-up: caches, the cores' clocks, the other library's threads idle
         fn()
     times = []
-    for _ in range(reps):
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -49,6 +52,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=0.5, help="least time over which each cell's calls spread")
     a = p.parse_args()
     core = _native.core
     if core is None:
@@ -58,7 +62,8 @@ def main():
     isas = core.cpu_isas()
     peak = {isa: core.fma_peak_gflops(isa) for isa in isas}
     print(f"{os.cpu_count()} threads; instruction sets {', '.join(isas)}; load average {os.getloadavg()[0]:.2f}; "
-          f"GFLOP/s (forward / backward) and share of the peak, best of {a.reps}; peak (FMAs in registers): "
+          f"GFLOP/s (forward / backward) and share of the peak, best of {a.reps}+ calls over {a.seconds:g}+ s; "
+          "peak (FMAs in registers): "
           + ", ".join(f"{isa} {g:.0f}" for isa, g in peak.items()))
     print("| H x W, Cin -> Cout | " + " | ".join(isas) + " | NumPy reference | PyTorch channels_last |")
     print("| --- " * (len(isas) + 3) + "|")
@@ -72,13 +77,13 @@ def main():
         cells = []
         for isa in isas:
             core.set_cpu_isa(isa)
-            f, bw = (best_ms(lambda: fn(*args), a.reps) for fn, args in ((layers.conv2d, (x, w, b, 1, 1)),
+            f, bw = (best_ms(lambda: fn(*args), a.reps, a.seconds) for fn, args in ((layers.conv2d, (x, w, b, 1, 1)),
                                                                         (layers.conv2d_backward, (x, w, d, 1, 1))))
             cells.append(cell(flop / f / 1e6, 2 * flop / bw / 1e6, peak[isa]))
         core.set_cpu_isa("auto")
         with kernels.use_reference():
-            f = best_ms(lambda: layers.conv2d(x, w, b, 1, 1), max(1, a.reps // 2))
-            bw = best_ms(lambda: layers.conv2d_backward(x, w, d, 1, 1), max(1, a.reps // 2))
+            f = best_ms(lambda: layers.conv2d(x, w, b, 1, 1), max(1, a.reps // 2), 0)
+            bw = best_ms(lambda: layers.conv2d_backward(x, w, d, 1, 1), max(1, a.reps // 2), 0)
         cells.append(f"{flop / f / 1e6:.0f} / {2 * flop / bw / 1e6:.0f}")
         if torch is not None:
             xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)      # NCHW view of NHWC: channels_last
@@ -91,8 +96,8 @@ def main():
 
             def bwd():                          # forward + backward, less the forward
                 torch.autograd.grad(torch.nn.functional.conv2d(xt, wt, padding=1), (xt, wt), gt)
-            tf = best_ms(fwd, a.reps)
-            tb = best_ms(bwd, a.reps) - tf
+            tf = best_ms(fwd, a.reps, a.seconds)
+            tb = best_ms(bwd, a.reps, a.seconds) - tf
             cells.append(cell(flop / tf / 1e6, 2 * flop / tb / 1e6, peak[isas[0]]))
         else:
             cells.append("-")

@@ -4,7 +4,7 @@
 namespace md {
 namespace base {
 #define MD_VW 4
-#define MD_ACC 12
+#define MD_ACC 10
 #include "nn_isa.h"
 }  // namespace base
 

@@ -317,7 +317,7 @@ static void pad_images(const float* x, int64_t xs, int64_t B, const Grid& g, int
 // Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
 template <class Task>
 static void plan_blocks(Task& t, int64_t vectors, int acc) {
-    const int nbv = (int)vectors, nbmax = acc >= 24 ? 4 : 3;
+    const int nbv = (int)vectors, nbmax = acc >= 24 ? 4 : acc >= 12 ? 3 : 2;
     const int nblocks = (nbv + nbmax - 1) / nbmax;
     t.nblocks = nblocks;
     for (int i = 0, start = 0; i < nblocks; ++i) {
