@@ -8,7 +8,7 @@ namespace avx2 {
 #include "nn_isa.h"
 }  // namespace avx2
 
-const NNKernels nn_avx2 = {"avx2", MD_VW, MD_ACC, avx2::silu_forward, avx2::silu_backward, avx2::gn_moments,
-                            avx2::gn_apply, avx2::gn_backward_sums, avx2::gn_backward_apply, avx2::conv_tiles,
-                            avx2::conv_wgrad, avx2::fma_loop};
+const NNKernels nn_avx2 = {"avx2", MD_VW, MD_ACC, MD_CHAINS,
+    avx2::silu_forward, avx2::silu_backward, avx2::gn_moments, avx2::gn_apply, avx2::gn_backward_sums,
+    avx2::gn_backward_apply, avx2::conv_tiles, avx2::conv_wgrad, avx2::fma_loop};
 }  // namespace md

@@ -8,7 +8,8 @@ namespace avx512 {
 #include "nn_isa.h"
 }  // namespace avx512
 
-const NNKernels nn_avx512 = {"avx512", MD_VW, MD_ACC, avx512::silu_forward, avx512::silu_backward, avx512::gn_moments,
-                            avx512::gn_apply, avx512::gn_backward_sums, avx512::gn_backward_apply, avx512::conv_tiles,
-                            avx512::conv_wgrad, avx512::fma_loop};
+const NNKernels nn_avx512 = {"avx512", MD_VW, MD_ACC, MD_CHAINS,
+    avx512::silu_forward, avx512::silu_backward, avx512::gn_moments, avx512::gn_apply,
+    avx512::gn_backward_sums, avx512::gn_backward_apply, avx512::conv_tiles, avx512::conv_wgrad,
+    avx512::fma_loop};
 }  // namespace md

@@ -1,4 +1,5 @@
-// nn_base.cpp: nn_isa.h compiled for base (4 floats a vector; CMakeLists.txt sets this file's -m flags).
+// nn_base.cpp: nn_isa.h compiled for base (4 floats a vector, tiles of 10 accumulators: nn_isa.h says why;
+// CMakeLists.txt sets this file's -m flags).
 #include "nn_kernels.h"
 
 namespace md {
@@ -8,7 +9,7 @@ namespace base {
 #include "nn_isa.h"
 }  // namespace base
 
-const NNKernels nn_base = {"base", MD_VW, MD_ACC, base::silu_forward, base::silu_backward, base::gn_moments,
-                            base::gn_apply, base::gn_backward_sums, base::gn_backward_apply, base::conv_tiles,
-                            base::conv_wgrad, base::fma_loop};
+const NNKernels nn_base = {"base", MD_VW, MD_ACC, MD_CHAINS,
+    base::silu_forward, base::silu_backward, base::gn_moments, base::gn_apply, base::gn_backward_sums,
+    base::gn_backward_apply, base::conv_tiles, base::conv_wgrad, base::fma_loop};
 }  // namespace md

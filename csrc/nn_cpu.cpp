@@ -84,7 +84,7 @@ double fma_peak_gflops(const char* name, int threads) {
 #pragma omp parallel num_threads(nt)
         { const float r = k->fma_loop(iters); if (r == 12345.0f) sink = r; }
         const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        const double gflops = 2.0 * k->vw * k->acc * (double)iters * nt / dt * 1e-9;
+        const double gflops = 2.0 * k->vw * k->chains * (double)iters * nt / dt * 1e-9;
         if (gflops > best) best = gflops;
         (void)sink;
     }

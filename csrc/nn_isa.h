@@ -9,7 +9,8 @@
 // tests compare the two on random inputs.
 //
 // Before including: MD_VW (floats per vector) and MD_ACC (accumulator vectors the register file holds in a
-// micro-kernel tile: 24 of AVX-512's 32 registers, 12 of AVX2's or SSE's 16).
+// micro-kernel tile: 24 of AVX-512's 32 registers, 12 of AVX2's 16, 10 of SSE's 16: SSE's two-operand multiply
+// needs a scratch register per product, and with 12 one accumulator would live on the stack).
 
 typedef float vf __attribute__((vector_size(MD_VW * 4)));
 typedef float vfu __attribute__((vector_size(MD_VW * 4), aligned(4)));   // the same, at any address
@@ -374,18 +375,20 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) 
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// The instruction set's peak: MD_ACC independent chains of a * x + b (one FMA each, no loads), `iters` times;
-// returns a value depending on every chain so that none is optimised away. 2 MD_VW MD_ACC FLOP an iteration.
+// The instruction set's peak: MD_CHAINS independent chains of a * x + b (one FMA each, no loads; at least 12,
+// enough to fill the units whatever the tile size), `iters` times; returns a value depending on every chain so
+// that none is optimised away. 2 MD_VW MD_CHAINS FLOP an iteration.
+#define MD_CHAINS (MD_ACC > 12 ? MD_ACC : 12)
 float fma_loop(int64_t iters) {
-    vf acc[MD_ACC];
-    for (int i = 0; i < MD_ACC; ++i) acc[i] = splat(1.0f + 0.001f * (float)i);
+    vf acc[MD_CHAINS];
+    for (int i = 0; i < MD_CHAINS; ++i) acc[i] = splat(1.0f + 0.001f * (float)i);
     const vf a = splat(0.999999f), b = splat(1e-7f);
     for (int64_t it = 0; it < iters; ++it) {
 #pragma GCC unroll 32
-        for (int i = 0; i < MD_ACC; ++i) acc[i] = acc[i] * a + b;
+        for (int i = 0; i < MD_CHAINS; ++i) acc[i] = acc[i] * a + b;
     }
     vf s = {};
-    for (int i = 0; i < MD_ACC; ++i) s += acc[i];
+    for (int i = 0; i < MD_CHAINS; ++i) s += acc[i];
     float r = 0.0f;
     for (int l = 0; l < MD_VW; ++l) r += s[l];
     return r;

@@ -66,6 +66,7 @@ struct NNKernels {
     const char* name;
     int vw;                     // floats per vector
     int acc;                    // accumulator vectors in a micro-kernel tile
+    int chains;                 // independent FMA chains in fma_loop
     void (*silu_forward)(const float* x, float* y, int64_t n);
     void (*silu_backward)(const float* x, const float* dout, float* dx, int64_t n);
     void (*gn_moments)(const float* x, int64_t n, int64_t L, double* s1, double* s2);
@@ -76,7 +77,7 @@ struct NNKernels {
                               const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx);
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
     void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
-    float (*fma_loop)(int64_t iters);   // MD_ACC independent FMA chains (the peak)
+    float (*fma_loop)(int64_t iters);   // `chains` independent FMA chains (the peak)
 };
 
 extern const NNKernels nn_base;
