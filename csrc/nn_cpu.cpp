@@ -337,20 +337,21 @@ static int lane_group(int64_t N) {
     return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
 }
 
-// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K; input channel groups kk
-// split over the threads (a layer of 128 -> 64 channels packs 74k weights every call). The taps t vary fastest,
-// as they do in a (N, K, 3, 3) weight: its reads are consecutive, its writes T rows that each advance in order.
+// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K; rows (t, kk) split over
+// the threads (a layer of 128 -> 64 channels packs 74k weights every call)
 template <class F>
 static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
     const int64_t KK = KG / G;
-    parallel_ranges(KK, std::max<int64_t>(1, 4096 / (T * NC * G)), [&](int64_t kk0, int64_t kk1, int) {
-        for (int64_t kk = kk0; kk < kk1; ++kk)
+    parallel_ranges(T * KK, std::max<int64_t>(1, 4096 / (NC * G)), [&](int64_t r0, int64_t r1, int) {
+        for (int64_t row = r0; row < r1; ++row) {
+            const int t = (int)(row / KK);
+            const int64_t kk = row % KK;
             for (int64_t c = 0; c < NC; ++c)
                 for (int j = 0; j < G; ++j) {
                     const int64_t k = kk * G + j;
-                    for (int t = 0; t < T; ++t)
-                        wp[((t * KK + kk) * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
+                    wp[(row * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
                 }
+        }
     });
 }
 
