@@ -359,3 +359,31 @@ def test_fused_references_are_elementwise():
     for key in fast._fused:
         body = inspect.getsource(refs[key]).split('"""')[-1]          # the code after the docstring
         assert not re.search(r"\.(sum|mean|max|min|var|std|prod)\(|xp\.(sum|mean|max|min|dot|vdot)\(", body), key
+
+
+@needs_cpu
+def test_bench_kernels_shows_each_cells_best_over_rounds(monkeypatch, capsys):
+    """bench_kernels.py --rounds 2: each cell is the best of its rounds, forward and backward apart; the slow NumPy
+    reference is measured in the first round only."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    per_round = iter([(10.0, 40.0), (30.0, 20.0)])
+    seen = []
+
+    def measure(shape, a, core, isas, reference):
+        fb = next(per_round)
+        seen.append(reference)
+        return {**{isa: fb for isa in isas}, **({"reference": fb} if reference else {}), "torch": fb}
+    monkeypatch.setattr(bench, "SHAPES", [(4, 8, 8)])
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--rounds", "2"])
+    bench.main()
+    cells = capsys.readouterr().out.splitlines()[-1].split(" | ")
+    isas = _native.core.cpu_isas()
+    assert seen == [True, False]
+    assert all(c.startswith("30 / 40 (") for c in cells[1:1 + len(isas)])
+    assert cells[1 + len(isas)] == "10 / 40"
