@@ -7,9 +7,9 @@ set, beside PyTorch's conv2d (channels_last) on the same shapes and threads, and
 
 A 3x3 convolution of a (B, H, W, Cin) batch to Cout channels costs 2 B H W Cin Cout 9 FLOP forward and twice that
 backward (input and weight gradients). Times are the best of at least --reps calls spread over at least --seconds,
-after a warm-up (the machine's other load shows as spread, not in the best). Each cell also gives the share of the instruction set's peak, measured first by
-core.fma_peak_gflops (independent FMAs in registers on all threads: 2 FMA units x vector width x 2 FLOP x clock x
-cores); PyTorch's share is of the best instruction set's peak.
+after a warm-up (the machine's other load shows as spread, not in the best). Each cell also gives the share of the
+instruction set's peak, measured first by core.fma_peak_gflops (independent FMAs in registers on all threads:
+2 FMA units x vector width x 2 FLOP x clock x cores); PyTorch's share is of the best instruction set's peak.
 """
 import argparse
 import os
@@ -119,6 +119,7 @@ def measure(shape, a, core, isas, reference):
         tf = best_ms(fwd, a.reps, a.seconds)
         out["torch"] = gflops(tf, best_ms(bwd, a.reps, a.seconds) - tf)
     return out
+
 
 if __name__ == "__main__":
     main()

@@ -314,7 +314,8 @@ static void pad_images(const float* x, int64_t xs, int64_t B, const Grid& g, int
     else images(0, B, 0);
 }
 
-// Output channels in blocks of at most 4 (AVX-512) or 3 vectors, as even as possible.
+// Output channels in blocks of at most 4 (AVX-512), 3 (AVX2) or 2 vectors (SSE2's smaller tiles), as even as
+// possible.
 template <class Task>
 static void plan_blocks(Task& t, int64_t vectors, int acc) {
     const int nbv = (int)vectors, nbmax = acc >= 24 ? 4 : acc >= 12 ? 3 : 2;

@@ -285,7 +285,7 @@ static void prefetch_tile(const ConvTask& a, int64_t q0) {
 }
 
 // Row tiles [tile0, tile1) (rows_per_tile output pixels each, a multiple of every R used) of every channel block.
-// Channel blocks hold up to 4 (AVX-512) or 3 vectors; R = MD_ACC / NB.
+// Channel blocks hold up to 4 (AVX-512), 3 (AVX2) or 2 vectors (SSE2); R = MD_ACC / NB.
 void conv_tiles(const ConvTask& a, int64_t tile0, int64_t tile1) {
     int64_t xoff[MD_ACC], orows[MD_ACC];
     for (int64_t tile = tile0; tile < tile1; ++tile) {
