@@ -56,6 +56,9 @@ def main():
     p.add_argument("--seconds", type=float, default=0.5, help="least time over which each cell's calls spread")
     p.add_argument("--rounds", type=int, default=1, help="passes over the table; each cell shows its best")
     a = p.parse_args()
+    if a.reps < 1 or a.rounds < 1 or a.seconds < 0:
+        p.error(f"--reps and --rounds must be at least 1 and --seconds at least 0, got {a.reps}, {a.rounds}, "
+                f"{a.seconds:g}")
     core = _native.core
     if core is None:
         raise SystemExit(f"error: {_native.native_status()['reason']}")

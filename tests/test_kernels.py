@@ -361,16 +361,21 @@ def test_fused_references_are_elementwise():
         assert not re.search(r"\.(sum|mean|max|min|var|std|prod)\(|xp\.(sum|mean|max|min|dot|vdot)\(", body), key
 
 
-@needs_cpu
-def test_bench_kernels_shows_each_cells_best_over_rounds(monkeypatch, capsys):
-    """bench_kernels.py --rounds 2: each cell is the best of its rounds, forward and backward apart; the slow NumPy
-    reference is measured in the first round only."""
+def _bench_kernels():
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).resolve().parents[1] / "bench" /
                                                   "bench_kernels.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@needs_cpu
+def test_bench_kernels_shows_each_cells_best_over_rounds(monkeypatch, capsys):
+    """bench_kernels.py --rounds 2: each cell is the best of its rounds, forward and backward apart; the slow NumPy
+    reference is measured in the first round only."""
+    bench = _bench_kernels()
     per_round = iter([(10.0, 40.0), (30.0, 20.0)])
     seen = []
 
@@ -387,3 +392,12 @@ def test_bench_kernels_shows_each_cells_best_over_rounds(monkeypatch, capsys):
     assert seen == [True, False]
     assert all(c.startswith("30 / 40 (") for c in cells[1:1 + len(isas)])
     assert cells[1 + len(isas)] == "10 / 40"
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--reps", "0"], ["--seconds", "-1"]])
+def test_bench_kernels_rejects_an_empty_measurement(monkeypatch, capsys, args):
+    """--rounds 0 would print a header and no rows: an error naming the flags instead."""
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py"] + args)
+    with pytest.raises(SystemExit):
+        _bench_kernels().main()
+    assert "--rounds must be at least 1" in capsys.readouterr().err
