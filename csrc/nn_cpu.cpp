@@ -131,7 +131,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
 // Buffers reused from call to call (a fresh allocation of several MB per call would fault its pages in every
 // time); one set per calling thread.
 struct Scratch {
-    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum, local_x, local_dy;
+    std::vector<float> xbuf, dybuf, wpack, wgrad, wsum, local_x, local_dy, wino_u, wino_v, wino_m, wino_z;
     float* get(std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
         return v.data();
@@ -413,9 +413,92 @@ static void for_image_groups(int64_t B, int64_t group, F f) {
     });
 }
 
+// ------------------------------------------------------------------------------------------------ Winograd
+// F(2x2, 3x3) (nn_isa.h, wino_input): the weights transformed and packed as 16 "taps" (one per tile position e),
+// then per chunk of tiles: the input transform, 16 matrix products on the micro-kernels (tiles x K @ K x N), the
+// output transform (+ bias, + residual). For stride-1 convolutions of at least 32 channels on both sides on maps
+// of at least 8 x 8: with fewer channels the products are too short to pay for the transforms, and on 7 x 7 and
+// 4 x 4 maps the tiles' overhang (64 pixels computed for 49) and the border cost more than they save
+// (bench_kernels.py, docs/performance.md); those keep the direct sum of 9 taps.
+static bool winograd_on = true;
+
+bool set_conv_winograd(bool on) {
+    const bool was = winograd_on;
+    winograd_on = on;
+    return was;
+}
+
+static bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
+    return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= 8 && W >= 8;
+}
+
+// U = G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for the 3x3 kernel g[t] = w(t) (t = 3 i + j)
+template <class F>
+static void wino_weight(F w, float* u) {
+    float gg[4][3];                                          // G g
+    for (int j = 0; j < 3; ++j) {
+        const float g0 = w(j), g1 = w(3 + j), g2 = w(6 + j);
+        gg[0][j] = g0;
+        gg[1][j] = 0.5f * (g0 + g1 + g2);
+        gg[2][j] = 0.5f * (g0 - g1 + g2);
+        gg[3][j] = g2;
+    }
+    for (int a = 0; a < 4; ++a) {                            // (G g) G^T
+        const float* r = gg[a];
+        u[4 * a + 0] = r[0];
+        u[4 * a + 1] = 0.5f * (r[0] + r[1] + r[2]);
+        u[4 * a + 2] = 0.5f * (r[0] - r[1] + r[2]);
+        u[4 * a + 3] = r[2];
+    }
+}
+
+// out (B, H, W, N) = conv3x3(x) + bias (+ residual), x (B, H, W, K; pixels xs floats apart), stride 1, weights
+// w(n, k, t)
+template <class F>
+static void winograd_conv(const float* x, int64_t xs, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, F w,
+                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    const int G = lane_group(N);
+    const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G), tiles = (H + 1) / 2 * ((W + 1) / 2);
+    float* u = scratch.get(scratch.wino_u, (size_t)(16 * N * K));
+    parallel_ranges(N * K, 256, [&](int64_t i0, int64_t i1, int) {
+        for (int64_t i = i0; i < i1; ++i) wino_weight([&](int t) { return w(i / K, i % K, t); }, u + 16 * i);
+    });
+    float* wp = scratch.get(scratch.wpack, (size_t)(16 * KG * NC));
+    pack_weights(16, K, KG, N, NC, G, [&](int64_t n, int64_t k, int e) { return u[(n * K + k) * 16 + e]; }, wp);
+    // tiles in chunks: V and M (16 rows a tile each) in about 512 KB, a whole number of row tiles; each chunk
+    // transformed in, multiplied and transformed out while it stays in L2 (every output pixel is its own chunk's:
+    // the result does not depend on the threads)
+    const int64_t P = B * tiles, rt = isa->acc;
+    const int64_t per_tile = 16 * (KG + N) * 4, chunk = rt * std::max<int64_t>(1, (512 << 10) / (per_tile * rt));
+    float* zeros = scratch.get(scratch.wino_z, (size_t)round_up(KG, isa->vw));
+    std::fill(zeros, zeros + round_up(KG, isa->vw), 0.0f);
+    parallel_ranges((P + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1, int) {
+        float* V = scratch.get(scratch.wino_v, (size_t)(16 * chunk * KG));
+        float* M = scratch.get(scratch.wino_m, (size_t)(16 * chunk * N));
+        ConvTask t = conv_task(V, KG, KG, wp, N, G, nullptr, 0, nullptr, M);
+        t.xrow = t.orow = PixelMap{1, chunk, 0, chunk, 0, 1};
+        t.T = 1; t.off[0] = 0;
+        for (int64_t ci = c0; ci < c1; ++ci) {
+            const int64_t q0 = ci * chunk, n = std::min(chunk, P - q0);
+            isa->wino_input(x, xs, H, W, K, KG, q0, n, chunk, zeros, V);
+            t.P = n;
+            for (int e = 0; e < 16; ++e) {
+                t.xbuf = V + e * chunk * KG; t.w = wp + e * KG * NC; t.out = M + e * chunk * N;
+                isa->conv_tiles(t, 0, (n + rt - 1) / rt);
+            }
+            isa->wino_output(M, chunk, H, W, N, q0, n, bias, bias_stride, residual, out);
+        }
+    });
+}
+
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
                      const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
                      float* out) {
+    if (use_winograd(H, W, K, N, stride)) {
+        winograd_conv(x, K, B, H, W, K, N, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; },
+                      bias, bias_stride, residual, out);
+        return;
+    }
     const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
     const int G = lane_group(N);
     const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G);
@@ -481,7 +564,12 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     struct Part { int ph, pw, T, taps[9]; int64_t off[9]; float* wp; };
     std::vector<Part> parts;
     const int64_t Wpy = Wo + 1;                            // dout's grid's row
-    for (int ph = 0; ph < stride; ++ph)
+    const bool wino = use_winograd(H, W, N, K, stride);         // dx by Winograd, before the rest
+    if (wino)
+        winograd_conv(dout, ldd, B, H, W, N, K, [&](int64_t k, int64_t n, int t) {
+            return weight[(n * K + k) * 9 + 8 - t];
+        }, nullptr, 0, nullptr, dx);
+    for (int ph = 0; ph < stride && !wino; ++ph)
         for (int pw = 0; pw < stride; ++pw) {
             Part pt{ph, pw, 0, {}, {}, nullptr};
             for (int i = 0; i < 3; ++i)

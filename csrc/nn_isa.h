@@ -22,9 +22,22 @@ static inline void store(float* p, vf v) { *(vfu*)p = v; }
 // register broadcast (two extra instructions per use, one on an FMA port); s - 0 is s for every s, so this
 // form folds to one broadcast (from memory: a load, or an FMA's {1to16} operand)
 static inline vf splat(float s) { return s - (vf){}; }
-// the first n lanes only (n < MD_VW): the ragged end of a channel row
+// the first n lanes only (0 <= n < MD_VW; the others read as 0): the ragged end of a channel row. AVX-512 and AVX2
+// have masked moves (one instruction; GCC's builtins, as no header may be included here); SSE2 and NEON go lane by
+// lane.
+#if defined(__AVX512F__) && MD_VW == 16
+static inline void store_n(float* p, vf v, int n) { __builtin_ia32_storeups512_mask(p, v, (unsigned short)((1u << n) - 1)); }
+static inline vf load_n(const float* p, int n) {
+    return __builtin_ia32_loadups512_mask(p, (vf){}, (unsigned short)((1u << n) - 1));
+}
+#elif defined(__AVX2__) && MD_VW == 8
+static inline vi lanes_below(int n) { const vi l = {0, 1, 2, 3, 4, 5, 6, 7}; return l < n; }
+static inline void store_n(float* p, vf v, int n) { __builtin_ia32_maskstoreps256((vf*)p, lanes_below(n), v); }
+static inline vf load_n(const float* p, int n) { return __builtin_ia32_maskloadps256((const vf*)p, lanes_below(n)); }
+#else
 static inline void store_n(float* p, vf v, int n) { for (int l = 0; l < n; ++l) p[l] = v[l]; }
 static inline vf load_n(const float* p, int n) { vf v = {}; for (int l = 0; l < n; ++l) v[l] = p[l]; return v; }
+#endif
 static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -368,6 +381,118 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) 
 #else
                 default: break;
 #endif
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016): a stride-1 3x3
+// convolution computes each 2x2 output tile Y from the 4x4 input patch d around it as Y = A^T [U . V] A, with
+// V = B^T d B per input channel, U = G g G^T per (output, input) channel pair, "." a sum over input channels (for
+// each of the 16 positions e of the 4x4 tile a matrix product, tiles x K times K x N: nn_cpu.cpp runs conv_tiles
+// on it), and
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1].
+// 16 products per 4 output pixels instead of 9 per pixel. Tile (img, i, j) covers output rows 2i, 2i + 1 and
+// columns 2j, 2j + 1, tiles numbered image by image, row by row; past the image the patch reads zeros and the
+// output is not written. Reference: layers.conv2d (the same sums, in another order).
+
+// B^T d B of the 4x4 patch d (row-major) in place
+static inline void wino_bdb(vf* d) {
+    for (int v = 0; v < 4; ++v) {                         // B^T d: along the columns
+        const vf d0 = d[v], d1 = d[4 + v], d2 = d[8 + v], d3 = d[12 + v];
+        d[v] = d0 - d2; d[4 + v] = d1 + d2; d[8 + v] = d2 - d1; d[12 + v] = d1 - d3;
+    }
+    for (int u = 0; u < 4; ++u) {                         // (B^T d) B: along the rows
+        vf* r = d + 4 * u;
+        const vf r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
+        r[0] = r0 - r2; r[1] = r1 + r2; r[2] = r2 - r1; r[3] = r1 - r3;
+    }
+}
+
+// Tile q of a batch of (H, W) images: its image b and tile row and column (i, j), stepped in order
+struct TileWalk {
+    int64_t th, tw, b, i, j;
+    TileWalk(int64_t H, int64_t W, int64_t q) : th((H + 1) / 2), tw((W + 1) / 2) {
+        b = q / (th * tw); i = q % (th * tw) / tw; j = q % tw;
+    }
+    void next() { if (++j == tw) { j = 0; if (++i == th) { i = 0; ++b; } } }
+};
+
+// Tiles [q0, q0 + n) of x (B, H, W, C; pixels xs floats apart) -> V[e, q - q0, c] (16 blocks of ldt rows of ldv
+// floats; channels C to ldv zero). zeros: round_up(ldv, MD_VW) zero floats, read for pixels outside the image.
+void wino_input(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0, int64_t n,
+                int64_t ldt, const float* zeros, float* V) {
+    TileWalk tw(H, W, q0);
+    for (int64_t q = 0; q < n; ++q, tw.next()) {
+        const float* p[16];                               // the patch's pixels
+        for (int u = 0; u < 4; ++u)
+            for (int v = 0; v < 4; ++v) {
+                const int64_t h = 2 * tw.i - 1 + u, w = 2 * tw.j - 1 + v;
+                p[4 * u + v] = h >= 0 && h < H && w >= 0 && w < W ? x + ((tw.b * H + h) * W + w) * xs : zeros;
+            }
+        float* out = V + q * ldv;
+        int64_t c = 0;
+        for (; c + MD_VW <= C && c + MD_VW <= ldv; c += MD_VW) {
+            vf d[16];
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) d[e] = load(p[e] + c);
+            wino_bdb(d);
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) store(out + e * ldt * ldv + c, d[e]);
+        }
+        for (; c < ldv; c += MD_VW) {                     // the ragged end
+            const int k = (int)(C - c > 0 ? imin(MD_VW, C - c) : 0), m = (int)imin(MD_VW, ldv - c);
+            vf d[16];
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) d[e] = load_n(p[e] + c, k);
+            wino_bdb(d);
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) store_n(out + e * ldt * ldv + c, d[e], m);
+        }
+    }
+}
+
+// out (B, H, W, N) at tiles [q0, q0 + n) = A^T M A (+ bias, + residual: as conv_tile adds them), M[e, q - q0, c]
+// (16 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride floats
+// per image, or null
+void wino_output(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+                 const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    TileWalk tw(H, W, q0);
+    for (int64_t q = 0; q < n; ++q, tw.next()) {
+        const float* bb = bias ? bias + tw.b * bias_stride : nullptr;
+        const float* mt = M + q * N;
+        const int rows = (int)imin(2, H - 2 * tw.i), cols = (int)imin(2, W - 2 * tw.j);
+        for (int64_t c = 0; c < N; c += MD_VW) {
+            const int k = (int)imin(MD_VW, N - c);
+            vf r[8];                                      // A^T m: two rows of four
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; ++v) {
+                vf m[4];
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; ++u) {
+                    const float* src = mt + (4 * u + v) * ldt * N + c;
+                    m[u] = k == MD_VW ? load(src) : load_n(src, k);
+                }
+                r[v] = m[0] + m[1] + m[2];
+                r[4 + v] = m[1] - m[2] - m[3];
+            }
+            for (int u = 0; u < rows; ++u) {
+                const vf* ru = r + 4 * u;
+                const vf y[2] = {ru[0] + ru[1] + ru[2], ru[1] - ru[2] - ru[3]};   // (A^T m) A
+                for (int v = 0; v < cols; ++v) {
+                    const int64_t at = (((tw.b * H) + 2 * tw.i + u) * W + 2 * tw.j + v) * N + c;
+                    vf s = y[v];
+                    if (k == MD_VW) {
+                        if (bb) s += load(bb + c);
+                        if (residual) s += load(residual + at);
+                        store(out + at, s);
+                    } else {
+                        if (bb) s += load_n(bb + c, k);
+                        if (residual) s += load_n(residual + at, k);
+                        store_n(out + at, s, k);
+                    }
                 }
             }
         }

@@ -78,6 +78,10 @@ struct NNKernels {
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
     void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
     float (*fma_loop)(int64_t iters);   // `chains` independent FMA chains (the peak)
+    void (*wino_input)(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
+                       int64_t n, int64_t ldt, const float* zeros, float* V);
+    void (*wino_output)(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+                        const float* bias, int64_t bias_stride, const float* residual, float* out);
 };
 
 extern const NNKernels nn_base;
@@ -112,6 +116,10 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
 // (written)
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
                       int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
+// Whether the convolutions Winograd suits (stride 1, at least 32 channels on both sides, maps of at least 8 x 8:
+// nn_cpu.cpp) use it, forward and input gradient (the default), or all take the direct sum of 9 taps; returns the
+// previous setting (for tests and benchmarks)
+bool set_conv_winograd(bool on);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
 // dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)

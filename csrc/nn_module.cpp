@@ -328,6 +328,10 @@ void bind_nn(py::module_& m) {
             throw py::value_error("instruction set '" + name + "' is unknown or not supported by this CPU");
         return std::string(md::cpu_isa());
     }, py::arg("name"), "Use another instruction set's kernels ('auto': the best this CPU supports).");
+    m.def("set_conv_winograd", &md::set_conv_winograd, py::arg("on"),
+          "3x3 convolutions of stride 1, at least 32 channels on both sides and maps of at least 8 x 8 by "
+          "Winograd F(2x2, 3x3) (True, the default) or all by the direct sum of 9 taps (False); "
+          "returns the previous setting.");
     m.def("cpu_isas", []() {
         int n = 0;
         const char* const* names = md::cpu_isas_available(&n);

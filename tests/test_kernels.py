@@ -86,6 +86,51 @@ def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
     assert_close(*both(layers.conv2d_backward, x, w, dout, 2, 1))
 
 
+# Winograd F(2x2, 3x3) (csrc/nn_isa.h) takes the stride-1 convolutions of >= 32 channels on both sides and maps of
+# >= 8 x 8: odd sizes (a last tile half outside), channel counts that are not multiples of the vector width (and an
+# odd one under AVX-512's channel pairs), one image (its tiles split over the threads) and several
+WINOGRAD_SHAPES = [(1, 9, 11, 33, 35), (5, 8, 8, 32, 48), (2, 28, 28, 32, 32), (3, 13, 10, 40, 72),
+                   (2, 14, 14, 48, 48)]
+
+
+@needs_cpu
+@pytest.mark.parametrize("B,H,W,cin,cout", WINOGRAD_SHAPES)
+def test_conv2d_winograd_matches_reference(isa, B, H, W, cin, cout):
+    rng = np.random.default_rng(H * 10 + cout)
+    x, w = rand(rng, B, H, W, cin), rand(rng, cout, cin, 3, 3, scale=0.3)
+    bias, residual, dout = rand(rng, B, cout), rand(rng, B, H, W, cout), rand(rng, B, H, W, cout)
+    assert_close(*both(layers.conv2d, x, w, bias[0], 1, 1))
+    assert_close(*both(layers.conv2d, x, w, bias, 1, 1, residual))
+    assert_close(*both(layers.conv2d_backward, x, w, dout, 1, 1))
+
+
+@needs_cpu
+def test_winograd_takes_the_convolutions_it_suits(isa):
+    """Winograd's sums run in another order than the direct kernel's (the results differ in the last bits) where
+    it applies: stride 1, >= 32 channels both ways, maps >= 8 x 8; elsewhere the two settings give the same bits."""
+    core = _native.core
+    rng = np.random.default_rng(12)
+
+    def both_ways(x, w, dout, stride):
+        out = []
+        for on in (False, True):
+            was = core.set_conv_winograd(on)
+            try:
+                out.append((layers.conv2d(x, w, None, stride, 1),) + layers.conv2d_backward(x, w, dout, stride, 1))
+            finally:
+                core.set_conv_winograd(was)
+        return out
+
+    for (H, cin, cout, stride), used in [((8, 32, 32, 1), True), ((7, 32, 32, 1), False), ((8, 31, 32, 1), False),
+                                          ((8, 32, 31, 1), False), ((8, 32, 32, 2), False)]:
+        Ho = (H - 1) // stride + 1
+        x, w, dout = rand(rng, 2, H, H, cin), rand(rng, cout, cin, 3, 3), rand(rng, 2, Ho, Ho, cout)
+        direct, wino = both_ways(x, w, dout, stride)
+        assert np.array_equal(direct[0], wino[0]) != used, (H, cin, cout, stride)
+        assert np.array_equal(direct[1], wino[1]) != used, (H, cin, cout, stride)             # dx
+        assert np.array_equal(direct[2], wino[2])                               # dW: always the direct kernel
+
+
 @needs_cpu
 @pytest.mark.parametrize("shape,ca", [((2, 5, 7, 32), 8), ((3, 28, 28, 64), 32), ((1, 1, 1, 3), 1), ((4, 3, 2, 5), 0),
                                       ((2, 7, 7, 96), 96)])
