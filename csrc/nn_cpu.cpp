@@ -428,7 +428,7 @@ bool set_conv_winograd(bool on) {
     return was;
 }
 
-static bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
+bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
     return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= 8 && W >= 8;
 }
 

@@ -120,6 +120,8 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
 // nn_cpu.cpp) use it, forward and input gradient (the default), or all take the direct sum of 9 taps; returns the
 // previous setting (for tests and benchmarks)
 bool set_conv_winograd(bool on);
+// whether conv3x3_forward of these sizes (and conv3x3_backward's dx with K and N swapped) takes Winograd now
+bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
 // dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)

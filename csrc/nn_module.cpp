@@ -332,6 +332,8 @@ void bind_nn(py::module_& m) {
           "3x3 convolutions of stride 1, at least 32 channels on both sides and maps of at least 8 x 8 by "
           "Winograd F(2x2, 3x3) (True, the default) or all by the direct sum of 9 taps (False); "
           "returns the previous setting.");
+    m.def("conv_uses_winograd", &md::use_winograd, py::arg("H"), py::arg("W"), py::arg("cin"), py::arg("cout"),
+          py::arg("stride"), "Whether conv3x3_forward of these sizes takes Winograd under the current setting.");
     m.def("cpu_isas", []() {
         int n = 0;
         const char* const* names = md::cpu_isas_available(&n);
