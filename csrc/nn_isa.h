@@ -26,7 +26,9 @@ static inline vf splat(float s) { return s - (vf){}; }
 // have masked moves (one instruction; GCC's builtins, as no header may be included here); SSE2 and NEON go lane by
 // lane.
 #if defined(__AVX512F__) && MD_VW == 16
-static inline void store_n(float* p, vf v, int n) { __builtin_ia32_storeups512_mask(p, v, (unsigned short)((1u << n) - 1)); }
+static inline void store_n(float* p, vf v, int n) {
+    __builtin_ia32_storeups512_mask(p, v, (unsigned short)((1u << n) - 1));
+}
 static inline vf load_n(const float* p, int n) {
     return __builtin_ia32_loadups512_mask(p, (vf){}, (unsigned short)((1u << n) - 1));
 }
@@ -217,6 +219,20 @@ static inline void map_rows(const PixelMap& m, int64_t q0, int64_t n, int64_t* r
     }
 }
 
+// out[0, k) = s + bias + res (each of those where not null), k lanes (0 < k <= MD_VW): a convolution's output
+// vector as written
+static inline void store_output(float* out, vf s, const float* bias, const float* res, int k) {
+    if (k == MD_VW) {
+        if (bias) s += load(bias);
+        if (res) s += load(res);
+        store(out, s);
+    } else {
+        if (bias) s += load_n(bias, k);
+        if (res) s += load_n(res, k);
+        store_n(out, s, k);
+    }
+}
+
 // Output pixels q0 .. q0 + n (n <= R; xoff: their input rows' offsets in floats, R of them; orows: their output
 // rows) of channel block [n0, n0 + NB * VW) of a packed weight row (output channels from c0): accumulate, then
 // write out, adding the bias (and the residual).
@@ -259,15 +275,7 @@ static void conv_tile(const ConvTask& a, const int64_t* xoff, const int64_t* oro
             else s = fold_pairs(acc[r][2 * v], 2 * v + 1 < NB ? acc[r][2 * v + 1] : (vf){});
             const int64_t c = c0 + v * MD_VW;
             const int k = (int)imin(MD_VW, a.N - c);           // channels of this vector that exist
-            if (k == MD_VW) {
-                if (bias) s += load(bias + c);
-                if (res) s += load(res + c);
-                store(out + c, s);
-            } else if (k > 0) {
-                if (bias) s += load_n(bias + c, k);
-                if (res) s += load_n(res + c, k);
-                store_n(out + c, s, k);
-            }
+            if (k > 0) store_output(out + c, s, bias ? bias + c : nullptr, res ? res + c : nullptr, k);
         }
     }
 }
@@ -454,7 +462,7 @@ void wino_input(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int
     }
 }
 
-// out (B, H, W, N) at tiles [q0, q0 + n) = A^T M A (+ bias, + residual: as conv_tile adds them), M[e, q - q0, c]
+// out (B, H, W, N) at tiles [q0, q0 + n) = A^T M A (+ bias, + residual: store_output, as conv_tile), M[e, q - q0, c]
 // (16 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride floats
 // per image, or null
 void wino_output(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
@@ -483,16 +491,7 @@ void wino_output(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, i
                 const vf y[2] = {ru[0] + ru[1] + ru[2], ru[1] - ru[2] - ru[3]};   // (A^T m) A
                 for (int v = 0; v < cols; ++v) {
                     const int64_t at = (((tw.b * H) + 2 * tw.i + u) * W + 2 * tw.j + v) * N + c;
-                    vf s = y[v];
-                    if (k == MD_VW) {
-                        if (bb) s += load(bb + c);
-                        if (residual) s += load(residual + at);
-                        store(out + at, s);
-                    } else {
-                        if (bb) s += load_n(bb + c, k);
-                        if (residual) s += load_n(residual + at, k);
-                        store_n(out + at, s, k);
-                    }
+                    store_output(out + at, y[v], bb ? bb + c : nullptr, residual ? residual + at : nullptr, k);
                 }
             }
         }
