@@ -126,9 +126,15 @@ def test_winograd_takes_the_convolutions_it_suits(isa):
         Ho = (H - 1) // stride + 1
         x, w, dout = rand(rng, 2, H, H, cin), rand(rng, cout, cin, 3, 3), rand(rng, 2, Ho, Ho, cout)
         direct, wino = both_ways(x, w, dout, stride)
+        assert core.conv_uses_winograd(H, H, cin, cout, stride) == used        # what bench_kernels.py marks
         assert np.array_equal(direct[0], wino[0]) != used, (H, cin, cout, stride)
         assert np.array_equal(direct[1], wino[1]) != used, (H, cin, cout, stride)             # dx
         assert np.array_equal(direct[2], wino[2])                               # dW: always the direct kernel
+    was = core.set_conv_winograd(False)
+    try:
+        assert not core.conv_uses_winograd(8, 8, 32, 32, 1)
+    finally:
+        core.set_conv_winograd(was)
 
 
 @needs_cpu
