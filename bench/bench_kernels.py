@@ -4,6 +4,7 @@ set, beside PyTorch's conv2d (channels_last) on the same shapes and threads, and
     python bench/bench_kernels.py                  # batch 64, every instruction set this CPU runs
     python bench/bench_kernels.py --batch 128 --reps 10
     python bench/bench_kernels.py --rounds 3       # three passes, each cell's best: steadier on a noisy VM
+    python bench/bench_kernels.py --direct         # every convolution by the direct sum (no Winograd)
 
 A 3x3 convolution of a (B, H, W, Cin) batch to Cout channels costs 2 B H W Cin Cout 9 FLOP forward and twice that
 backward (input and weight gradients). Times are the best of at least --reps calls spread over at least --seconds,
@@ -58,6 +59,7 @@ def main():
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seconds", type=float, default=0.5, help="least time over which each cell's calls spread")
     p.add_argument("--rounds", type=int, default=1, help="passes over the table; each cell shows its best")
+    p.add_argument("--direct", action="store_true", help="Winograd off: every convolution by the direct sum")
     a = p.parse_args()
     if a.reps < 1 or a.rounds < 1 or a.seconds < 0:
         p.error(f"--reps and --rounds must be at least 1 and --seconds at least 0, got {a.reps}, {a.rounds}, "
@@ -67,6 +69,8 @@ def main():
         raise SystemExit(f"error: {_native.native_status()['reason']}")
     if torch is not None:
         torch.set_num_threads(os.cpu_count())
+    if a.direct:
+        core.set_conv_winograd(False)
     isas = core.cpu_isas()
     peak = {isa: core.fma_peak_gflops(isa) for isa in isas}
     print(f"{os.cpu_count()} threads; instruction sets {', '.join(isas)}; load average {os.getloadavg()[0]:.2f}; "

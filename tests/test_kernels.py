@@ -445,6 +445,27 @@ def test_bench_kernels_shows_each_cells_best_over_rounds(monkeypatch, capsys):
     assert cells[1 + len(isas)] == "10 / 40"
 
 
+@needs_cpu
+def test_bench_kernels_direct_measures_without_winograd(monkeypatch, capsys):
+    """--direct: the kernels run with Winograd off, and no row is marked as taking it."""
+    bench = _bench_kernels()
+    core = _native.core
+    seen = []
+
+    def measure(shape, a, core, isas, reference):
+        seen.append(core.conv_uses_winograd(28, 28, 32, 32, 1))
+        return {**{isa: (1.0, 1.0) for isa in isas}, "reference": (1.0, 1.0), "torch": (1.0, 1.0)}
+    monkeypatch.setattr(bench, "SHAPES", [(28, 32, 32)])
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--direct"])
+    was = core.set_conv_winograd(True)
+    try:
+        bench.main()
+        assert seen == [False] and "(Winograd)" not in capsys.readouterr().out
+    finally:
+        core.set_conv_winograd(was)
+
+
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--reps", "0"], ["--seconds", "-1"]])
 def test_bench_kernels_rejects_an_empty_measurement(monkeypatch, capsys, args):
     """--rounds 0 would print a header and no rows: an error naming the flags instead."""
