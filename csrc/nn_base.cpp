@@ -11,5 +11,6 @@ namespace base {
 
 const NNKernels nn_base = {"base", MD_VW, MD_ACC, MD_CHAINS,
     base::silu_forward, base::silu_backward, base::gn_moments, base::gn_apply, base::gn_backward_sums,
-    base::gn_backward_apply, base::conv_tiles, base::conv_wgrad, base::fma_loop, base::wino_input, base::wino_output};
+    base::gn_backward_apply, base::conv_tiles, base::conv_wgrad, base::fma_loop,
+    base::wino_input, base::wino_output, base::wino_dout};
 }  // namespace md

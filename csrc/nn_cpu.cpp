@@ -419,7 +419,8 @@ static void for_image_groups(int64_t B, int64_t group, F f) {
 // output transform (+ bias, + residual). For stride-1 convolutions of at least 32 channels on both sides on maps
 // of at least 8 x 8: with fewer channels the products are too short to pay for the transforms, and on 7 x 7 and
 // 4 x 4 maps the tiles' overhang (64 pixels computed for 49) and the border cost more than they save
-// (bench_kernels.py, docs/performance.md); those keep the direct sum of 9 taps.
+// (bench_kernels.py, docs/performance.md); those keep the direct sum of 9 taps. The weight gradient takes it
+// where it pays (winograd_wgrad, use_winograd_wgrad).
 static bool winograd_on = true;
 
 bool set_conv_winograd(bool on) {
@@ -430,6 +431,13 @@ bool set_conv_winograd(bool on) {
 
 bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
     return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= 8 && W >= 8;
+}
+
+// The weight gradient's products save in proportion to K N, its two transforms (of x and of dy) cost in
+// proportion to K + N: at 32 -> 32 channels (K N / (K + N) = 16) AVX-512 loses 13% and AVX2 4% against the
+// direct sum; from 64 -> 32 (21) every instruction set gains (bench_kernels.py)
+bool use_winograd_wgrad(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
+    return use_winograd(H, W, K, N, stride) && K * N >= 20 * (K + N);
 }
 
 // U = G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for the 3x3 kernel g[t] = w(t) (t = 3 i + j)
@@ -551,6 +559,63 @@ static int parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t 
     return num_pieces(P, WGRAD_MIN);
 }
 
+// The weight gradient the same way: M[e] = V[e] U[e] (e = the 16 tile positions) gives
+// dU[e] (K x N) = sum over tiles of V[e]^T dM[e], dM = A dY A^T (nn_isa.h, wino_dout), and dW = G^T dU G per
+// (output, input) channel pair: 16 products of length tiles (a quarter of the pixels) instead of 9 of length pixels.
+// x (B, H, W, K), dy (B, H, W, N; pixels ldd floats apart) -> dweight (N, K, 3, 3). Chunks of tiles as
+// winograd_conv's; one partial dU per piece of the chunks, added up in piece order (deterministic, as the direct
+// weight gradient).
+static void winograd_wgrad(const float* x, const float* dy, int64_t ldd, int64_t B, int64_t H, int64_t W, int64_t K,
+                           int64_t N, float* dweight) {
+    const int64_t vw = isa->vw, NP = round_up(N, vw), P = B * ((H + 1) / 2) * ((W + 1) / 2);
+    const int64_t chunk = std::max<int64_t>(16, (512 << 10) / (16 * (K + NP) * 4)), nchunks = (P + chunk - 1) / chunk;
+    const size_t part = (size_t)(16 * K * NP);
+    float* partial = scratch.get(scratch.wgrad, part * max_pieces());
+    const int64_t nz = round_up(std::max(K, NP), vw);
+    float* zeros = scratch.get(scratch.wino_z, (size_t)nz);
+    std::fill(zeros, zeros + nz, 0.0f);
+    WGradTask t;
+    t.ldx = K; t.K = K; t.ldy = NP; t.N = N; t.NP = NP; t.T = 1; t.off[0] = t.voff[0] = 0;
+    plan_blocks(t, NP / vw, isa->acc);
+    parallel_ranges(nchunks, 1, [&](int64_t c0, int64_t c1, int piece) {
+        // V: 16 blocks of chunk rows of K floats, and whole vectors read past its last row (the tiles' R inputs)
+        float* V = scratch.get(scratch.wino_v, (size_t)(16 * chunk * K + 64));
+        float* D = scratch.get(scratch.wino_m, (size_t)(16 * chunk * NP));
+        std::fill(V + 16 * chunk * K, V + 16 * chunk * K + 64, 0.0f);
+        WGradTask tc = t;
+        for (int64_t ci = c0; ci < c1; ++ci) {
+            const int64_t q0 = ci * chunk, n = std::min(chunk, P - q0);
+            isa->wino_input(x, K, H, W, K, K, q0, n, chunk, zeros, V);
+            isa->wino_dout(dy, ldd, H, W, N, NP, q0, n, chunk, zeros, D);
+            tc.xrow = tc.dyrow = PixelMap{1, n, 0, n, 0, 1};
+            for (int e = 0; e < 16; ++e) {
+                tc.xbuf = V + e * chunk * K; tc.dy = D + e * chunk * NP;
+                isa->conv_wgrad(tc, 0, n, partial + part * piece + e * K * NP, ci > c0);
+            }
+        }
+    });
+    const float* du = sum_pieces(partial, part, num_pieces(nchunks, 1));      // dU[e, k, n]
+    // dW = G^T dU G: G^T's rows (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1)
+    parallel_ranges(N * K, 256, [&](int64_t i0, int64_t i1, int) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t n = i / K, k = i % K;
+            float d[4][4], g[4][3];
+            for (int e = 0; e < 16; ++e) d[e / 4][e % 4] = du[(e * K + k) * NP + n];
+            for (int a = 0; a < 4; ++a) {                                       // dU G
+                g[a][0] = d[a][0] + 0.5f * (d[a][1] + d[a][2]);
+                g[a][1] = 0.5f * (d[a][1] - d[a][2]);
+                g[a][2] = 0.5f * (d[a][1] + d[a][2]) + d[a][3];
+            }
+            float* o = dweight + i * 9;
+            for (int j = 0; j < 3; ++j) {                                       // G^T (dU G)
+                o[j] = g[0][j] + 0.5f * (g[1][j] + g[2][j]);
+                o[3 + j] = 0.5f * (g[1][j] - g[2][j]);
+                o[6 + j] = 0.5f * (g[1][j] + g[2][j]) + g[3][j];
+            }
+        }
+    });
+}
+
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
                       int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight) {
     const int64_t Ho = out_size(H, stride), Wo = out_size(W, stride);
@@ -564,11 +629,16 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     struct Part { int ph, pw, T, taps[9]; int64_t off[9]; float* wp; };
     std::vector<Part> parts;
     const int64_t Wpy = Wo + 1;                            // dout's grid's row
-    const bool wino = use_winograd(H, W, N, K, stride);         // dx by Winograd, before the rest
-    if (wino)
+    const bool wino = use_winograd(H, W, N, K, stride);   // dx by Winograd (and dW where that pays), first
+    if (wino) {
         winograd_conv(dout, ldd, B, H, W, N, K, [&](int64_t k, int64_t n, int t) {
             return weight[(n * K + k) * 9 + 8 - t];
         }, nullptr, 0, nullptr, dx);
+        if (use_winograd_wgrad(H, W, K, N, stride)) {
+            winograd_wgrad(x, dout, ldd, B, H, W, K, N, dweight);
+            return;
+        }
+    }
     for (int ph = 0; ph < stride && !wino; ++ph)
         for (int pw = 0; pw < stride; ++pw) {
             Part pt{ph, pw, 0, {}, {}, nullptr};

@@ -462,6 +462,45 @@ void wino_input(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int
     }
 }
 
+// The weight gradient's side of the output (nn_cpu.cpp, winograd_wgrad): Y = A^T M A gives dM = A dY A^T, the
+// 2x2 tile dY of the output gradient spread over the 4x4 positions (A's rows (1, 0), (1, 1), (1, -1), (0, -1)).
+// Tiles [q0, q0 + n) of dy (B, H, W, N; pixels ldd floats apart) -> D[e, q - q0, c] (16 blocks of ldt rows of ldm
+// floats; channels N to ldm zero); output pixels past the image count as zero. zeros as wino_input's.
+static inline void wino_ada(const vf* y, vf* d) {
+    const vf t[2][4] = {{y[0], y[0] + y[2], y[0] - y[2], -y[2]}, {y[1], y[1] + y[3], y[1] - y[3], -y[3]}};   // A dY
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) {                         // (A dY) A^T
+        const vf a = t[0][u], b = t[1][u];
+        d[4 * u] = a; d[4 * u + 1] = a + b; d[4 * u + 2] = a - b; d[4 * u + 3] = -b;
+    }
+}
+
+void wino_dout(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0, int64_t n,
+               int64_t ldt, const float* zeros, float* D) {
+    TileWalk tw(H, W, q0);
+    for (int64_t q = 0; q < n; ++q, tw.next()) {
+        const float* p[4];                                // the tile's output pixels, row-major
+        for (int u = 0; u < 2; ++u)
+            for (int v = 0; v < 2; ++v) {
+                const int64_t h = 2 * tw.i + u, w = 2 * tw.j + v;
+                p[2 * u + v] = h < H && w < W ? dy + ((tw.b * H + h) * W + w) * ldd : zeros;
+            }
+        float* out = D + q * ldm;
+        for (int64_t c = 0; c < ldm; c += MD_VW) {
+            const int k = (int)(N - c > 0 ? imin(MD_VW, N - c) : 0), m = (int)imin(MD_VW, ldm - c);
+            vf y[4], d[16];
+#pragma GCC unroll 4
+            for (int e = 0; e < 4; ++e) y[e] = k == MD_VW ? load(p[e] + c) : load_n(p[e] + c, k);
+            wino_ada(y, d);
+#pragma GCC unroll 16
+            for (int e = 0; e < 16; ++e) {
+                if (m == MD_VW) store(out + e * ldt * ldm + c, d[e]);
+                else store_n(out + e * ldt * ldm + c, d[e], m);
+            }
+        }
+    }
+}
+
 // out (B, H, W, N) at tiles [q0, q0 + n) = A^T M A (+ bias, + residual: store_output, as conv_tile), M[e, q - q0, c]
 // (16 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride floats
 // per image, or null

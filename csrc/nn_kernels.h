@@ -82,6 +82,8 @@ struct NNKernels {
                        int64_t n, int64_t ldt, const float* zeros, float* V);
     void (*wino_output)(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
                         const float* bias, int64_t bias_stride, const float* residual, float* out);
+    void (*wino_dout)(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
+                      int64_t n, int64_t ldt, const float* zeros, float* D);
 };
 
 extern const NNKernels nn_base;
@@ -117,11 +119,13 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
                       int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
 // Whether the convolutions Winograd suits (stride 1, at least 32 channels on both sides, maps of at least 8 x 8:
-// nn_cpu.cpp) use it, forward and input gradient (the default), or all take the direct sum of 9 taps; returns the
-// previous setting (for tests and benchmarks)
+// nn_cpu.cpp) use it, forward, input gradient and (for fewer shapes) weight gradient (the default), or all take the
+// direct sum of 9 taps; returns the previous setting (for tests and benchmarks)
 bool set_conv_winograd(bool on);
 // whether conv3x3_forward of these sizes (and conv3x3_backward's dx with K and N swapped) takes Winograd now
 bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
+// whether conv3x3_backward's weight gradient of these sizes takes Winograd too (fewer shapes: nn_cpu.cpp)
+bool use_winograd_wgrad(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
 // dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)

@@ -88,9 +88,10 @@ def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
 
 # Winograd F(2x2, 3x3) (csrc/nn_isa.h) takes the stride-1 convolutions of >= 32 channels on both sides and maps of
 # >= 8 x 8: odd sizes (a last tile half outside), channel counts that are not multiples of the vector width (and an
-# odd one under AVX-512's channel pairs), one image (its tiles split over the threads) and several
+# odd one under AVX-512's channel pairs), one image (its tiles split over the threads) and several; the last four
+# take it for the weight gradient too (K N >= 20 (K + N)), two of them in more than one chunk of tiles
 WINOGRAD_SHAPES = [(1, 9, 11, 33, 35), (5, 8, 8, 32, 48), (2, 28, 28, 32, 32), (3, 13, 10, 40, 72),
-                   (2, 14, 14, 48, 48)]
+                   (2, 14, 14, 48, 48), (3, 11, 8, 72, 33), (1, 8, 9, 64, 40)]
 
 
 @needs_cpu
@@ -107,7 +108,8 @@ def test_conv2d_winograd_matches_reference(isa, B, H, W, cin, cout):
 @needs_cpu
 def test_winograd_takes_the_convolutions_it_suits(isa):
     """Winograd's sums run in another order than the direct kernel's (the results differ in the last bits) where
-    it applies: stride 1, >= 32 channels both ways, maps >= 8 x 8; elsewhere the two settings give the same bits."""
+    it applies: stride 1, >= 32 channels both ways, maps >= 8 x 8, and for the weight gradient K N >= 20 (K + N)
+    too; elsewhere the two settings give the same bits."""
     core = _native.core
     rng = np.random.default_rng(12)
 
@@ -121,18 +123,22 @@ def test_winograd_takes_the_convolutions_it_suits(isa):
                 core.set_conv_winograd(was)
         return out
 
-    for (H, cin, cout, stride), used in [((8, 32, 32, 1), True), ((7, 32, 32, 1), False), ((8, 31, 32, 1), False),
-                                          ((8, 32, 31, 1), False), ((8, 32, 32, 2), False)]:
+    for (H, cin, cout, stride), used, dw_used in [((8, 32, 32, 1), True, False), ((8, 64, 32, 1), True, True),
+                                                  ((9, 32, 64, 1), True, True), ((7, 64, 64, 1), False, False),
+                                                  ((8, 31, 64, 1), False, False), ((8, 64, 31, 1), False, False),
+                                                  ((8, 64, 64, 2), False, False)]:
         Ho = (H - 1) // stride + 1
         x, w, dout = rand(rng, 2, H, H, cin), rand(rng, cout, cin, 3, 3), rand(rng, 2, Ho, Ho, cout)
         direct, wino = both_ways(x, w, dout, stride)
         assert core.conv_uses_winograd(H, H, cin, cout, stride) == used        # what bench_kernels.py marks
+        assert core.conv_uses_winograd(H, H, cin, cout, stride, wgrad=True) == dw_used
         assert np.array_equal(direct[0], wino[0]) != used, (H, cin, cout, stride)
         assert np.array_equal(direct[1], wino[1]) != used, (H, cin, cout, stride)             # dx
-        assert np.array_equal(direct[2], wino[2])                               # dW: always the direct kernel
+        assert np.array_equal(direct[2], wino[2]) != dw_used, (H, cin, cout, stride)          # dW
     was = core.set_conv_winograd(False)
     try:
         assert not core.conv_uses_winograd(8, 8, 32, 32, 1)
+        assert not core.conv_uses_winograd(8, 8, 64, 64, 1, wgrad=True)
     finally:
         core.set_conv_winograd(was)
 
@@ -461,9 +467,22 @@ def test_bench_kernels_direct_measures_without_winograd(monkeypatch, capsys):
     was = core.set_conv_winograd(True)
     try:
         bench.main()
-        assert seen == [False] and "(Winograd)" not in capsys.readouterr().out
+        assert seen == [False] and "Winograd" not in capsys.readouterr().out
     finally:
         core.set_conv_winograd(was)
+
+
+@needs_cpu
+def test_bench_kernels_marks_the_winograd_rows(monkeypatch, capsys):
+    """Rows say which convolutions take Winograd: forward and input gradient, and the weight gradient too."""
+    bench = _bench_kernels()
+    monkeypatch.setattr(bench, "SHAPES", [(28, 32, 32), (28, 64, 32), (7, 64, 64)])
+    monkeypatch.setattr(bench, "measure", lambda shape, a, core, isas, reference: {
+        **{isa: (1.0, 1.0) for isa in isas}, "reference": (1.0, 1.0), "torch": (1.0, 1.0)})
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py"])
+    bench.main()
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[-3:]]
+    assert rows == ["| 28 x 28, 32 -> 32 (Winograd)", "| 28 x 28, 64 -> 32 (Winograd + dW)", "| 7 x 7, 64 -> 64"]
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--reps", "0"], ["--seconds", "-1"]])
