@@ -96,27 +96,49 @@ void silu_backward(const float* x, const float* dout, float* dx, int64_t n) {
 
 // Per-lane sums of y and of y x over the flat array, added into s1, s2 (double, L entries each, folded to
 // channels by the caller), where y = f(q, i, x, k) is computed from the vector x at offset i of lane group q
-// (k lanes real: the ragged end when n is not a multiple of the vector width; the others hold 0). Float vector
-// sums flushed to double every 64 vectors keep the sums accurate.
+// (k lanes real: the ragged end when n is not a multiple of the vector width; the others hold 0). The array is
+// rows of L floats; Q lane groups at a time share a pass over it (at most 4: their accumulators stay in
+// registers). Float vector sums flushed to double every 64 rows keep the sums accurate; each lane group's sums run
+// in row order whatever Q is.
+template <int Q, class F>
+static void lane_groups(const float* x, int64_t n, int64_t L, F f, int64_t q0, double* s1, double* s2) {
+    const int64_t full = n / L, rows = (n + L - 1) / L;
+    for (int64_t j0 = 0; j0 < rows; j0 += 64) {
+        vf a1[Q] = {}, a2[Q] = {};
+        const int64_t j1 = imin(rows, j0 + 64);
+        for (int64_t j = j0; j < j1; ++j) {
+#pragma GCC unroll 4
+            for (int g = 0; g < Q; ++g) {
+                const int64_t i = j * L + (q0 + g) * MD_VW;
+                if (j < full || i + MD_VW <= n) {
+                    const vf xv = load(x + i), y = f(q0 + g, i, xv, MD_VW);
+                    a1[g] += y;
+                    a2[g] += y * xv;
+                } else if (i < n) {
+                    const int k = (int)(n - i);
+                    const vf xv = load_n(x + i, k), y = f(q0 + g, i, xv, k);
+                    a1[g] += y;
+                    a2[g] += y * xv;
+                }
+            }
+        }
+        for (int g = 0; g < Q; ++g)
+            for (int l = 0; l < MD_VW; ++l) {
+                s1[(q0 + g) * MD_VW + l] += a1[g][l];
+                s2[(q0 + g) * MD_VW + l] += a2[g][l];
+            }
+    }
+}
+
 template <class F>
 static void lane_sums(const float* x, int64_t n, int64_t L, F f, double* s1, double* s2) {
-    for (int64_t q = 0; q < L / MD_VW; ++q) {          // lane group q: flat offsets q*VW + j*L
-        for (int64_t start = q * MD_VW; start < n; start += 64 * L) {
-            vf a1 = {}, a2 = {};
-            const int64_t stop = imin(n, start + 64 * L);
-            int64_t i = start;
-            for (; i + MD_VW <= stop; i += L) {
-                const vf xv = load(x + i), y = f(q, i, xv, MD_VW);
-                a1 += y;
-                a2 += y * xv;
-            }
-            if (i < stop) {
-                const int k = (int)(stop - i);
-                const vf xv = load_n(x + i, k), y = f(q, i, xv, k);
-                a1 += y;
-                a2 += y * xv;
-            }
-            for (int l = 0; l < MD_VW; ++l) { s1[q * MD_VW + l] += a1[l]; s2[q * MD_VW + l] += a2[l]; }
+    const int64_t groups = L / MD_VW;
+    for (int64_t q = 0; q < groups; q += 4) {
+        switch (imin(4, groups - q)) {
+        case 1: lane_groups<1>(x, n, L, f, q, s1, s2); break;
+        case 2: lane_groups<2>(x, n, L, f, q, s1, s2); break;
+        case 3: lane_groups<3>(x, n, L, f, q, s1, s2); break;
+        default: lane_groups<4>(x, n, L, f, q, s1, s2); break;
         }
     }
 }
