@@ -274,7 +274,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="profile minidiff's CPU training step at batch 64 instead")
     ap.add_argument("--count-ops", action="store_true", help="count the array operations (GPU kernel launches) of a "
                                                              "training step and a sampling step instead, by layer type")
-    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, metavar=("IMPL", "MODE", "BATCH"),
+                    help="one measurement in this process, printed as JSON (what each round runs): IMPL minidiff or "
+                         "torch, MODE forward or train; for comparing two builds, one process each")
     args = ap.parse_args()
     config = dict(SHAPES[args.shape], base_channels=args.channels)
     if args.profile:
@@ -283,6 +285,10 @@ def main():
         return print_counts(128, args.channels)
     if args.worker:
         impl, mode, batch = args.worker
+        if impl not in ("minidiff", "torch") or mode not in ("forward", "train") or not batch.isdigit() \
+                or int(batch) < 1:
+            ap.error(f"--worker takes IMPL (minidiff or torch), MODE (forward or train) and a batch size of at "
+                     f"least 1, got {' '.join(args.worker)}")
         worker(impl, mode, int(batch), config, args.seconds, args.device)
         return
     if args.device == "cuda":

@@ -81,3 +81,14 @@ def test_bench_reads_the_hosts_steal_from_proc_stat(tmp_path, monkeypatch):
     assert bench.steal_share(before, before) is None and bench.steal_share(None, after) is None
     stat.unlink()
     assert bench.cpu_times() is None
+
+
+@pytest.mark.parametrize("worker", [["minidiff", "backward", "64"], ["jax", "train", "64"],
+                                    ["minidiff", "train", "0"], ["minidiff", "train", "x"]])
+def test_bench_worker_rejects_bad_arguments(monkeypatch, capsys, worker):
+    """bench_unet.py --worker IMPL MODE BATCH (one measurement, for comparing builds): a clear error, not a
+    traceback from inside the step."""
+    monkeypatch.setattr("sys.argv", ["bench_unet.py", "--worker", *worker])
+    with pytest.raises(SystemExit):
+        _bench().main()
+    assert "--worker takes IMPL (minidiff or torch), MODE (forward or train)" in capsys.readouterr().err
