@@ -12,9 +12,9 @@ after a warm-up (the machine's other load shows as spread, not in the best). Eac
 instruction set's peak, measured first by core.fma_peak_gflops (independent FMAs in registers on all threads:
 2 FMA units x vector width x 2 FLOP x clock x cores); PyTorch's share is of the best instruction set's peak.
 The shapes marked "Winograd" take Winograd F(2x2, 3x3) forward and for the input gradient (16 products per 2 x 2
-output tile instead of 36), those marked "Winograd + dW" for the weight gradient too: they are counted at the
-direct sum's FLOPs too, so their figures are the rate the direct sum would need for the same time, and their shares
-can pass 100%.
+output tile instead of 36), those marked "Winograd + dW" for the weight gradient too (followed by the instruction
+sets that do, when not all do): they are counted at the direct sum's FLOPs too, so their figures are the rate the
+direct sum would need for the same time, and their shares can pass 100%.
 """
 import argparse
 import os
@@ -92,9 +92,26 @@ def main():
                 cells = [cell(*best[shape, isa], peak[isa]) for isa in isas]
                 cells.append("{:.0f} / {:.0f}".format(*best[shape, "reference"]))
                 cells.append(cell(*best[shape, "torch"], peak[isas[0]]) if torch is not None else "-")
-                wino = (" (Winograd + dW)" if core.conv_uses_winograd(hw, hw, cin, cout, 1, wgrad=True) else
-                        " (Winograd)" if core.conv_uses_winograd(hw, hw, cin, cout, 1) else "")
-                print(f"| {hw} x {hw}, {cin} -> {cout}{wino} | " + " | ".join(cells) + " |", flush=True)
+                print(f"| {hw} x {hw}, {cin} -> {cout}{winograd_mark(core, isas, shape)} | " + " | ".join(cells)
+                      + " |", flush=True)
+
+
+def winograd_mark(core, isas, shape):
+    """' (Winograd)' (forward and input gradient) or ' (Winograd + dW)' (the weight gradient too), followed by the
+    instruction sets that take it when not all of them do (the rule depends on the vector width), or ''"""
+    hw, cin, cout = shape
+    kinds = {}
+    for isa in isas:
+        core.set_cpu_isa(isa)
+        kinds[isa] = ("Winograd + dW" if core.conv_uses_winograd(hw, hw, cin, cout, 1, wgrad=True) else
+                      "Winograd" if core.conv_uses_winograd(hw, hw, cin, cout, 1) else "")
+    core.set_cpu_isa("auto")
+    marks = []
+    for kind in dict.fromkeys(kinds.values()):
+        if kind:
+            which = [isa for isa in isas if kinds[isa] == kind]
+            marks.append(kind if len(which) == len(isas) else f"{kind}: {', '.join(which)}")
+    return f" ({'; '.join(marks)})" if marks else ""
 
 
 def measure(shape, a, core, isas, reference):

@@ -417,9 +417,10 @@ static void for_image_groups(int64_t B, int64_t group, F f) {
 // F(2x2, 3x3) (nn_isa.h, wino_input): the weights transformed and packed as 16 "taps" (one per tile position e),
 // then per chunk of tiles: the input transform, 16 matrix products on the micro-kernels (tiles x K @ K x N), the
 // output transform (+ bias, + residual). For stride-1 convolutions of at least 32 channels on both sides on maps
-// of at least 8 x 8: with fewer channels the products are too short to pay for the transforms, and on 7 x 7 and
-// 4 x 4 maps the tiles' overhang (64 pixels computed for 49) and the border cost more than they save
-// (bench_kernels.py, docs/performance.md); those keep the direct sum of 9 taps. The weight gradient takes it
+// of at least 8 x 8 with AVX-512, 4 x 4 with AVX2 and SSE2: with fewer channels the products are too short to pay
+// for the transforms, and with AVX-512's fast products the tiles' overhang on 7 x 7 and 4 x 4 maps (64 pixels
+// computed for 49) and the border cost more than they save, while the narrower instruction sets still gain there
+// (bench_kernels.py, docs/performance.md); the rest keep the direct sum of 9 taps. The weight gradient takes it
 // where it pays (winograd_wgrad, use_winograd_wgrad).
 static bool winograd_on = true;
 
@@ -430,7 +431,8 @@ bool set_conv_winograd(bool on) {
 }
 
 bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
-    return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= 8 && W >= 8;
+    const int64_t min_map = isa->vw >= 16 ? 8 : 4;
+    return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= min_map && W >= min_map;
 }
 
 // The weight gradient's products save in proportion to K N, its two transforms (of x and of dy) cost in

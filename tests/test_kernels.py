@@ -87,11 +87,12 @@ def test_conv2d_stride2_kernel_matches_reference(isa, B, H, W, cin, cout):
 
 
 # Winograd F(2x2, 3x3) (csrc/nn_isa.h) takes the stride-1 convolutions of >= 32 channels on both sides and maps of
-# >= 8 x 8: odd sizes (a last tile half outside), channel counts that are not multiples of the vector width (and an
-# odd one under AVX-512's channel pairs), one image (its tiles split over the threads) and several; the last four
-# take it for the weight gradient too (K N >= 20 (K + N)), two of them in more than one chunk of tiles
+# >= 8 x 8 (>= 4 x 4 with AVX2 and SSE2: the last two shapes): odd sizes (a last tile half outside), channel counts
+# that are not multiples of the vector width (and an odd one under AVX-512's channel pairs), one image (its tiles
+# split over the threads) and several; those with K N >= 20 (K + N) (all from (3, 13, 10, 40, 72) on but
+# (3, 5, 7, 40, 36)) take it for the weight gradient too, two of them in more than one chunk of tiles
 WINOGRAD_SHAPES = [(1, 9, 11, 33, 35), (5, 8, 8, 32, 48), (2, 28, 28, 32, 32), (3, 13, 10, 40, 72),
-                   (2, 14, 14, 48, 48), (3, 11, 8, 72, 33), (1, 8, 9, 64, 40)]
+                   (2, 14, 14, 48, 48), (3, 11, 8, 72, 33), (1, 8, 9, 64, 40), (3, 5, 7, 40, 36), (2, 4, 4, 64, 48)]
 
 
 @needs_cpu
@@ -108,8 +109,9 @@ def test_conv2d_winograd_matches_reference(isa, B, H, W, cin, cout):
 @needs_cpu
 def test_winograd_takes_the_convolutions_it_suits(isa):
     """Winograd's sums run in another order than the direct kernel's (the results differ in the last bits) where
-    it applies: stride 1, >= 32 channels both ways, maps >= 8 x 8, and for the weight gradient K N >= 20 (K + N)
-    too; elsewhere the two settings give the same bits."""
+    it applies: stride 1, >= 32 channels both ways, maps >= 8 x 8 (AVX-512) or >= 4 x 4 (AVX2, SSE2), and for the
+    weight gradient K N >= 20 (K + N) too; elsewhere the two settings give the same bits."""
+    small = isa != "avx512"                                     # 7 x 7 and 4 x 4 maps take it too
     core = _native.core
     rng = np.random.default_rng(12)
 
@@ -124,7 +126,8 @@ def test_winograd_takes_the_convolutions_it_suits(isa):
         return out
 
     for (H, cin, cout, stride), used, dw_used in [((8, 32, 32, 1), True, False), ((8, 64, 32, 1), True, True),
-                                                  ((9, 32, 64, 1), True, True), ((7, 64, 64, 1), False, False),
+                                                  ((9, 32, 64, 1), True, True), ((7, 64, 64, 1), small, small),
+                                                  ((4, 64, 32, 1), small, small), ((3, 64, 64, 1), False, False),
                                                   ((8, 31, 64, 1), False, False), ((8, 64, 31, 1), False, False),
                                                   ((8, 64, 64, 2), False, False)]:
         Ho = (H - 1) // stride + 1
@@ -478,13 +481,18 @@ def test_bench_kernels_direct_measures_without_winograd(monkeypatch, capsys):
 def test_bench_kernels_marks_the_winograd_rows(monkeypatch, capsys):
     """Rows say which convolutions take Winograd: forward and input gradient, and the weight gradient too."""
     bench = _bench_kernels()
-    monkeypatch.setattr(bench, "SHAPES", [(28, 32, 32), (28, 64, 32), (7, 64, 64)])
+    monkeypatch.setattr(bench, "SHAPES", [(28, 32, 32), (28, 64, 32), (7, 64, 64), (2, 64, 64)])
     monkeypatch.setattr(bench, "measure", lambda shape, a, core, isas, reference: {
         **{isa: (1.0, 1.0) for isa in isas}, "reference": (1.0, 1.0), "torch": (1.0, 1.0)})
     monkeypatch.setattr(sys, "argv", ["bench_kernels.py"])
     bench.main()
-    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[-3:]]
-    assert rows == ["| 28 x 28, 32 -> 32 (Winograd)", "| 28 x 28, 64 -> 32 (Winograd + dW)", "| 7 x 7, 64 -> 64"]
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines()[-4:]]
+    isas = _native.core.cpu_isas()
+    small = ("| 7 x 7, 64 -> 64 (Winograd + dW: " + ", ".join(i for i in isas if i != "avx512") + ")"
+             if "avx512" in isas else "| 7 x 7, 64 -> 64 (Winograd + dW)")      # AVX-512: maps >= 8 x 8 only
+    assert rows == ["| 28 x 28, 32 -> 32 (Winograd)", "| 28 x 28, 64 -> 32 (Winograd + dW)", small,
+                    "| 2 x 2, 64 -> 64"]
+    assert _native.core.cpu_isa() == isas[0]                                   # the marks leave the best one set
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--reps", "0"], ["--seconds", "-1"]])
