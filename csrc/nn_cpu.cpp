@@ -437,9 +437,9 @@ bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
 
 // The weight gradient's products save in proportion to K N, its two transforms (of x and of dy) cost in
 // proportion to K + N: at 32 -> 32 channels (K N / (K + N) = 16) AVX-512 loses 13% and AVX2 4% against the
-// direct sum; from 64 -> 32 (21) every instruction set gains (bench_kernels.py)
+// direct sum, SSE2's slower products gain 15%; from 64 -> 32 (21) every instruction set gains (bench_kernels.py)
 bool use_winograd_wgrad(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
-    return use_winograd(H, W, K, N, stride) && K * N >= 20 * (K + N);
+    return use_winograd(H, W, K, N, stride) && (isa->vw <= 4 || K * N >= 20 * (K + N));
 }
 
 // U = G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for the 3x3 kernel g[t] = w(t) (t = 3 i + j)
