@@ -424,6 +424,13 @@ static void for_image_groups(int64_t B, int64_t group, F f) {
 // where it pays (winograd_wgrad, use_winograd_wgrad).
 static bool winograd_on = true;
 
+// n zero floats (this thread's), read by the transforms for pixels outside the image
+static const float* wino_zeros(int64_t n) {
+    float* z = scratch.get(scratch.wino_z, (size_t)n);
+    std::fill(z, z + n, 0.0f);
+    return z;
+}
+
 bool set_conv_winograd(bool on) {
     const bool was = winograd_on;
     winograd_on = on;
@@ -480,8 +487,7 @@ static void winograd_conv(const float* x, int64_t xs, int64_t B, int64_t H, int6
     // the result does not depend on the threads)
     const int64_t P = B * tiles, rt = isa->acc;
     const int64_t per_tile = 16 * (KG + N) * 4, chunk = rt * std::max<int64_t>(1, (512 << 10) / (per_tile * rt));
-    float* zeros = scratch.get(scratch.wino_z, (size_t)round_up(KG, isa->vw));
-    std::fill(zeros, zeros + round_up(KG, isa->vw), 0.0f);
+    const float* zeros = wino_zeros(round_up(KG, isa->vw));
     parallel_ranges((P + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1, int) {
         float* V = scratch.get(scratch.wino_v, (size_t)(16 * chunk * KG));
         float* M = scratch.get(scratch.wino_m, (size_t)(16 * chunk * N));
@@ -573,9 +579,7 @@ static void winograd_wgrad(const float* x, const float* dy, int64_t ldd, int64_t
     const int64_t chunk = std::max<int64_t>(16, (512 << 10) / (16 * (K + NP) * 4)), nchunks = (P + chunk - 1) / chunk;
     const size_t part = (size_t)(16 * K * NP);
     float* partial = scratch.get(scratch.wgrad, part * max_pieces());
-    const int64_t nz = round_up(std::max(K, NP), vw);
-    float* zeros = scratch.get(scratch.wino_z, (size_t)nz);
-    std::fill(zeros, zeros + nz, 0.0f);
+    const float* zeros = wino_zeros(round_up(std::max(K, NP), vw));
     WGradTask t;
     t.ldx = K; t.K = K; t.ldy = NP; t.N = N; t.NP = NP; t.T = 1; t.off[0] = t.voff[0] = 0;
     plan_blocks(t, NP / vw, isa->acc);

@@ -102,7 +102,7 @@ void silu_backward(const float* x, const float* dout, float* dx, int64_t n) {
 // in row order whatever Q is.
 template <int Q, class F>
 static void lane_groups(const float* x, int64_t n, int64_t L, F f, int64_t q0, double* s1, double* s2) {
-    const int64_t full = n / L, rows = (n + L - 1) / L;
+    const int64_t rows = (n + L - 1) / L;
     for (int64_t j0 = 0; j0 < rows; j0 += 64) {
         vf a1[Q] = {}, a2[Q] = {};
         const int64_t j1 = imin(rows, j0 + 64);
@@ -110,16 +110,11 @@ static void lane_groups(const float* x, int64_t n, int64_t L, F f, int64_t q0, d
 #pragma GCC unroll 4
             for (int g = 0; g < Q; ++g) {
                 const int64_t i = j * L + (q0 + g) * MD_VW;
-                if (j < full || i + MD_VW <= n) {
-                    const vf xv = load(x + i), y = f(q0 + g, i, xv, MD_VW);
-                    a1[g] += y;
-                    a2[g] += y * xv;
-                } else if (i < n) {
-                    const int k = (int)(n - i);
-                    const vf xv = load_n(x + i, k), y = f(q0 + g, i, xv, k);
-                    a1[g] += y;
-                    a2[g] += y * xv;
-                }
+                if (i >= n) continue;                     // past a ragged last row
+                const int k = (int)imin(MD_VW, n - i);
+                const vf xv = k == MD_VW ? load(x + i) : load_n(x + i, k), y = f(q0 + g, i, xv, k);
+                a1[g] += y;
+                a2[g] += y * xv;
             }
         }
         for (int g = 0; g < Q; ++g)

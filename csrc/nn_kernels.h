@@ -118,9 +118,10 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
 // (written)
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
                       int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
-// Whether the convolutions Winograd suits (stride 1, at least 32 channels on both sides, maps of at least 8 x 8 with
-// AVX-512, 4 x 4 otherwise: nn_cpu.cpp) use it, forward, input gradient and (for fewer shapes) weight gradient (the default), or all take the
-// direct sum of 9 taps; returns the previous setting (for tests and benchmarks)
+// Whether the convolutions Winograd suits (stride 1, at least 32 channels on both sides, maps of at least 8 x 8
+// with AVX-512, 4 x 4 otherwise: nn_cpu.cpp) use it, forward, input gradient and (for fewer shapes) weight
+// gradient (the default), or all take the direct sum of 9 taps; returns the previous setting (for tests and
+// benchmarks)
 bool set_conv_winograd(bool on);
 // whether conv3x3_forward of these sizes (and conv3x3_backward's dx with K and N swapped) takes Winograd now, with
 // the instruction set in use
