@@ -11,5 +11,5 @@ namespace avx2 {
 const NNKernels nn_avx2 = {"avx2", MD_VW, MD_ACC, MD_CHAINS,
     avx2::silu_forward, avx2::silu_backward, avx2::gn_moments, avx2::gn_apply, avx2::gn_backward_sums,
     avx2::gn_backward_apply, avx2::conv_tiles, avx2::conv_wgrad, avx2::fma_loop,
-    avx2::wino_input, avx2::wino_output, avx2::wino_dout};
+    avx2::wino_input, avx2::wino_output, avx2::wino_dout, avx2::softmax_rows, avx2::softmax_backward_rows};
 }  // namespace md

@@ -11,5 +11,6 @@ namespace avx512 {
 const NNKernels nn_avx512 = {"avx512", MD_VW, MD_ACC, MD_CHAINS,
     avx512::silu_forward, avx512::silu_backward, avx512::gn_moments, avx512::gn_apply,
     avx512::gn_backward_sums, avx512::gn_backward_apply, avx512::conv_tiles, avx512::conv_wgrad,
-    avx512::fma_loop, avx512::wino_input, avx512::wino_output, avx512::wino_dout};
+    avx512::fma_loop, avx512::wino_input, avx512::wino_output, avx512::wino_dout, avx512::softmax_rows,
+    avx512::softmax_backward_rows};
 }  // namespace md

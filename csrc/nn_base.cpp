@@ -12,5 +12,5 @@ namespace base {
 const NNKernels nn_base = {"base", MD_VW, MD_ACC, MD_CHAINS,
     base::silu_forward, base::silu_backward, base::gn_moments, base::gn_apply, base::gn_backward_sums,
     base::gn_backward_apply, base::conv_tiles, base::conv_wgrad, base::fma_loop,
-    base::wino_input, base::wino_output, base::wino_dout};
+    base::wino_input, base::wino_output, base::wino_dout, base::softmax_rows, base::softmax_backward_rows};
 }  // namespace md

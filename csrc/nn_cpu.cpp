@@ -132,6 +132,7 @@ static void parallel_ranges(int64_t n, int64_t min_per_thread, F f) {
 // time); one set per calling thread.
 struct Scratch {
     std::vector<float> xbuf, dybuf, wpack, wgrad, wsum, local_x, local_dy, wino_u, wino_v, wino_m, wino_z;
+    std::vector<float> attn_w, attn_d, attn_t;
     float* get(std::vector<float>& v, size_t n) {
         if (v.size() < n) v.resize(n);
         return v.data();
@@ -785,6 +786,67 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     last.xrow = last.dyrow = PixelMap{1, 1, 0, 1, 0, 1};
     isa->conv_wgrad(last, 0, 1, partial, 1);
     sum_wgrad(partial, part, np, 1, K, N, t.NP, dweight);
+}
+
+// ------------------------------------------------------------------------------------------------ attention
+// unet.attention and unet.attention_backward image by image, each image's products on one thread (the images
+// split over the threads, so the result does not depend on them), on the same micro-kernels.
+
+// out (P, N) = x (P, K; rows ldx floats apart) @ W with W[k, n] = w(n, k), on this thread: W packed as the
+// convolutions' weights (pack_weights' layout, T = 1), then the row tiles
+template <class F>
+static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int64_t N, F w, float* out) {
+    const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
+    const int64_t NC = round_up(N, isa->vw / G);
+    float* wp = scratch.get(scratch.attn_w, (size_t)(K * NC));
+    for (int64_t kk = 0; kk < K / G; ++kk)
+        for (int64_t c = 0; c < NC; ++c)
+            for (int j = 0; j < G; ++j) wp[(kk * NC + c) * G + j] = c < N ? w(c, kk * G + j) : 0.0f;
+    ConvTask t = conv_task(x, ldx, K, wp, N, G, nullptr, 0, nullptr, out);
+    t.xrow = t.orow = PixelMap{1, P, 0, P, 0, 1};
+    t.P = P; t.T = 1; t.off[0] = 0;
+    isa->conv_tiles(t, 0, (P + t.rows_per_tile - 1) / t.rows_per_tile);
+}
+
+// (rows, cols) -> (cols, rows), in blocks of 16 x 16 whose lines on both sides stay in L1 (element by element,
+// each store of a 256 x 256 transpose would go to another line: 40% of the backward pass)
+static void transpose(const float* a, int64_t rows, int64_t cols, float* at) {
+    for (int64_t i0 = 0; i0 < rows; i0 += 16)
+        for (int64_t j0 = 0; j0 < cols; j0 += 16)
+            for (int64_t j = j0; j < std::min(j0 + 16, cols); ++j)
+                for (int64_t i = i0; i < std::min(i0 + 16, rows); ++i) at[j * rows + i] = a[i * cols + j];
+}
+
+void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t N, int64_t M, int64_t C,
+                       float scale, float* o, float* a) {
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
+        for (int64_t b = b0; b < b1; ++b) {
+            const float *qb = q + b * N * C, *kb = k + b * M * C, *vb = v + b * M * C;
+            float* ab = a + b * N * M;
+            thread_matmul(qb, C, N, C, M, [&](int64_t j, int64_t c) { return kb[j * C + c]; }, ab);  // S = q k^T
+            isa->softmax_rows(ab, N, M, M, scale);                                                     // A
+            thread_matmul(ab, M, N, M, C, [&](int64_t c, int64_t j) { return vb[j * C + c]; }, o + b * N * C);
+        }
+    });
+}
+
+void attention_backward(const float* q, const float* k, const float* v, const float* a, const float* dout, int64_t B,
+                        int64_t N, int64_t M, int64_t C, float scale, float* dq, float* dk, float* dv) {
+    parallel_ranges(B, 1, [&](int64_t b0, int64_t b1, int) {
+        float* ds = scratch.get(scratch.attn_d, (size_t)(N * M));
+        float* t = scratch.get(scratch.attn_t, (size_t)(N * M));
+        for (int64_t b = b0; b < b1; ++b) {
+            const float *qb = q + b * N * C, *kb = k + b * M * C, *vb = v + b * M * C, *ab = a + b * N * M;
+            const float* db = dout + b * N * C;
+            thread_matmul(db, C, N, C, M, [&](int64_t j, int64_t c) { return vb[j * C + c]; }, ds);     // dA
+            isa->softmax_backward_rows(ab, ds, N, M, M, scale);                                          // dS
+            thread_matmul(ds, M, N, M, C, [&](int64_t c, int64_t j) { return kb[j * C + c]; }, dq + b * N * C);
+            transpose(ds, N, M, t);                                  // dk = dS^T q
+            thread_matmul(t, N, M, N, C, [&](int64_t c, int64_t i) { return qb[i * C + c]; }, dk + b * M * C);
+            transpose(ab, N, M, t);                                  // dv = A^T dout
+            thread_matmul(t, N, M, N, C, [&](int64_t c, int64_t i) { return db[i * C + c]; }, dv + b * M * C);
+        }
+    });
 }
 
 }  // namespace md

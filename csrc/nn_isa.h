@@ -5,8 +5,8 @@
 // supports). This header must not include anything (it is included inside a namespace) and must not call
 // inline library templates: those could be emitted once for all three instruction sets.
 //
-// The readable reference of every function here is in minidiff/layers.py (named in each comment); the
-// tests compare the two on random inputs.
+// The readable reference of every function here is in minidiff/layers.py or unet.py (named in each comment);
+// the tests compare the two on random inputs.
 //
 // Before including: MD_VW (floats per vector) and MD_ACC (accumulator vectors the register file holds in a
 // micro-kernel tile: 24 of AVX-512's 32 registers, 12 of AVX2's 16, 10 of SSE's 16: SSE's two-operand multiply
@@ -551,6 +551,64 @@ void wino_output(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, i
                 }
             }
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------
+// Attention's softmax over each row of the scores, in place: A = softmax(S scale), the row's maximum subtracted
+// before exp (reference: unet.attention, layers.softmax), and its backward pass dS = A (dA - rowsum(dA A)) scale,
+// written over dA (unet.attention_backward). Rows of n floats, ld apart; the ragged end of a row is one masked
+// vector.
+static inline float lanes_max(vf v) {
+    float m = v[0];
+    for (int l = 1; l < MD_VW; ++l) m = v[l] > m ? v[l] : m;
+    return m;
+}
+static inline float lanes_sum(vf v) {
+    float s = 0.0f;
+    for (int l = 0; l < MD_VW; ++l) s += v[l];
+    return s;
+}
+
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
+    const int64_t nv = n / MD_VW * MD_VW;
+    const int k = (int)(n - nv);
+    const vi tail = iota() < k;                              // the ragged vector's real lanes
+    for (int64_t i = 0; i < rows; ++i) {
+        float* r = s + i * ld;
+        vf m = splat(-__builtin_inff());
+        for (int64_t j = 0; j < nv; j += MD_VW) m = vmax(m, load(r + j) * scale);
+        if (k) m = vmax(m, tail ? load_n(r + nv, k) * scale : splat(-__builtin_inff()));
+        const vf mx = splat(lanes_max(m));
+        vf sum = {};
+        for (int64_t j = 0; j < nv; j += MD_VW) {
+            const vf e = vexp(load(r + j) * scale - mx);
+            store(r + j, e);
+            sum += e;
+        }
+        if (k) {
+            const vf e = tail ? vexp(load_n(r + nv, k) * scale - mx) : (vf){};
+            store_n(r + nv, e, k);
+            sum += e;
+        }
+        const vf inv = splat(1.0f / lanes_sum(sum));          // a product per element, not a division
+        for (int64_t j = 0; j < nv; j += MD_VW) store(r + j, load(r + j) * inv);
+        if (k) store_n(r + nv, load_n(r + nv, k) * inv, k);
+    }
+}
+
+void softmax_backward_rows(const float* a, float* d, int64_t rows, int64_t n, int64_t ld, float scale) {
+    const int64_t nv = n / MD_VW * MD_VW;
+    const int k = (int)(n - nv);
+    for (int64_t i = 0; i < rows; ++i) {
+        const float* ar = a + i * ld;
+        float* dr = d + i * ld;
+        vf dot = {};
+        for (int64_t j = 0; j < nv; j += MD_VW) dot += load(dr + j) * load(ar + j);
+        if (k) dot += load_n(dr + nv, k) * load_n(ar + nv, k);     // the other lanes read 0
+        const vf rowsum = splat(lanes_sum(dot));
+        for (int64_t j = 0; j < nv; j += MD_VW) store(dr + j, load(ar + j) * (load(dr + j) - rowsum) * scale);
+        if (k) store_n(dr + nv, load_n(ar + nv, k) * (load_n(dr + nv, k) - rowsum) * scale, k);
     }
 }
 

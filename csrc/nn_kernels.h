@@ -1,8 +1,9 @@
-// nn_kernels.h: the network's CPU kernels (3x3 convolution, GroupNorm with SiLU, SiLU), float32, NHWC.
+// nn_kernels.h: the network's CPU kernels (3x3 convolution, matrix product, GroupNorm with SiLU, SiLU, attention),
+// float32, NHWC.
 // nn_cpu.cpp holds the drivers (argument layout, padding, weight packing, threads); nn_isa.h the inner loops,
 // compiled once per instruction set (nn_avx512.cpp, nn_avx2.cpp, nn_base.cpp). The readable reference of each
-// kernel is the function of minidiff/layers.py named beside it; minidiff/fast/cpu.py registers the kernels for
-// those functions, and tests/test_kernels.py checks that each equals its reference.
+// kernel is the function of minidiff/layers.py (or unet.py) named beside it; minidiff/fast/cpu.py registers the
+// kernels for those functions, and tests/test_kernels.py checks that each equals its reference.
 #pragma once
 #include <cstdint>
 
@@ -84,6 +85,8 @@ struct NNKernels {
                         const float* bias, int64_t bias_stride, const float* residual, float* out);
     void (*wino_dout)(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
                       int64_t n, int64_t ldt, const float* zeros, float* D);
+    void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
+    void (*softmax_backward_rows)(const float* a, float* d, int64_t rows, int64_t n, int64_t ld, float scale);
 };
 
 extern const NNKernels nn_base;
@@ -133,6 +136,14 @@ void linear_forward(const float* x, const float* weight, const float* bias, int6
 // dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)
 void linear_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t M, int64_t K,
                      int64_t N, float* dx, float* dweight);
+
+// ---- attention (nn_cpu.cpp), image by image: q (B, N, C), k and v (B, M, C)
+// -> o (B, N, C) = A v and a = A (B, N, M) = softmax(q k^T scale) over the keys (unet.attention)
+void attention_forward(const float* q, const float* k, const float* v, int64_t B, int64_t N, int64_t M, int64_t C,
+                       float scale, float* o, float* a);
+// a, dout (B, N, C) -> dq (B, N, C), dk and dv (B, M, C), all written (unet.attention_backward)
+void attention_backward(const float* q, const float* k, const float* v, const float* a, const float* dout, int64_t B,
+                        int64_t N, int64_t M, int64_t C, float scale, float* dq, float* dk, float* dv);
 
 // ---- copies and sums (nn_cpu.cpp)
 // a (M, Ca), b (M, Cb) -> out (M, Ca + Cb)

@@ -251,6 +251,45 @@ py::tuple py_linear_backward(py::handle x_, py::handle weight_, py::handle dout_
     return py::make_tuple(dx, dweight);
 }
 
+// ---- attention (unet.attention, unet.attention_backward): q (B, N, C), k and v (B, M, C)
+void attention_shapes(const py::array& q, const py::array& k, const py::array& v) {
+    if (k.shape(0) != q.shape(0) || k.shape(2) != q.shape(2))
+        throw py::value_error("k must have shape (" + std::to_string(q.shape(0)) + ", M, " +
+                              std::to_string(q.shape(2)) + ") for q " + shape_str(q) + ", got " + shape_str(k));
+    same_shape(v, "v", k, "k");
+}
+
+py::tuple py_attention_forward(py::handle q_, py::handle k_, py::handle v_, float scale) {
+    py::array q = arr(q_, "q", 3), k = arr(k_, "k", 3), v = arr(v_, "v", 3);
+    attention_shapes(q, k, v);
+    const py::ssize_t B = q.shape(0), N = q.shape(1), M = k.shape(1), C = q.shape(2);
+    py::array_t<float> o = empty({B, N, C}), a = empty({B, N, M});
+    {
+        py::gil_scoped_release nogil;
+        md::attention_forward(ptr(q), ptr(k), ptr(v), B, N, M, C, scale, o.mutable_data(), a.mutable_data());
+    }
+    return py::make_tuple(o, a);
+}
+
+py::tuple py_attention_backward(py::handle q_, py::handle k_, py::handle v_, py::handle a_, py::handle dout_,
+                                float scale) {
+    py::array q = arr(q_, "q", 3), k = arr(k_, "k", 3), v = arr(v_, "v", 3), a = arr(a_, "a", 3);
+    py::array dout = arr(dout_, "dout", 3);
+    attention_shapes(q, k, v);
+    const py::ssize_t B = q.shape(0), N = q.shape(1), M = k.shape(1), C = q.shape(2);
+    same_shape(dout, "dout", q, "q");
+    if (a.shape(0) != B || a.shape(1) != N || a.shape(2) != M)
+        throw py::value_error("a must have shape (" + std::to_string(B) + ", " + std::to_string(N) + ", " +
+                              std::to_string(M) + "), got " + shape_str(a));
+    py::array_t<float> dq = empty({B, N, C}), dk = empty({B, M, C}), dv = empty({B, M, C});
+    {
+        py::gil_scoped_release nogil;
+        md::attention_backward(ptr(q), ptr(k), ptr(v), ptr(a), ptr(dout), B, N, M, C, scale, dq.mutable_data(),
+                               dk.mutable_data(), dv.mutable_data());
+    }
+    return py::make_tuple(dq, dk, dv);
+}
+
 // ---- copies and sums (layers.concat_channels, layers.pixel_sum), channels last
 py::array py_concat_channels(py::handle a_, py::handle b_) {
     py::array a = arr(a_, "a", -1), b = arr(b_, "b", -1);
@@ -382,6 +421,10 @@ void bind_nn(py::module_& m) {
           "x (M, K), weight (N, K), bias (N,) or None -> x weight^T + bias (M, N)");
     m.def("linear_backward", &py_linear_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
           "-> (dx (M, K), dweight (N, K))");
+    m.def("attention_forward", &py_attention_forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"),
+          "q (B, N, C), k and v (B, M, C) -> (o = A v (B, N, C), A = softmax(q k^T scale) (B, N, M))");
+    m.def("attention_backward", &py_attention_backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("a"),
+          py::arg("dout"), py::arg("scale"), "-> (dq (B, N, C), dk (B, M, C), dv (B, M, C))");
 }
 
 }  // namespace md

@@ -29,6 +29,7 @@ import math
 
 import numpy as np
 
+from . import fast
 from .layers import (Concat, Conv2d, Dropout, GroupNorm, GroupNormSiLU, Layer, Linear, SiLU, Upsample2x, pixel_sum,
                      softmax, timestep_embedding)
 from .model import Model
@@ -108,6 +109,23 @@ class ResBlock(Layer):
 #   h = GroupNorm(x);  q, k, v = 1x1 convs of h;  A = softmax(q k^T / sqrt(C)) over keys;
 #   y = x + proj(A v).
 
+@fast.reference
+def attention(q, k, v, scale):
+    """Scaled dot-product attention (Vaswani et al. 2017, eq. 1) per image: q (B, N, C), k and v (B, M, C) ->
+    (o = A v (B, N, C), A = softmax(q k^T scale) over the keys (B, N, M), which the backward pass needs)."""
+    a = softmax((q @ k.transpose(0, 2, 1)) * scale)
+    return a @ v, a
+
+
+@fast.reference
+def attention_backward(q, k, v, a, dout, scale):
+    """(dq, dk, dv) for dout = dL/do: dA = dout v^T and dv = A^T dout; the softmax's dS = A (dA - rowsum(dA A)),
+    times scale; dq = dS k, dk = dS^T q."""
+    da = dout @ v.transpose(0, 2, 1)                                               # (B, N, M)
+    ds = a * (da - (da * a).sum(axis=-1, keepdims=True)) * scale
+    return ds @ k, ds.transpose(0, 2, 1) @ q, a.transpose(0, 2, 1) @ dout
+
+
 class AttnBlock(Layer):
     def __init__(self, channels, rng, num_groups=8, dtype=np.float32):
         super().__init__()
@@ -124,21 +142,15 @@ class AttnBlock(Layer):
         k = self.k.forward(h).reshape(B, H * W, C)
         v = self.v.forward(h).reshape(B, H * W, C)
         scale = 1.0 / math.sqrt(C)
-        a = softmax((q @ k.transpose(0, 2, 1)) * scale)            # (B, N, N): query rows, key columns
-        o = (a @ v).reshape(B, H, W, C)                            # (B, H, W, C)
+        o, a = attention(q, k, v, scale)                           # a (B, N, N): query rows, key columns
         self.save((q, k, v, a, scale))
-        return x + self.proj.forward(o)
+        return x + self.proj.forward(o.reshape(B, H, W, C))
 
     def backward(self, dout):                   # dout (B, H, W, C)
         q, k, v, a, scale = self.cache
         B, H, W, C = dout.shape
         do = self.proj.backward(dout).reshape(B, H * W, C)         # (B, N, C)
-        da = do @ v.transpose(0, 2, 1)                             # (B, N, N)
-        dv = a.transpose(0, 2, 1) @ do                             # (B, N, C)
-        ds = a * (da - (da * a).sum(axis=-1, keepdims=True))       # softmax backward, (B, N, N)
-        ds *= scale
-        dq = ds @ k                                                # (B, N, C)
-        dk = ds.transpose(0, 2, 1) @ q                             # (B, N, C)
+        dq, dk, dv = attention_backward(q, k, v, a, do, scale)
         dh = (self.q.backward(dq.reshape(B, H, W, C)) + self.k.backward(dk.reshape(B, H, W, C))
               + self.v.backward(dv.reshape(B, H, W, C)))
         return dout + self.norm.backward(dh)                       # residual + attention branch

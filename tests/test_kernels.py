@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff import fast, layers
+from minidiff import fast, layers, unet
 from minidiff.utils import native as _native
 from minidiff.conditioning.unet import ClassConditionalUNet, ConditionConfig
 from minidiff.unet import UNetConfig
@@ -206,6 +206,18 @@ def test_linear_kernel_matches_reference(isa, M, K, N):
 
 
 @needs_cpu
+@pytest.mark.parametrize("B,N,M,C", [(2, 49, 49, 48), (3, 5, 7, 3), (1, 1, 1, 1), (2, 17, 33, 17), (2, 256, 256, 64),
+                                     (1, 16, 9, 24), (2, 3, 64, 128)])
+def test_attention_kernel_matches_reference(isa, B, N, M, C):
+    rng = np.random.default_rng(N + M + C)
+    q, k, v, dout = rand(rng, B, N, C), rand(rng, B, M, C), rand(rng, B, M, C), rand(rng, B, N, C)
+    scale = float(C) ** -0.5                    # a Python float, as AttnBlock's (a NumPy float64 would promote)
+    assert_close(*both(unet.attention, q, k, v, scale))
+    a = unet.attention.reference(q, k, v, scale)[1]
+    assert_close(*both(unet.attention_backward, q, k, v, a, dout, scale))
+
+
+@needs_cpu
 # C = 36: lcm(36, 16) = 144 floats a row of the sums' lanes (nn_isa.h, lane_sums), 9 lane groups in passes of 4, 4
 # and 1, with a ragged last row
 @pytest.mark.parametrize("B,H,W,C,G", [(2, 7, 7, 64, 8), (3, 28, 28, 24, 8), (2, 13, 1, 40, 8), (1, 3, 5, 16, 2),
@@ -388,6 +400,15 @@ def test_kernels_reject_bad_arrays_clearly():
         core.linear_forward(np.zeros((3, 4), np.float32), np.zeros((5, 3), np.float32), None)
     with pytest.raises(ValueError, match="dout"):
         core.linear_backward(np.zeros((3, 4), np.float32), np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32))
+    q, kv = np.zeros((2, 5, 4), np.float32), np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="k must have shape"):
+        core.attention_forward(q, np.zeros((2, 3, 5), np.float32), kv, 0.5)
+    with pytest.raises(ValueError, match="v has shape"):
+        core.attention_forward(q, kv, kv[:, :2].copy(), 0.5)
+    with pytest.raises(ValueError, match="a must have shape"):
+        core.attention_backward(q, kv, kv, np.zeros((2, 5, 5), np.float32), q, 0.5)
+    with pytest.raises(ValueError, match="dout has shape"):
+        core.attention_backward(q, kv, kv, np.zeros((2, 5, 3), np.float32), kv, 0.5)
     with pytest.raises(ValueError, match="not supported|unknown"):
         core.set_cpu_isa("sse9")
 

@@ -12,7 +12,7 @@ import pytest
 
 from minidiff.conditioning.text import Embedding
 from minidiff.layers import Concat, Conv2d, Dropout, GroupNorm, Linear, SiLU, Upsample2x, col2im, im2col, timestep_embedding
-from minidiff.unet import AttnBlock
+from minidiff.unet import AttnBlock, attention, attention_backward
 
 GRAD_TOL = 1e-6
 TORCH_TOL = 1e-5
@@ -172,6 +172,21 @@ def test_attention_gradcheck():
     # gradient is exactly zero (finite differences give only rounding noise; compare absolutely).
     errors.pop("k.bias")
     assert np.max(np.abs(lyr.k.grads["bias"])) < 1e-12
+    assert_small(errors)
+
+
+def test_attention_backward_is_the_gradient_of_attention():
+    """unet.attention_backward against float64 finite differences of <attention(q, k, v)[0], dout>, with fewer
+    keys than queries (M != N)."""
+    rng = np.random.default_rng(17)
+    q, k, v = rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 4, 3)), rng.standard_normal((2, 4, 3))
+    dout, scale = rng.standard_normal((2, 5, 3)), 0.7
+    o, a = attention(q, k, v, scale)
+    assert np.allclose(a.sum(axis=-1), 1.0) and a.shape == (2, 5, 4)
+    grads = attention_backward(q, k, v, a, dout, scale)
+    loss = lambda: float(np.sum(attention(q, k, v, scale)[0] * dout))        # noqa: E731
+    errors = {name: rel_error(g, numerical_grad(loss, x).reshape(x.shape))
+              for name, x, g in zip("qkv", (q, k, v), grads)}
     assert_small(errors)
 
 

@@ -39,6 +39,18 @@ def linear_backward(x, weight, dout):
     return core.linear_backward(_c(x), _c(weight), _rows(dout))
 
 
+def attention(q, k, v, scale):
+    if not _float32(q, k, v) or q.ndim != 3 or 0 in q.shape or 0 in k.shape:
+        return NotImplemented
+    return core.attention_forward(_c(q), _c(k), _c(v), float(scale))
+
+
+def attention_backward(q, k, v, a, dout, scale):
+    if not _float32(q, k, v, a, dout) or q.ndim != 3 or 0 in q.shape or 0 in k.shape:
+        return NotImplemented
+    return core.attention_backward(_c(q), _c(k), _c(v), _c(a), _c(dout), float(scale))
+
+
 def silu(x):
     return core.silu_forward(_c(x)) if _float32(x) else NotImplemented
 
@@ -190,5 +202,6 @@ def table():
             "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
             "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward, "layers.pixel_sum": pixel_sum,
             "layers.concat_channels": concat_channels,
+            "unet.attention": attention, "unet.attention_backward": attention_backward,
             "optim.adam_update": adam_update, "optim.ema_update": ema_update,
             "step.step": step}
