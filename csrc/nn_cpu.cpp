@@ -339,21 +339,22 @@ static int lane_group(int64_t N) {
     return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
 }
 
-// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K; rows (t, kk) split over
-// the threads (a layer of 128 -> 64 channels packs 74k weights every call)
+// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K (pack_row: one row (t, kk));
+// the rows split over the threads (a layer of 128 -> 64 channels packs 74k weights every call)
+template <class F>
+static void pack_row(int t, int64_t kk, int64_t K, int64_t N, int64_t NC, int G, F w, float* row) {
+    for (int64_t c = 0; c < NC; ++c)
+        for (int j = 0; j < G; ++j) {
+            const int64_t k = kk * G + j;
+            row[c * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
+        }
+}
+
 template <class F>
 static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
     const int64_t KK = KG / G;
     parallel_ranges(T * KK, std::max<int64_t>(1, 4096 / (NC * G)), [&](int64_t r0, int64_t r1, int) {
-        for (int64_t row = r0; row < r1; ++row) {
-            const int t = (int)(row / KK);
-            const int64_t kk = row % KK;
-            for (int64_t c = 0; c < NC; ++c)
-                for (int j = 0; j < G; ++j) {
-                    const int64_t k = kk * G + j;
-                    wp[(row * NC + c) * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
-                }
-        }
+        for (int64_t row = r0; row < r1; ++row) pack_row((int)(row / KK), row % KK, K, N, NC, G, w, wp + row * NC * G);
     });
 }
 
@@ -800,8 +801,7 @@ static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int
     const int64_t NC = round_up(N, isa->vw / G);
     float* wp = scratch.get(scratch.attn_w, (size_t)(K * NC));
     for (int64_t kk = 0; kk < K / G; ++kk)
-        for (int64_t c = 0; c < NC; ++c)
-            for (int j = 0; j < G; ++j) wp[(kk * NC + c) * G + j] = c < N ? w(c, kk * G + j) : 0.0f;
+        pack_row(0, kk, K, N, NC, G, [&](int64_t c, int64_t k, int) { return w(c, k); }, wp + kk * NC * G);
     ConvTask t = conv_task(x, ldx, K, wp, N, G, nullptr, 0, nullptr, out);
     t.xrow = t.orow = PixelMap{1, P, 0, P, 0, 1};
     t.P = P; t.T = 1; t.off[0] = 0;
