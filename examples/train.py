@@ -50,7 +50,7 @@ PRESETS = {
                           train=dict(steps=30000, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999,
                                      sample_every=2500, ckpt_every=1000)),
     ("cifar10", "cpu"): dict(model=dict(base_channels=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, attn_resolutions=(16,)),
-                         train=dict(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
+                         train=dict(steps=2700, batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine",
                                     ema_decay=0.999, max_minutes=28, guide_step=500, hflip=True)),
     ("cifar10", "gpu"): dict(model=dict(base_channels=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                     dropout=0.1),
