@@ -428,6 +428,12 @@ def test_kernels_are_deterministic():
                                                                              d.reshape(-1, 48))
         assert all(np.array_equal(a, b) for a, b in zip(first, again))
         assert all(np.array_equal(a, b) for a, b in zip(gn, layers.group_norm_backward(dy, x, g, b, mean, rstd, 8, True)))
+    q, k, v = (rand(rng, 8, 49, 32) for _ in range(3))     # attention: each image on one thread
+    o, a = unet.attention(q, k, v, 0.25)
+    grads = unet.attention_backward(q, k, v, a, q, 0.25)
+    for _ in range(3):
+        assert all(np.array_equal(p, r) for p, r in zip((o, a), unet.attention(q, k, v, 0.25)))
+        assert all(np.array_equal(p, r) for p, r in zip(grads, unet.attention_backward(q, k, v, a, q, 0.25)))
 
 
 def test_fused_references_are_elementwise():
