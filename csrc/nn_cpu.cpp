@@ -734,13 +734,13 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
 // end (into the next row); the arrays here have no slack after their last row, so the last row goes through a
 // zero-padded copy.
 
-// out (M, N) = x (M, K; rows ldx floats apart) @ wp (K, NC G) (+ bias)
+// out (M, N) = x (M, K; rows ldx floats apart) @ wp (K, NC G) (+ bias), its row tiles over the threads or not
 static void run_matmul(const float* x, int64_t ldx, int64_t M, int64_t K, const float* wp, int64_t N, int G,
-                       const float* bias, float* out) {
+                       const float* bias, float* out, bool parallel = true) {
     ConvTask t = conv_task(x, ldx, K, wp, N, G, bias, 0, nullptr, out);
     t.xrow = t.orow = PixelMap{1, M, 0, M, 0, 1};
     t.P = M; t.T = 1; t.off[0] = 0;
-    run_tiles(t, true);
+    run_tiles(t, parallel);
 }
 
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N,
@@ -794,7 +794,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
 // split over the threads, so the result does not depend on them), on the same micro-kernels.
 
 // out (P, N) = x (P, K; rows ldx floats apart) @ W with W[k, n] = w(n, k), on this thread: W packed as the
-// convolutions' weights (pack_weights' layout, T = 1), then the row tiles
+// convolutions' weights (pack_weights' layout, T = 1), then run_matmul
 template <class F>
 static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int64_t N, F w, float* out) {
     const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
@@ -802,10 +802,7 @@ static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int
     float* wp = scratch.get(scratch.attn_w, (size_t)(K * NC));
     for (int64_t kk = 0; kk < K / G; ++kk)
         pack_row(0, kk, K, N, NC, G, [&](int64_t c, int64_t k, int) { return w(c, k); }, wp + kk * NC * G);
-    ConvTask t = conv_task(x, ldx, K, wp, N, G, nullptr, 0, nullptr, out);
-    t.xrow = t.orow = PixelMap{1, P, 0, P, 0, 1};
-    t.P = P; t.T = 1; t.off[0] = 0;
-    isa->conv_tiles(t, 0, (P + t.rows_per_tile - 1) / t.rows_per_tile);
+    run_matmul(x, ldx, P, K, wp, N, G, nullptr, out, false);
 }
 
 // (rows, cols) -> (cols, rows), in blocks of 16 x 16 whose lines on both sides stay in L1 (element by element,

@@ -369,9 +369,8 @@ void bind_nn(py::module_& m) {
     }, py::arg("name"), "Use another instruction set's kernels ('auto': the best this CPU supports).");
     m.def("set_conv_winograd", &md::set_conv_winograd, py::arg("on"),
           "3x3 convolutions of stride 1, at least 32 channels on both sides and maps of at least 8 x 8 (AVX-512; "
-          "4 x 4 with AVX2 and SSE2) by "
-          "Winograd F(2x2, 3x3) (True, the default; the weight gradient where it pays) or all by the direct sum of 9 "
-          "taps (False); returns the previous setting.");
+          "4 x 4 with AVX2 and SSE2) by Winograd F(2x2, 3x3) (True, the default; the weight gradient where it "
+          "pays) or all by the direct sum of 9 taps (False); returns the previous setting.");
     m.def("conv_uses_winograd", [](int64_t H, int64_t W, int64_t cin, int64_t cout, int stride, bool wgrad) {
         return wgrad ? md::use_winograd_wgrad(H, W, cin, cout, stride) : md::use_winograd(H, W, cin, cout, stride);
     }, py::arg("H"), py::arg("W"), py::arg("cin"), py::arg("cout"), py::arg("stride"), py::arg("wgrad") = false,
