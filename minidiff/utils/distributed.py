@@ -17,6 +17,7 @@ by NCCL (CuPy's cupy.cuda.nccl, the unique id broadcast over MPI) on the trainin
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -94,17 +95,16 @@ class MPIGroup(Single):
         self.main, self.nccl = self.rank == 0, None
         previous = sys.excepthook
 
-        def abort(*exc):                        # an exception on any rank ends every rank: no hang
+        def excepthook(*exc):                   # an exception on any rank ends every rank: no hang
             if getattr(exc[1], "every_rank", False):            # raised on all ranks together: report it once
                 if self.main:
                     previous(*exc)
                 self.comm.Barrier()
                 return
             traceback.print_exception(*exc)
-            sys.stderr.flush()
-            self.comm.Abort(1)
+            self.abort(1)
             previous(*exc)
-        sys.excepthook = abort
+        sys.excepthook = excepthook
 
     def share(self, n):
         base, extra = divmod(n, self.size)
@@ -160,6 +160,14 @@ class MPIGroup(Single):
             self.comm.Barrier()
             sys.exit(code)
         print(message, file=sys.stderr, flush=True)
+        self.abort(code)
+
+    def abort(self, code):
+        """End every rank now, after a pause: the launcher forwards each rank's output through a pipe, and output
+        still in it when the Abort arrives is lost (a traceback cut after its first line)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(0.5)
         self.comm.Abort(code)
 
 
