@@ -6,6 +6,7 @@
     python examples/mnist_sample.py runs/mnist/checkpoint.npz --sampler dpmsolver++ --steps 20 --autoguidance 2
     python examples/mnist_sample.py runs/mnist/checkpoint.npz -n 100 --seed 3 --out samples.png
     python examples/mnist_sample.py CKPT --class-label 7 --guidance 3                  # class-conditional models
+    python examples/mnist_sample.py CKPT --guidance 3                  # without --class-label: a class per column
     python examples/mnist_sample.py CKPT --class-label cat                             # a class by its name
     mpiexec -n 4 python examples/mnist_sample.py CKPT -n 10000      # four processes: the same 10,000 images
     python examples/mnist_sample.py CKPT --prompt "a handwritten seven" --prompt "手写数字三" --guidance 3   # text
@@ -71,8 +72,12 @@ def main(argv=None):
             ids = encode_prompts(model.tokenizer, a.prompt, model.cond.text_len)
             y, a.num_images, nrow = np.repeat(ids, per, axis=0), per * len(a.prompt), per
         a.num_images = 64 if a.num_images is None else a.num_images
+        num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
         if a.class_label is not None:
             y = np.full(a.num_images, class_index(model, meta, a.class_label))
+        elif num_classes:                       # no class named: the first ten classes in turn, one per column
+            nrow = min(10, num_classes)
+            y = np.arange(a.num_images) % nrow
         out = a.out or os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)),
                                     f"samples_{a.sampler}{'' if a.sampler == 'ddpm' else a.steps}"
                                     f"{'' if guide is None else f'_ag{a.autoguidance:g}'}_seed{a.seed}.png")

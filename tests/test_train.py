@@ -67,6 +67,17 @@ def reference_sample(*args, **kw):
         return sample(*args, **kw)
 
 
+def _example(name):
+    """The module of examples/<name>.py, imported from its file."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(f"{name}_example",
+                                                  Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _same(a, b):
     return all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
 
@@ -225,13 +236,8 @@ def test_checkpoint_atomic_and_corrupt(tmp_path):
 
 def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
     """examples/mnist_sample.py end to end on a tiny checkpoint (EMA weights, DDIM)."""
-    import importlib.util
-    from pathlib import Path
     _train(_cfg(toy_data, tmp_path, 2), UNetConfig(**TINY), progress=False)
-    script = Path(__file__).resolve().parents[1] / "examples" / "mnist_sample.py"
-    spec = importlib.util.spec_from_file_location("mnist_sample", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _example("mnist_sample")
     out = tmp_path / "grid.png"
     mod.main([str(tmp_path / "checkpoint.npz"), "--sampler", "ddim", "--steps", "3", "-n", "5", "--out", str(out)])
     assert out.stat().st_size > 100 and np.load(tmp_path / "grid.npy").shape == (5, 1, 14, 14)
@@ -256,6 +262,10 @@ def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
     assert guided.shape == (4, 1, 14, 14) and np.all(np.isfinite(guided))
     assert np.allclose(guided, reference_sample(model, sched, 4, guidance=3.0, **kw), atol=1e-4)
     assert not np.allclose(guided, sample(model, sched, 4, guidance=1.0, **kw))
+    mod = _example("mnist_sample")                                 # no --class-label: the classes in turn
+    mod.main([str(tmp_path / "checkpoint.npz"), "--sampler", "ddim", "--steps", "4", "-n", "6", "--no-progress"])
+    drawn = np.load(tmp_path / "samples_ddim4_seed0.npy")
+    assert np.allclose(drawn, sample(model, sched, 6, guidance=3.0, **dict(kw, y=np.arange(6) % 4)), atol=1e-6)
 
 
 def test_guide_step_keeps_the_ema_of_that_step_and_resume_keeps_it(toy_data, tmp_path):
@@ -374,13 +384,8 @@ def test_time_budget_stops_and_saves(toy_data, tmp_path):
 
 def test_final_grid_is_silent_with_no_progress(toy_data, tmp_path, capsys):
     """examples/train.py (and mnist_train.py) --no-progress: no progress bar from the final grid's sampler."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
-    script = Path(__file__).resolve().parents[1] / "examples" / "train.py"
-    spec = importlib.util.spec_from_file_location("train_example", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _example("train")
     tcfg = _cfg(toy_data, tmp_path, 2, guide_step=1)
     _train(tcfg, UNetConfig(**TINY), progress=False)
     for quiet in (False, True):
