@@ -231,7 +231,9 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
             tile_to(bt.data(), bb.data(), C, L);
             std::fill(s1.begin(), s1.end(), 0.0);
             std::fill(s2.begin(), s2.end(), 0.0);
-            isa->gn_backward_sums(x + b * n, dout + b * n, at.data(), bt.data(), n, L, silu, s1.data(), s2.data());
+            // with SiLU, pass 1 leaves dh in dx, and pass 2 reads it there and overwrites it (without, dh is dout)
+            float* dh = silu ? dx + b * n : nullptr;
+            isa->gn_backward_sums(x + b * n, dout + b * n, at.data(), bt.data(), n, L, silu, s1.data(), s2.data(), dh);
             fold(s1.data(), C, L, sdy.data());               // S_dy = sum over pixels of dh
             fold(s2.data(), C, L, sdyx.data());              // S_dyx = sum of dh x
             for (int64_t c = 0; c < C; ++c) {
@@ -251,8 +253,7 @@ void group_norm_backward(const float* dout, const float* x, const float* gamma, 
             tile_to(At.data(), A.data(), C, L);
             tile_to(Bt.data(), Bx.data(), C, L);
             tile_to(Ct.data(), Cc.data(), C, L);
-            isa->gn_backward_apply(x + b * n, dout + b * n, at.data(), bt.data(), At.data(), Bt.data(), Ct.data(), n,
-                                   L, silu, dx + b * n);
+            isa->gn_backward_apply(x + b * n, dh ? dh : dout + b * n, At.data(), Bt.data(), Ct.data(), n, L, dx + b * n);
         }
     });
     for (int64_t c = 0; c < C; ++c) {

@@ -161,33 +161,35 @@ void gn_apply(const float* x, const float* a, const float* b, int64_t n, int64_t
 }
 
 // The gradient reaching the normalised output: dh = dout, or with SiLU dh = dout SiLU'(x a + b) (recomputed:
-// the forward pass keeps only x). Backward pass 1 sums dh and dh x per channel; pass 2 writes
-// dx = A dh + Bx x + Cc.
+// the forward pass keeps only x). Backward pass 1 sums dh and dh x per channel, and with SiLU writes dh to dh_out
+// (so that pass 2 need not compute the sigmoid again); pass 2 writes dx = A dh + Bx x + Cc (in place over dh
+// when dh is dx).
 static inline vf gn_dh(vf x, vf dout, vf a, vf b, int silu) { return silu ? vsilu_grad(x * a + b, dout) : dout; }
 
 void gn_backward_sums(const float* x, const float* dout, const float* a, const float* b, int64_t n, int64_t L,
-                      int silu, double* s1, double* s2) {
+                      int silu, double* s1, double* s2, float* dh_out) {
     lane_sums(x, n, L, [&](int64_t q, int64_t i, vf xv, int k) {   // past the end: x = dout = 0, so dh = 0
         const vf d = k == MD_VW ? load(dout + i) : load_n(dout + i, k);
-        return gn_dh(xv, d, load(a + q * MD_VW), load(b + q * MD_VW), silu);
+        const vf dh = gn_dh(xv, d, load(a + q * MD_VW), load(b + q * MD_VW), silu);
+        if (dh_out) {
+            if (k == MD_VW) store(dh_out + i, dh);
+            else store_n(dh_out + i, dh, k);
+        }
+        return dh;
     }, s1, s2);
 }
 
-void gn_backward_apply(const float* x, const float* dout, const float* a, const float* b, const float* A,
-                       const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx) {
+void gn_backward_apply(const float* x, const float* dh, const float* A, const float* Bx, const float* Cc, int64_t n,
+                       int64_t L, float* dx) {
     for (int64_t base = 0; base < n; base += L) {
         const int64_t m = imin(L, n - base);
         int64_t j = 0;
-        for (; j + MD_VW <= m; j += MD_VW) {
-            const vf xv = load(x + base + j);
-            const vf dh = gn_dh(xv, load(dout + base + j), load(a + j), load(b + j), silu);
-            store(dx + base + j, load(A + j) * dh + load(Bx + j) * xv + load(Cc + j));
-        }
+        for (; j + MD_VW <= m; j += MD_VW)
+            store(dx + base + j, load(A + j) * load(dh + base + j) + load(Bx + j) * load(x + base + j) + load(Cc + j));
         if (j < m) {
             const int k = (int)(m - j);
-            const vf xv = load_n(x + base + j, k);
-            const vf dh = gn_dh(xv, load_n(dout + base + j, k), load(a + j), load(b + j), silu);
-            store_n(dx + base + j, load(A + j) * dh + load(Bx + j) * xv + load(Cc + j), k);
+            store_n(dx + base + j, load(A + j) * load_n(dh + base + j, k) + load(Bx + j) * load_n(x + base + j, k)
+                    + load(Cc + j), k);
         }
     }
 }

@@ -73,9 +73,9 @@ struct NNKernels {
     void (*gn_moments)(const float* x, int64_t n, int64_t L, double* s1, double* s2);
     void (*gn_apply)(const float* x, const float* a, const float* b, int64_t n, int64_t L, int silu, float* y);
     void (*gn_backward_sums)(const float* x, const float* dout, const float* a, const float* b, int64_t n,
-                             int64_t L, int silu, double* s1, double* s2);
-    void (*gn_backward_apply)(const float* x, const float* dout, const float* a, const float* b, const float* A,
-                              const float* Bx, const float* Cc, int64_t n, int64_t L, int silu, float* dx);
+                             int64_t L, int silu, double* s1, double* s2, float* dh_out);
+    void (*gn_backward_apply)(const float* x, const float* dh, const float* A, const float* Bx, const float* Cc,
+                              int64_t n, int64_t L, float* dx);
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
     void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
     float (*fma_loop)(int64_t iters);   // `chains` independent FMA chains (the peak)
