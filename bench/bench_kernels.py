@@ -11,10 +11,11 @@ backward (input and weight gradients). Times are the best of at least --reps cal
 after a warm-up (the machine's other load shows as spread, not in the best). Each cell also gives the share of the
 instruction set's peak, measured first by core.fma_peak_gflops (independent FMAs in registers on all threads:
 2 FMA units x vector width x 2 FLOP x clock x cores); PyTorch's share is of the best instruction set's peak.
-The shapes marked "Winograd" take Winograd F(2x2, 3x3) forward and for the input gradient (16 products per 2 x 2
-output tile instead of 36), those marked "Winograd + dW" for the weight gradient too (followed by the instruction
-sets that do, when not all do): they are counted at the direct sum's FLOPs too, so their figures are the rate the
-direct sum would need for the same time, and their shares can pass 100%.
+The shapes marked "Winograd 4x4" take Winograd F(4x4, 3x3) forward and for the input gradient (36 products per
+4 x 4 output tile instead of 144), those marked "Winograd 2x2" F(2x2, 3x3) (16 per 2 x 2 tile instead of 36), and
+"+ dW" for the weight gradient too (followed by the instruction sets that do, when not all do): they are counted
+at the direct sum's FLOPs too, so their figures are the rate the direct sum would need for the same time, and
+their shares can pass 100%.
 """
 import argparse
 import os
@@ -97,14 +98,15 @@ def main():
 
 
 def winograd_mark(core, isas, shape):
-    """' (Winograd)' (forward and input gradient) or ' (Winograd + dW)' (the weight gradient too), followed by the
-    instruction sets that take it when not all of them do (the rule depends on the vector width), or ''"""
+    """' (Winograd 4x4)' or ' (Winograd 2x2)' (the tile, forward and input gradient), with ' + dW' when the weight
+    gradient takes it too, followed by the instruction sets that do when not all of them do (the rules depend on the
+    vector width), or ''"""
     hw, cin, cout = shape
     kinds = {}
     for isa in isas:
         core.set_cpu_isa(isa)
-        kinds[isa] = ("Winograd + dW" if core.conv_uses_winograd(hw, hw, cin, cout, 1, wgrad=True) else
-                      "Winograd" if core.conv_uses_winograd(hw, hw, cin, cout, 1) else "")
+        m, dw = core.conv_winograd_tile(hw, hw, cin, cout, 1), core.conv_winograd_tile(hw, hw, cin, cout, 1, wgrad=True)
+        kinds[isa] = f"Winograd {m}x{m}" + (" + dW" if dw else "") if m else ""
     core.set_cpu_isa("auto")
     marks = []
     for kind in dict.fromkeys(kinds.values()):

@@ -417,14 +417,13 @@ static void for_image_groups(int64_t B, int64_t group, F f) {
 }
 
 // ------------------------------------------------------------------------------------------------ Winograd
-// F(2x2, 3x3) (nn_isa.h, wino_input): the weights transformed and packed as 16 "taps" (one per tile position e),
-// then per chunk of tiles: the input transform, 16 matrix products on the micro-kernels (tiles x K @ K x N), the
-// output transform (+ bias, + residual). For stride-1 convolutions of at least 32 channels on both sides on maps
-// of at least 8 x 8 with AVX-512, 4 x 4 with AVX2 and SSE2: with fewer channels the products are too short to pay
-// for the transforms, and with AVX-512's fast products the tiles' overhang on 7 x 7 and 4 x 4 maps (64 pixels
-// computed for 49) and the border cost more than they save, while the narrower instruction sets still gain there
-// (bench_kernels.py, docs/performance.md); the rest keep the direct sum of 9 taps. The weight gradient takes it
-// where it pays (winograd_wgrad, use_winograd_wgrad).
+// F(m x m, 3x3), m = 2 or 4 (nn_isa.h, wino_input): the weights transformed and packed as (m + 2)^2 "taps" (one per
+// tile position e), then per chunk of tiles: the input transform, (m + 2)^2 matrix products on the micro-kernels
+// (tiles x K @ K x N), the output transform (+ bias, + residual). Which convolutions take which tile
+// (winograd_tile, winograd_wgrad_tile) was measured: with few channels the products are too short to pay for the
+// transforms, and on small maps the tiles' overhang (64 pixels computed for 49 on a 7 x 7 map) and the border cost
+// more than they save, the more so with AVX-512's fast products (bench_kernels.py, docs/performance.md); the rest
+// keep the direct sum of 9 taps.
 static bool winograd_on = true;
 
 // n zero floats (this thread's), read by the transforms for pixels outside the image
@@ -440,72 +439,108 @@ bool set_conv_winograd(bool on) {
     return was;
 }
 
-bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
-    const int64_t min_map = isa->vw >= 16 ? 8 : 4;
-    return winograd_on && stride == 1 && K >= 32 && N >= 32 && H >= min_map && W >= min_map;
+// F(4x4) on maps of at least 16 x 16 with AVX-512 (8 x 8 with AVX2 and SSE2) and at least 24 channels on both
+// sides (16 with AVX2 and SSE2); otherwise F(2x2) for at least 32 channels, on maps of at least 8 x 8 with AVX-512
+// and 4 x 4 with AVX2 and SSE2; otherwise the direct sum (0). Measured per shape (docs/performance.md): at 28 x 28
+// F(4x4) is the fastest of the three with every instruction set from 24 channels on, 1.2-2.0x as fast as F(2x2);
+// at 14 x 14 it ties with F(2x2) on AVX-512 and mostly wins on the others, at 7 x 7 and 4 x 4 it loses forward
+int winograd_tile(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
+    if (!winograd_on || stride != 1) return 0;
+    const bool wide = isa->vw >= 16;
+    const int64_t map4 = wide ? 16 : 8, ch4 = wide ? 24 : 16, map2 = wide ? 8 : 4;
+    if (H >= map4 && W >= map4 && K >= ch4 && N >= ch4) return 4;
+    if (H >= map2 && W >= map2 && K >= 32 && N >= 32) return 2;
+    return 0;
 }
 
 // The weight gradient's products save in proportion to K N, its two transforms (of x and of dy) cost in
-// proportion to K + N: at 32 -> 32 channels (K N / (K + N) = 16) AVX-512 loses 13% and AVX2 4% against the
-// direct sum, SSE2's slower products gain 15%; from 64 -> 32 (21) every instruction set gains (bench_kernels.py)
-bool use_winograd_wgrad(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
-    return use_winograd(H, W, K, N, stride) && (isa->vw <= 4 || K * N >= 20 * (K + N));
+// proportion to K + N. F(4x4)'s 36 products per 16 pixels (against the direct sum's 9 a pixel) pay for them at
+// every shape it takes; F(2x2)'s 16 per 4 pixels do from K N / (K + N) >= 20 (at 32 -> 32, where it is 16,
+// AVX-512 loses 13% and AVX2 4%; SSE2's slower products gain everywhere)
+int winograd_wgrad_tile(int64_t H, int64_t W, int64_t K, int64_t N, int stride) {
+    const int m = winograd_tile(H, W, K, N, stride);
+    return m == 4 || (m == 2 && (isa->vw <= 4 || K * N >= 20 * (K + N))) ? m : 0;
 }
 
-// U = G g G^T, G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], for the 3x3 kernel g[t] = w(t) (t = 3 i + j)
+// G applied to the 3 values g[0], g[s], g[2 s]: the m + 2 values u[0], u[s], ... (F(2x2, 3x3):
+// G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]; F(4x4, 3x3), in double, as 1/6 and 1/24 are not exact in float:
+// G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1])
+template <class T>
+static void wino_g(int m, const T* g, int s, T* u) {
+    const T g0 = g[0], g1 = g[s], g2 = g[2 * s];
+    if (m == 2) {
+        u[0] = g0; u[s] = T(0.5) * (g0 + g1 + g2); u[2 * s] = T(0.5) * (g0 - g1 + g2); u[3 * s] = g2;
+    } else {
+        u[0] = g0 / 4; u[s] = -(g0 + g1 + g2) / 6; u[2 * s] = -(g0 - g1 + g2) / 6;
+        u[3 * s] = g0 / 24 + g1 / 12 + g2 / 6; u[4 * s] = g0 / 24 - g1 / 12 + g2 / 6; u[5 * s] = g2;
+    }
+}
+
+// G^T applied to the m + 2 values d[0], d[s], ...: the 3 values o[0], o[t], o[2 t] (the weight gradient's side;
+// F(4x4) in double)
+static void wino_gt(int m, const float* d, int s, float* o, int t) {
+    if (m == 2) {
+        const float d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s];
+        o[0] = d0 + 0.5f * (d1 + d2); o[t] = 0.5f * (d1 - d2); o[2 * t] = 0.5f * (d1 + d2) + d3;
+    } else {
+        const double d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
+        o[0] = (float)(d0 / 4 - (d1 + d2) / 6 + (d3 + d4) / 24);
+        o[t] = (float)((d2 - d1) / 6 + (d3 - d4) / 12);
+        o[2 * t] = (float)((d3 + d4 - d1 - d2) / 6 + d5);
+    }
+}
+
+// U = G g G^T ((m + 2)^2 values, row-major) for the 3x3 kernel g[t] = w(t) (t = 3 i + j)
+template <class T, class F>
+static void wino_weight_t(int m, F w, float* u) {
+    const int n = m + 2;
+    T g[9], gg[6 * 3], uu[6 * 6];
+    for (int t = 0; t < 9; ++t) g[t] = (T)w(t);
+    for (int j = 0; j < 3; ++j) wino_g(m, g + j, 3, gg + j);             // G g: along the columns
+    for (int a = 0; a < n; ++a) wino_g(m, gg + 3 * a, 1, uu + n * a);    // (G g) G^T: along the rows
+    for (int e = 0; e < n * n; ++e) u[e] = (float)uu[e];
+}
+
 template <class F>
-static void wino_weight(F w, float* u) {
-    float gg[4][3];                                          // G g
-    for (int j = 0; j < 3; ++j) {
-        const float g0 = w(j), g1 = w(3 + j), g2 = w(6 + j);
-        gg[0][j] = g0;
-        gg[1][j] = 0.5f * (g0 + g1 + g2);
-        gg[2][j] = 0.5f * (g0 - g1 + g2);
-        gg[3][j] = g2;
-    }
-    for (int a = 0; a < 4; ++a) {                            // (G g) G^T
-        const float* r = gg[a];
-        u[4 * a + 0] = r[0];
-        u[4 * a + 1] = 0.5f * (r[0] + r[1] + r[2]);
-        u[4 * a + 2] = 0.5f * (r[0] - r[1] + r[2]);
-        u[4 * a + 3] = r[2];
-    }
+static void wino_weight(int m, F w, float* u) {
+    if (m == 2) wino_weight_t<float>(m, w, u);
+    else wino_weight_t<double>(m, w, u);
 }
 
 // out (B, H, W, N) = conv3x3(x) + bias (+ residual), x (B, H, W, K; pixels xs floats apart), stride 1, weights
 // w(n, k, t)
 template <class F>
-static void winograd_conv(const float* x, int64_t xs, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, F w,
-                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
-    const int G = lane_group(N);
-    const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G), tiles = (H + 1) / 2 * ((W + 1) / 2);
-    float* u = scratch.get(scratch.wino_u, (size_t)(16 * N * K));
+static void winograd_conv(int m, const float* x, int64_t xs, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N,
+                          F w, const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    const int G = lane_group(N), E = (m + 2) * (m + 2);
+    const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G), tiles = (H + m - 1) / m * ((W + m - 1) / m);
+    float* u = scratch.get(scratch.wino_u, (size_t)(E * N * K));
     parallel_ranges(N * K, 256, [&](int64_t i0, int64_t i1, int) {
-        for (int64_t i = i0; i < i1; ++i) wino_weight([&](int t) { return w(i / K, i % K, t); }, u + 16 * i);
+        for (int64_t i = i0; i < i1; ++i) wino_weight(m, [&](int t) { return w(i / K, i % K, t); }, u + E * i);
     });
-    float* wp = scratch.get(scratch.wpack, (size_t)(16 * KG * NC));
-    pack_weights(16, K, KG, N, NC, G, [&](int64_t n, int64_t k, int e) { return u[(n * K + k) * 16 + e]; }, wp);
-    // tiles in chunks: V and M (16 rows a tile each) in about 512 KB, a whole number of row tiles; each chunk
+    float* wp = scratch.get(scratch.wpack, (size_t)(E * KG * NC));
+    pack_weights(E, K, KG, N, NC, G, [&](int64_t n, int64_t k, int e) { return u[(n * K + k) * E + e]; }, wp);
+    // tiles in chunks: V and M (E rows a tile each) in about 512 KB, a whole number of row tiles; each chunk
     // transformed in, multiplied and transformed out while it stays in L2 (every output pixel is its own chunk's:
     // the result does not depend on the threads)
     const int64_t P = B * tiles, rt = isa->acc;
-    const int64_t per_tile = 16 * (KG + N) * 4, chunk = rt * std::max<int64_t>(1, (512 << 10) / (per_tile * rt));
+    const int64_t per_tile = E * (KG + N) * 4, chunk = rt * std::max<int64_t>(1, (512 << 10) / (per_tile * rt));
     const float* zeros = wino_zeros(round_up(KG, isa->vw));
     parallel_ranges((P + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1, int) {
-        float* V = scratch.get(scratch.wino_v, (size_t)(16 * chunk * KG));
-        float* M = scratch.get(scratch.wino_m, (size_t)(16 * chunk * N));
+        float* V = scratch.get(scratch.wino_v, (size_t)(E * chunk * KG));
+        float* M = scratch.get(scratch.wino_m, (size_t)(E * chunk * N));
         ConvTask t = conv_task(V, KG, KG, wp, N, G, nullptr, 0, nullptr, M);
         t.xrow = t.orow = PixelMap{1, chunk, 0, chunk, 0, 1};
         t.T = 1; t.off[0] = 0;
         for (int64_t ci = c0; ci < c1; ++ci) {
             const int64_t q0 = ci * chunk, n = std::min(chunk, P - q0);
-            isa->wino_input(x, xs, H, W, K, KG, q0, n, chunk, zeros, V);
+            isa->wino_input(m, x, xs, H, W, K, KG, q0, n, chunk, zeros, V);
             t.P = n;
-            for (int e = 0; e < 16; ++e) {
+            for (int e = 0; e < E; ++e) {
                 t.xbuf = V + e * chunk * KG; t.w = wp + e * KG * NC; t.out = M + e * chunk * N;
                 isa->conv_tiles(t, 0, (n + rt - 1) / rt);
             }
-            isa->wino_output(M, chunk, H, W, N, q0, n, bias, bias_stride, residual, out);
+            isa->wino_output(m, M, chunk, H, W, N, q0, n, bias, bias_stride, residual, out);
         }
     });
 }
@@ -513,8 +548,8 @@ static void winograd_conv(const float* x, int64_t xs, int64_t B, int64_t H, int6
 void conv3x3_forward(const float* x, const float* weight, const float* bias, int64_t bias_stride,
                      const float* residual, int64_t B, int64_t H, int64_t W, int64_t K, int64_t N, int stride,
                      float* out) {
-    if (use_winograd(H, W, K, N, stride)) {
-        winograd_conv(x, K, B, H, W, K, N, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; },
+    if (const int m = winograd_tile(H, W, K, N, stride)) {
+        winograd_conv(m, x, K, B, H, W, K, N, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; },
                       bias, bias_stride, residual, out);
         return;
     }
@@ -570,57 +605,50 @@ static int parallel_wgrad(const WGradTask& t, int64_t P, float* partial, size_t 
     return num_pieces(P, WGRAD_MIN);
 }
 
-// The weight gradient the same way: M[e] = V[e] U[e] (e = the 16 tile positions) gives
+// The weight gradient the same way: M[e] = V[e] U[e] (e = the (m + 2)^2 tile positions) gives
 // dU[e] (K x N) = sum over tiles of V[e]^T dM[e], dM = A dY A^T (nn_isa.h, wino_dout), and dW = G^T dU G per
-// (output, input) channel pair: 16 products of length tiles (a quarter of the pixels) instead of 9 of length pixels.
+// (output, input) channel pair: 16 (F(2x2)) or 36 (F(4x4)) products of length tiles (a quarter or a sixteenth of
+// the pixels) instead of 9 of length pixels.
 // x (B, H, W, K), dy (B, H, W, N; pixels ldd floats apart) -> dweight (N, K, 3, 3). Chunks of tiles as
 // winograd_conv's; one partial dU per piece of the chunks, added up in piece order (deterministic, as the direct
 // weight gradient).
-static void winograd_wgrad(const float* x, const float* dy, int64_t ldd, int64_t B, int64_t H, int64_t W, int64_t K,
-                           int64_t N, float* dweight) {
-    const int64_t vw = isa->vw, NP = round_up(N, vw), P = B * ((H + 1) / 2) * ((W + 1) / 2);
-    const int64_t chunk = std::max<int64_t>(16, (512 << 10) / (16 * (K + NP) * 4)), nchunks = (P + chunk - 1) / chunk;
-    const size_t part = (size_t)(16 * K * NP);
+static void winograd_wgrad(int m, const float* x, const float* dy, int64_t ldd, int64_t B, int64_t H, int64_t W,
+                           int64_t K, int64_t N, float* dweight) {
+    const int n6 = m + 2, E = n6 * n6;
+    const int64_t vw = isa->vw, NP = round_up(N, vw), P = B * ((H + m - 1) / m) * ((W + m - 1) / m);
+    const int64_t chunk = std::max<int64_t>(16, (512 << 10) / (E * (K + NP) * 4)), nchunks = (P + chunk - 1) / chunk;
+    const size_t part = (size_t)(E * K * NP);
     float* partial = scratch.get(scratch.wgrad, part * max_pieces());
     const float* zeros = wino_zeros(round_up(std::max(K, NP), vw));
     WGradTask t;
     t.ldx = K; t.K = K; t.ldy = NP; t.N = N; t.NP = NP; t.T = 1; t.off[0] = t.voff[0] = 0;
     plan_blocks(t, NP / vw, isa->acc);
     parallel_ranges(nchunks, 1, [&](int64_t c0, int64_t c1, int piece) {
-        // V: 16 blocks of chunk rows of K floats, and whole vectors read past its last row (the tiles' R inputs)
-        float* V = scratch.get(scratch.wino_v, (size_t)(16 * chunk * K + 64));
-        float* D = scratch.get(scratch.wino_m, (size_t)(16 * chunk * NP));
-        std::fill(V + 16 * chunk * K, V + 16 * chunk * K + 64, 0.0f);
+        // V: E blocks of chunk rows of K floats, and whole vectors read past its last row (the tiles' R inputs)
+        float* V = scratch.get(scratch.wino_v, (size_t)(E * chunk * K + 64));
+        float* D = scratch.get(scratch.wino_m, (size_t)(E * chunk * NP));
+        std::fill(V + E * chunk * K, V + E * chunk * K + 64, 0.0f);
         WGradTask tc = t;
         for (int64_t ci = c0; ci < c1; ++ci) {
             const int64_t q0 = ci * chunk, n = std::min(chunk, P - q0);
-            isa->wino_input(x, K, H, W, K, K, q0, n, chunk, zeros, V);
-            isa->wino_dout(dy, ldd, H, W, N, NP, q0, n, chunk, zeros, D);
+            isa->wino_input(m, x, K, H, W, K, K, q0, n, chunk, zeros, V);
+            isa->wino_dout(m, dy, ldd, H, W, N, NP, q0, n, chunk, zeros, D);
             tc.xrow = tc.dyrow = PixelMap{1, n, 0, n, 0, 1};
-            for (int e = 0; e < 16; ++e) {
+            for (int e = 0; e < E; ++e) {
                 tc.xbuf = V + e * chunk * K; tc.dy = D + e * chunk * NP;
                 isa->conv_wgrad(tc, 0, n, partial + part * piece + e * K * NP, ci > c0);
             }
         }
     });
     const float* du = sum_pieces(partial, part, num_pieces(nchunks, 1));      // dU[e, k, n]
-    // dW = G^T dU G: G^T's rows (1, 1/2, 1/2, 0), (0, 1/2, -1/2, 0), (0, 1/2, 1/2, 1)
+    // dW = G^T dU G (G: wino_g), along the rows of dU, then along its columns
     parallel_ranges(N * K, 256, [&](int64_t i0, int64_t i1, int) {
         for (int64_t i = i0; i < i1; ++i) {
             const int64_t n = i / K, k = i % K;
-            float d[4][4], g[4][3];
-            for (int e = 0; e < 16; ++e) d[e / 4][e % 4] = du[(e * K + k) * NP + n];
-            for (int a = 0; a < 4; ++a) {                                       // dU G
-                g[a][0] = d[a][0] + 0.5f * (d[a][1] + d[a][2]);
-                g[a][1] = 0.5f * (d[a][1] - d[a][2]);
-                g[a][2] = 0.5f * (d[a][1] + d[a][2]) + d[a][3];
-            }
-            float* o = dweight + i * 9;
-            for (int j = 0; j < 3; ++j) {                                       // G^T (dU G)
-                o[j] = g[0][j] + 0.5f * (g[1][j] + g[2][j]);
-                o[3 + j] = 0.5f * (g[1][j] - g[2][j]);
-                o[6 + j] = 0.5f * (g[1][j] + g[2][j]) + g[3][j];
-            }
+            float d[36], g[6 * 3];
+            for (int e = 0; e < E; ++e) d[e] = du[(e * K + k) * NP + n];
+            for (int a = 0; a < n6; ++a) wino_gt(m, d + n6 * a, 1, g + 3 * a, 1);    // dU G
+            for (int j = 0; j < 3; ++j) wino_gt(m, g + j, 3, dweight + i * 9 + j, 3);   // G^T (dU G)
         }
     });
 }
@@ -638,13 +666,13 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     struct Part { int ph, pw, T, taps[9]; int64_t off[9]; float* wp; };
     std::vector<Part> parts;
     const int64_t Wpy = Wo + 1;                            // dout's grid's row
-    const bool wino = use_winograd(H, W, N, K, stride);   // dx by Winograd (and dW where that pays), first
+    const int wino = winograd_tile(H, W, N, K, stride);   // dx by Winograd (and dW where that pays), first
     if (wino) {
-        winograd_conv(dout, ldd, B, H, W, N, K, [&](int64_t k, int64_t n, int t) {
+        winograd_conv(wino, dout, ldd, B, H, W, N, K, [&](int64_t k, int64_t n, int t) {
             return weight[(n * K + k) * 9 + 8 - t];
         }, nullptr, 0, nullptr, dx);
-        if (use_winograd_wgrad(H, W, K, N, stride)) {
-            winograd_wgrad(x, dout, ldd, B, H, W, K, N, dweight);
+        if (const int m = winograd_wgrad_tile(H, W, K, N, stride)) {
+            winograd_wgrad(m, x, dout, ldd, B, H, W, K, N, dweight);
             return;
         }
     }

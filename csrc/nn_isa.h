@@ -425,94 +425,150 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) 
 // columns 2j, 2j + 1, tiles numbered image by image, row by row; past the image the patch reads zeros and the
 // output is not written. Reference: layers.conv2d (the same sums, in another order).
 
-// B^T d B of the 4x4 patch d (row-major) in place
-static inline void wino_bdb(vf* d) {
-    for (int v = 0; v < 4; ++v) {                         // B^T d: along the columns
-        const vf d0 = d[v], d1 = d[4 + v], d2 = d[8 + v], d3 = d[12 + v];
-        d[v] = d0 - d2; d[4 + v] = d1 + d2; d[8 + v] = d2 - d1; d[12 + v] = d1 - d3;
-    }
-    for (int u = 0; u < 4; ++u) {                         // (B^T d) B: along the rows
-        vf* r = d + 4 * u;
-        const vf r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];
-        r[0] = r0 - r2; r[1] = r1 + r2; r[2] = r2 - r1; r[3] = r1 - r3;
+// F(4x4, 3x3) is the same with 6x6 patches around 4x4 output tiles, 36 products per 16 output pixels (2.25 a
+// pixel against F(2x2)'s 4), from the points 0, 1, -1, 2, -2 and infinity:
+//     B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+//     A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
+// Below, M is the output tile's side (2 or 4) and the patch's is M + 2.
+
+// B^T applied to the M + 2 values d[0], d[s], d[2 s], ... in place
+template <int M>
+static inline void wino_bt(vf* d, int s) {
+    if constexpr (M == 2) {
+        const vf d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s];
+        d[0] = d0 - d2; d[s] = d1 + d2; d[2 * s] = d2 - d1; d[3 * s] = d1 - d3;
+    } else {
+        const vf d0 = d[0], d1 = d[s], d2 = d[2 * s], d3 = d[3 * s], d4 = d[4 * s], d5 = d[5 * s];
+        const vf a = d4 - 4.0f * d2, b = d3 - 4.0f * d1, c = d4 - d2, e = 2.0f * (d3 - d1);
+        d[0] = 4.0f * d0 - 5.0f * d2 + d4;
+        d[s] = a + b;                                    // -4 d1 - 4 d2 + d3 + d4
+        d[2 * s] = a - b;                                //  4 d1 - 4 d2 - d3 + d4
+        d[3 * s] = c + e;                                // -2 d1 - d2 + 2 d3 + d4
+        d[4 * s] = c - e;                                //  2 d1 - d2 - 2 d3 + d4
+        d[5 * s] = 4.0f * d1 - 5.0f * d3 + d5;
     }
 }
 
-// Tile q of a batch of (H, W) images: its image b and tile row and column (i, j), stepped in order
+// A^T applied to the M + 2 values m[0], m[1], ...: the M values y
+template <int M>
+static inline void wino_at(const vf* m, vf* y) {
+    if constexpr (M == 2) {
+        y[0] = m[0] + m[1] + m[2];
+        y[1] = m[1] - m[2] - m[3];
+    } else {
+        const vf a = m[1] + m[2], b = m[1] - m[2], c = m[3] + m[4], e = m[3] - m[4];
+        y[0] = m[0] + a + c;
+        y[1] = b + 2.0f * e;
+        y[2] = a + 4.0f * c;
+        y[3] = b + 8.0f * e + m[5];
+    }
+}
+
+// B^T d B of the (M + 2)^2 patch d (row-major) in place
+template <int M>
+static inline void wino_bdb(vf* d) {
+    constexpr int n = M + 2;
+#pragma GCC unroll 6
+    for (int v = 0; v < n; ++v) wino_bt<M>(d + v, n);          // B^T d: along the columns
+#pragma GCC unroll 6
+    for (int u = 0; u < n; ++u) wino_bt<M>(d + n * u, 1);      // (B^T d) B: along the rows
+}
+
+// Tile q of a batch of (H, W) images in M x M tiles: its image b and tile row and column (i, j), stepped in order
+template <int M>
 struct TileWalk {
     int64_t th, tw, b, i, j;
-    TileWalk(int64_t H, int64_t W, int64_t q) : th((H + 1) / 2), tw((W + 1) / 2) {
+    TileWalk(int64_t H, int64_t W, int64_t q) : th((H + M - 1) / M), tw((W + M - 1) / M) {
         b = q / (th * tw); i = q % (th * tw) / tw; j = q % tw;
     }
     void next() { if (++j == tw) { j = 0; if (++i == th) { i = 0; ++b; } } }
 };
 
-// Tiles [q0, q0 + n) of x (B, H, W, C; pixels xs floats apart) -> V[e, q - q0, c] (16 blocks of ldt rows of ldv
-// floats; channels C to ldv zero). zeros: round_up(ldv, MD_VW) zero floats, read for pixels outside the image.
-void wino_input(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0, int64_t n,
-                int64_t ldt, const float* zeros, float* V) {
-    TileWalk tw(H, W, q0);
+// Tiles [q0, q0 + n) of x (B, H, W, C; pixels xs floats apart) -> V[e, q - q0, c] ((M + 2)^2 blocks of ldt rows of
+// ldv floats; channels C to ldv zero). zeros: round_up(ldv, MD_VW) zero floats, read for pixels outside the image.
+template <int M>
+static void wino_input_m(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
+                         int64_t n, int64_t ldt, const float* zeros, float* V) {
+    constexpr int P = M + 2, E = P * P;
+    TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
-        const float* p[16];                               // the patch's pixels
-        for (int u = 0; u < 4; ++u)
-            for (int v = 0; v < 4; ++v) {
-                const int64_t h = 2 * tw.i - 1 + u, w = 2 * tw.j - 1 + v;
-                p[4 * u + v] = h >= 0 && h < H && w >= 0 && w < W ? x + ((tw.b * H + h) * W + w) * xs : zeros;
+        const float* p[E];                                // the patch's pixels
+        for (int u = 0; u < P; ++u)
+            for (int v = 0; v < P; ++v) {
+                const int64_t h = M * tw.i - 1 + u, w = M * tw.j - 1 + v;
+                p[P * u + v] = h >= 0 && h < H && w >= 0 && w < W ? x + ((tw.b * H + h) * W + w) * xs : zeros;
             }
         float* out = V + q * ldv;
         int64_t c = 0;
         for (; c + MD_VW <= C && c + MD_VW <= ldv; c += MD_VW) {
-            vf d[16];
-#pragma GCC unroll 16
-            for (int e = 0; e < 16; ++e) d[e] = load(p[e] + c);
-            wino_bdb(d);
-#pragma GCC unroll 16
-            for (int e = 0; e < 16; ++e) store(out + e * ldt * ldv + c, d[e]);
+            vf d[E];
+#pragma GCC unroll 36
+            for (int e = 0; e < E; ++e) d[e] = load(p[e] + c);
+            wino_bdb<M>(d);
+#pragma GCC unroll 36
+            for (int e = 0; e < E; ++e) store(out + e * ldt * ldv + c, d[e]);
         }
         for (; c < ldv; c += MD_VW) {                     // the ragged end
             const int k = (int)(C - c > 0 ? imin(MD_VW, C - c) : 0), m = (int)imin(MD_VW, ldv - c);
-            vf d[16];
-#pragma GCC unroll 16
-            for (int e = 0; e < 16; ++e) d[e] = load_n(p[e] + c, k);
-            wino_bdb(d);
-#pragma GCC unroll 16
-            for (int e = 0; e < 16; ++e) store_n(out + e * ldt * ldv + c, d[e], m);
+            vf d[E];
+#pragma GCC unroll 36
+            for (int e = 0; e < E; ++e) d[e] = load_n(p[e] + c, k);
+            wino_bdb<M>(d);
+#pragma GCC unroll 36
+            for (int e = 0; e < E; ++e) store_n(out + e * ldt * ldv + c, d[e], m);
         }
     }
 }
 
+void wino_input(int m, const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
+                int64_t n, int64_t ldt, const float* zeros, float* V) {
+    if (m == 4) wino_input_m<4>(x, xs, H, W, C, ldv, q0, n, ldt, zeros, V);
+    else wino_input_m<2>(x, xs, H, W, C, ldv, q0, n, ldt, zeros, V);
+}
+
 // The weight gradient's side of the output (nn_cpu.cpp, winograd_wgrad): Y = A^T M A gives dM = A dY A^T, the
-// 2x2 tile dY of the output gradient spread over the 4x4 positions (A's rows (1, 0), (1, 1), (1, -1), (0, -1)).
-// Tiles [q0, q0 + n) of dy (B, H, W, N; pixels ldd floats apart) -> D[e, q - q0, c] (16 blocks of ldt rows of ldm
-// floats; channels N to ldm zero); output pixels past the image count as zero. zeros as wino_input's.
-static inline void wino_ada(const vf* y, vf* d) {
-    const vf t[2][4] = {{y[0], y[0] + y[2], y[0] - y[2], -y[2]}, {y[1], y[1] + y[3], y[1] - y[3], -y[3]}};   // A dY
-#pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) {                         // (A dY) A^T
-        const vf a = t[0][u], b = t[1][u];
-        d[4 * u] = a; d[4 * u + 1] = a + b; d[4 * u + 2] = a - b; d[4 * u + 3] = -b;
+// M x M tile dY of the output gradient spread over the (M + 2)^2 positions (F(2x2): A's rows (1, 0), (1, 1),
+// (1, -1), (0, -1); F(4x4): (1, 0, 0, 0), (1, 1, 1, 1), (1, -1, 1, -1), (1, 2, 4, 8), (1, -2, 4, -8), (0, 0, 0, 1)).
+// Tiles [q0, q0 + n) of dy (B, H, W, N; pixels ldd floats apart) -> D[e, q - q0, c] ((M + 2)^2 blocks of ldt rows
+// of ldm floats; channels N to ldm zero); output pixels past the image count as zero. zeros as wino_input's.
+
+// A applied to the M values y[0], y[s], ...: the M + 2 values d[0], d[t], ...
+template <int M>
+static inline void wino_a(const vf* y, int s, vf* d, int t) {
+    if constexpr (M == 2) {
+        const vf y0 = y[0], y1 = y[s];
+        d[0] = y0; d[t] = y0 + y1; d[2 * t] = y0 - y1; d[3 * t] = -y1;
+    } else {
+        const vf y0 = y[0], y1 = y[s], y2 = y[2 * s], y3 = y[3 * s];
+        const vf a = y0 + y2, b = y1 + y3, c = y0 + 4.0f * y2, e = 2.0f * y1 + 8.0f * y3;
+        d[0] = y0; d[t] = a + b; d[2 * t] = a - b; d[3 * t] = c + e; d[4 * t] = c - e; d[5 * t] = y3;
     }
 }
 
-void wino_dout(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0, int64_t n,
-               int64_t ldt, const float* zeros, float* D) {
-    TileWalk tw(H, W, q0);
+template <int M>
+static void wino_dout_m(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
+                        int64_t n, int64_t ldt, const float* zeros, float* D) {
+    constexpr int P = M + 2, E = P * P;
+    TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
-        const float* p[4];                                // the tile's output pixels, row-major
-        for (int u = 0; u < 2; ++u)
-            for (int v = 0; v < 2; ++v) {
-                const int64_t h = 2 * tw.i + u, w = 2 * tw.j + v;
-                p[2 * u + v] = h < H && w < W ? dy + ((tw.b * H + h) * W + w) * ldd : zeros;
+        const float* p[M * M];                            // the tile's output pixels, row-major
+        for (int u = 0; u < M; ++u)
+            for (int v = 0; v < M; ++v) {
+                const int64_t h = M * tw.i + u, w = M * tw.j + v;
+                p[M * u + v] = h < H && w < W ? dy + ((tw.b * H + h) * W + w) * ldd : zeros;
             }
         float* out = D + q * ldm;
         for (int64_t c = 0; c < ldm; c += MD_VW) {
             const int k = (int)(N - c > 0 ? imin(MD_VW, N - c) : 0), m = (int)imin(MD_VW, ldm - c);
-            vf y[4], d[16];
-#pragma GCC unroll 4
-            for (int e = 0; e < 4; ++e) y[e] = k == MD_VW ? load(p[e] + c) : load_n(p[e] + c, k);
-            wino_ada(y, d);
+            vf y[M * M], t[P * M], d[E];
 #pragma GCC unroll 16
-            for (int e = 0; e < 16; ++e) {
+            for (int e = 0; e < M * M; ++e) y[e] = k == MD_VW ? load(p[e] + c) : load_n(p[e] + c, k);
+#pragma GCC unroll 4
+            for (int v = 0; v < M; ++v) wino_a<M>(y + v, M, t + v, M);     // A dY: along the columns
+#pragma GCC unroll 6
+            for (int u = 0; u < P; ++u) wino_a<M>(t + M * u, 1, d + P * u, 1);   // (A dY) A^T: along the rows
+#pragma GCC unroll 36
+            for (int e = 0; e < E; ++e) {
                 if (m == MD_VW) store(out + e * ldt * ldm + c, d[e]);
                 else store_n(out + e * ldt * ldm + c, d[e], m);
             }
@@ -520,40 +576,55 @@ void wino_dout(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, in
     }
 }
 
+void wino_dout(int m, const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
+               int64_t n, int64_t ldt, const float* zeros, float* D) {
+    if (m == 4) wino_dout_m<4>(dy, ldd, H, W, N, ldm, q0, n, ldt, zeros, D);
+    else wino_dout_m<2>(dy, ldd, H, W, N, ldm, q0, n, ldt, zeros, D);
+}
+
 // out (B, H, W, N) at tiles [q0, q0 + n) = A^T M A (+ bias, + residual: store_output, as conv_tile), M[e, q - q0, c]
-// (16 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride floats
-// per image, or null
-void wino_output(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
-                 const float* bias, int64_t bias_stride, const float* residual, float* out) {
-    TileWalk tw(H, W, q0);
+// ((M + 2)^2 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride
+// floats per image, or null
+template <int M>
+static void wino_output_m(const float* Mt, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    constexpr int P = M + 2;
+    TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
         const float* bb = bias ? bias + tw.b * bias_stride : nullptr;
-        const float* mt = M + q * N;
-        const int rows = (int)imin(2, H - 2 * tw.i), cols = (int)imin(2, W - 2 * tw.j);
+        const float* mt = Mt + q * N;
+        const int rows = (int)imin(M, H - M * tw.i), cols = (int)imin(M, W - M * tw.j);
         for (int64_t c = 0; c < N; c += MD_VW) {
             const int k = (int)imin(MD_VW, N - c);
-            vf r[8];                                      // A^T m: two rows of four
-#pragma GCC unroll 4
-            for (int v = 0; v < 4; ++v) {
-                vf m[4];
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; ++u) {
-                    const float* src = mt + (4 * u + v) * ldt * N + c;
+            vf r[M * P];                                  // A^T m: M rows of M + 2
+#pragma GCC unroll 6
+            for (int v = 0; v < P; ++v) {
+                vf m[P], y[M];
+#pragma GCC unroll 6
+                for (int u = 0; u < P; ++u) {
+                    const float* src = mt + (P * u + v) * ldt * N + c;
                     m[u] = k == MD_VW ? load(src) : load_n(src, k);
                 }
-                r[v] = m[0] + m[1] + m[2];
-                r[4 + v] = m[1] - m[2] - m[3];
+                wino_at<M>(m, y);
+#pragma GCC unroll 4
+                for (int a = 0; a < M; ++a) r[P * a + v] = y[a];
             }
             for (int u = 0; u < rows; ++u) {
-                const vf* ru = r + 4 * u;
-                const vf y[2] = {ru[0] + ru[1] + ru[2], ru[1] - ru[2] - ru[3]};   // (A^T m) A
+                vf y[M];                                  // (A^T m) A
+                wino_at<M>(r + P * u, y);
                 for (int v = 0; v < cols; ++v) {
-                    const int64_t at = (((tw.b * H) + 2 * tw.i + u) * W + 2 * tw.j + v) * N + c;
+                    const int64_t at = (((tw.b * H) + M * tw.i + u) * W + M * tw.j + v) * N + c;
                     store_output(out + at, y[v], bb ? bb + c : nullptr, residual ? residual + at : nullptr, k);
                 }
             }
         }
     }
+}
+
+void wino_output(int m, const float* Mt, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+                 const float* bias, int64_t bias_stride, const float* residual, float* out) {
+    if (m == 4) wino_output_m<4>(Mt, ldt, H, W, N, q0, n, bias, bias_stride, residual, out);
+    else wino_output_m<2>(Mt, ldt, H, W, N, q0, n, bias, bias_stride, residual, out);
 }
 
 // ------------------------------------------------------------------------------------------------------------

@@ -79,11 +79,11 @@ struct NNKernels {
     void (*conv_tiles)(const ConvTask& a, int64_t tile0, int64_t tile1);
     void (*conv_wgrad)(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add);   // add 0: dw written
     float (*fma_loop)(int64_t iters);   // `chains` independent FMA chains (the peak)
-    void (*wino_input)(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
+    void (*wino_input)(int m, const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
                        int64_t n, int64_t ldt, const float* zeros, float* V);
-    void (*wino_output)(const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+    void (*wino_output)(int m, const float* M, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
                         const float* bias, int64_t bias_stride, const float* residual, float* out);
-    void (*wino_dout)(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
+    void (*wino_dout)(int m, const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
                       int64_t n, int64_t ldt, const float* zeros, float* D);
     void (*softmax_rows)(float* s, int64_t rows, int64_t n, int64_t ld, float scale);
     void (*softmax_backward_rows)(const float* a, float* d, int64_t rows, int64_t n, int64_t ld, float scale);
@@ -121,16 +121,15 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
 // (written)
 void conv3x3_backward(const float* x, const float* weight, const float* dout, int64_t ldd, int64_t B, int64_t H,
                       int64_t W, int64_t K, int64_t N, int stride, float* dx, float* dweight);
-// Whether the convolutions Winograd suits (stride 1, at least 32 channels on both sides, maps of at least 8 x 8
-// with AVX-512, 4 x 4 otherwise: nn_cpu.cpp) use it, forward, input gradient and (for fewer shapes) weight
-// gradient (the default), or all take the direct sum of 9 taps; returns the previous setting (for tests and
+// Whether the convolutions Winograd suits (winograd_tile) use it, forward, input gradient and (for fewer shapes)
+// weight gradient (the default), or all take the direct sum of 9 taps; returns the previous setting (for tests and
 // benchmarks)
 bool set_conv_winograd(bool on);
-// whether conv3x3_forward of these sizes (and conv3x3_backward's dx with K and N swapped) takes Winograd now, with
-// the instruction set in use
-bool use_winograd(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
-// whether conv3x3_backward's weight gradient of these sizes takes Winograd too (fewer shapes: nn_cpu.cpp)
-bool use_winograd_wgrad(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
+// the Winograd tile conv3x3_forward of these sizes (and conv3x3_backward's dx with K and N swapped) takes now, with
+// the instruction set in use: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)) or 0 (the direct sum)
+int winograd_tile(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
+// the tile conv3x3_backward's weight gradient of these sizes takes (fewer shapes: nn_cpu.cpp)
+int winograd_wgrad_tile(int64_t H, int64_t W, int64_t K, int64_t N, int stride);
 // x (M, K), weight (N, K), bias (N,) or null -> out (M, N) = x weight^T + bias
 void linear_forward(const float* x, const float* weight, const float* bias, int64_t M, int64_t K, int64_t N, float* out);
 // dout (M, N; rows ldd >= N floats apart) -> dx (M, K) = dout weight, dweight (N, K) = dout^T x (both written)

@@ -368,14 +368,15 @@ void bind_nn(py::module_& m) {
         return std::string(md::cpu_isa());
     }, py::arg("name"), "Use another instruction set's kernels ('auto': the best this CPU supports).");
     m.def("set_conv_winograd", &md::set_conv_winograd, py::arg("on"),
-          "3x3 convolutions of stride 1, at least 32 channels on both sides and maps of at least 8 x 8 (AVX-512; "
-          "4 x 4 with AVX2 and SSE2) by Winograd F(2x2, 3x3) (True, the default; the weight gradient where it "
-          "pays) or all by the direct sum of 9 taps (False); returns the previous setting.");
-    m.def("conv_uses_winograd", [](int64_t H, int64_t W, int64_t cin, int64_t cout, int stride, bool wgrad) {
-        return wgrad ? md::use_winograd_wgrad(H, W, cin, cout, stride) : md::use_winograd(H, W, cin, cout, stride);
+          "3x3 convolutions of stride 1 with enough channels on large enough maps by Winograd F(4x4, 3x3) or "
+          "F(2x2, 3x3) (True, the default; conv_winograd_tile says which) or all by the direct sum of 9 taps "
+          "(False); returns the previous setting.");
+    m.def("conv_winograd_tile", [](int64_t H, int64_t W, int64_t cin, int64_t cout, int stride, bool wgrad) {
+        return wgrad ? md::winograd_wgrad_tile(H, W, cin, cout, stride) : md::winograd_tile(H, W, cin, cout, stride);
     }, py::arg("H"), py::arg("W"), py::arg("cin"), py::arg("cout"), py::arg("stride"), py::arg("wgrad") = false,
-          "Whether conv3x3_forward of these sizes (and the input gradient) takes Winograd under the current "
-          "setting and instruction set; wgrad=True: whether the weight gradient does.");
+          "The Winograd tile conv3x3_forward of these sizes (and the input gradient) takes under the current "
+          "setting and instruction set: 4 (F(4x4, 3x3)), 2 (F(2x2, 3x3)) or 0 (the direct sum); wgrad=True: the "
+          "weight gradient's.");
     m.def("cpu_isas", []() {
         int n = 0;
         const char* const* names = md::cpu_isas_available(&n);
