@@ -487,8 +487,8 @@ struct TileWalk {
 // Tiles [q0, q0 + n) of x (B, H, W, C; pixels xs floats apart) -> V[e, q - q0, c] ((M + 2)^2 blocks of ldt rows of
 // ldv floats; channels C to ldv zero). zeros: round_up(ldv, MD_VW) zero floats, read for pixels outside the image.
 template <int M>
-static void wino_input_m(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
-                         int64_t n, int64_t ldt, const float* zeros, float* V) {
+void wino_input_m(const float* x, int64_t xs, int64_t H, int64_t W, int64_t C, int64_t ldv, int64_t q0,
+                  int64_t n, int64_t ldt, const float* zeros, float* V) {
     constexpr int P = M + 2, E = P * P;
     TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
@@ -546,8 +546,8 @@ static inline void wino_a(const vf* y, int s, vf* d, int t) {
 }
 
 template <int M>
-static void wino_dout_m(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
-                        int64_t n, int64_t ldt, const float* zeros, float* D) {
+void wino_dout_m(const float* dy, int64_t ldd, int64_t H, int64_t W, int64_t N, int64_t ldm, int64_t q0,
+                 int64_t n, int64_t ldt, const float* zeros, float* D) {
     constexpr int P = M + 2, E = P * P;
     TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
@@ -586,8 +586,8 @@ void wino_dout(int m, const float* dy, int64_t ldd, int64_t H, int64_t W, int64_
 // ((M + 2)^2 blocks of ldt rows of N floats); bias (N,) for all images (bias_stride 0) or a row of bias_stride
 // floats per image, or null
 template <int M>
-static void wino_output_m(const float* Mt, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
-                          const float* bias, int64_t bias_stride, const float* residual, float* out) {
+void wino_output_m(const float* Mt, int64_t ldt, int64_t H, int64_t W, int64_t N, int64_t q0, int64_t n,
+                   const float* bias, int64_t bias_stride, const float* residual, float* out) {
     constexpr int P = M + 2;
     TileWalk<M> tw(H, W, q0);
     for (int64_t q = 0; q < n; ++q, tw.next()) {
