@@ -23,7 +23,7 @@ STATUS = _native.native_status()
 needs_cpu = pytest.mark.skipif(not STATUS["cpu_kernel"], reason=f"native extension unavailable: {STATUS['reason']}")
 TOL = 2e-6                                      # float32: the sums run in another order, exp is ~1 ulp
 # Winograd F(4x4, 3x3) (csrc/nn_isa.h) multiplies by up to 8 (and, for the weights, 1/24) in its transforms: its
-# float32 error is about ten times the direct sum's (measured 1-4e-6 of this error's scale, the direct sum's 1-5e-7)
+# float32 error is about ten times the direct sum's (rel_error against float64: 1-5e-6, the direct sum's 1-5e-7)
 TOL_F4 = 1e-5
 
 
