@@ -421,9 +421,9 @@ void conv_wgrad(const WGradTask& a, int64_t q0, int64_t q1, float* dw, int add) 
 // each of the 16 positions e of the 4x4 tile a matrix product, tiles x K times K x N: nn_cpu.cpp runs conv_tiles
 // on it), and
 //     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1].
-// 16 products per 4 output pixels instead of 9 per pixel. Tile (img, i, j) covers output rows 2i, 2i + 1 and
-// columns 2j, 2j + 1, tiles numbered image by image, row by row; past the image the patch reads zeros and the
-// output is not written. Reference: layers.conv2d (the same sums, in another order).
+// 16 products per 4 output pixels instead of 9 per pixel. Tile (img, i, j) of side M covers output rows M i to
+// M i + M - 1 and the same columns of j, tiles numbered image by image, row by row; past the image the patch reads
+// zeros and the output is not written. Reference: layers.conv2d (the same sums, in another order).
 
 // F(4x4, 3x3) is the same with 6x6 patches around 4x4 output tiles, 36 products per 16 output pixels (2.25 a
 // pixel against F(2x2)'s 4), from the points 0, 1, -1, 2, -2 and infinity:
