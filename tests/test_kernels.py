@@ -431,6 +431,65 @@ def test_kernels_reject_bad_arrays_clearly():
         core.set_cpu_isa("sse9")
 
 
+needs_pages = pytest.mark.skipif(not (STATUS["cpu_kernel"] and _native.core.output_pages()),
+                                 reason="the kernels' outputs keep their pages on Linux only")
+
+
+def _pages():
+    return _native.core.output_pages()
+
+
+@needs_pages
+def test_outputs_are_made_of_the_pages_of_freed_ones():
+    """A large output takes fresh pages only for what the idle pages of freed outputs cannot cover, whatever their
+    sizes, so the memory held is the most the outputs ever held at once."""
+    rng = np.random.default_rng(5)
+    xs = {n: rand(rng, n) for n in (300_000, 100_000, 500_000, 800_000)}       # 1.2, 0.4, 2.0 and 3.2 MB
+    kept = []
+    for n in (300_000, 100_000, 100_000, 500_000, 800_000, 300_000):
+        before = _pages()
+        kept.append(layers.silu(xs[n]))
+        after = _pages()
+        new = after["fresh"] - before["fresh"]
+        bytes_ = -(-4 * n // 4096) * 4096
+        assert new == max(0, bytes_ - before["idle"]), (n, before, after)
+        assert after["in_use"] - before["in_use"] == bytes_
+        assert after["in_use"] + after["idle"] == after["fresh"]
+        assert np.array_equal(kept[-1], layers.silu(xs[n]))
+        if len(kept) % 2:
+            kept.pop(0)                                 # free some, keep others
+    del kept
+    held = _pages()
+    for n in (800_000, 300_000, 500_000):               # the same again: no fresh page
+        layers.silu(xs[n])
+    assert _pages() == held
+
+
+@needs_pages
+def test_kernels_write_every_element_of_reused_pages(isa):
+    """Reused pages hold old values (here NaN), not zeros: every kernel must write all of its output."""
+    rng = np.random.default_rng(6)
+    x, w, b, d = rand(rng, 4, 28, 28, 32), rand(rng, 32, 32, 3, 3), rand(rng, 32), rand(rng, 4, 28, 28, 32)
+    g = rand(rng, 32) + 1.0
+    q, k, v = (rand(rng, 4, 256, 64) for _ in range(3))
+    calls = [(layers.conv2d, x, w, b, 1, 1), (layers.conv2d_backward, x, w, d, 1, 1),
+             (layers.conv2d_backward, x, w, d[:, ::2, ::2].copy(), 2, 1), (layers.silu_backward, x, d),
+             (layers.group_norm, x, g, b, 8, 1e-5, True), (layers.concat_channels, x, d),
+             (layers.linear, x.reshape(-1, 32), w[:, :, 0, 0], b),
+             (layers.linear_backward, x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 32)),
+             (unet.attention, q, k, v, 0.125), (unet.attention_backward, q, k, v, unet.attention(q, k, v, 0.125)[1],
+                                                q, 0.125)]
+    for fn, *args in calls:
+        big = lambda out: [o for o in (out if isinstance(out, tuple) else (out,)) if o.nbytes >= 256 << 10]
+        old = big(fn(*args))
+        poisoned = {o.ctypes.data for o in old if o.fill(np.nan) is None}
+        del old                                         # their pages are idle, full of NaN
+        out = fn(*args)
+        assert poisoned and all(o.ctypes.data in poisoned for o in big(out)), fn.__name__
+        with fast.use_reference():
+            assert_close(out, fn(*args), tol=TOL_F4)
+
+
 @needs_cpu
 def test_kernels_are_deterministic():
     """The threads take ranges in turn, but partial sums are added in a fixed order: the same bits every time (a
