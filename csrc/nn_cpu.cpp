@@ -880,7 +880,8 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 namespace md {
 
 // ------------------------------------------------------------------------------------------------ copies and sums
-// Memory-bound passes of the U-Net (layers.concat_channels, layers.pixel_sum), rows split over the threads.
+// Memory-bound passes of the U-Net (layers.concat_channels, layers.upsample2x and its backward, layers.pixel_sum),
+// rows split over the threads.
 
 static const int64_t COPY_MIN = 1 << 14;      // floats per thread worth starting a thread for
 
@@ -890,6 +891,39 @@ void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int6
         for (int64_t r = r0; r < r1; ++r) {
             std::memcpy(out + r * C, a + r * Ca, sizeof(float) * Ca);
             std::memcpy(out + r * C + Ca, b + r * Cb, sizeof(float) * Cb);
+        }
+    });
+}
+
+// Row r of x (image b, row i: r = b H + i) is rows 2r and 2r + 1 of the output, 2W C floats each.
+void upsample2x(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, float* out) {
+    const int64_t L = 2 * W * C;
+    parallel_ranges(B * H, COPY_MIN / (2 * L + 1) + 1, [&](int64_t r0, int64_t r1, int) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = x + r * W * C;
+            float* o = out + 2 * r * L;
+            for (int64_t j = 0; j < W; ++j) {
+                std::memcpy(o + 2 * j * C, xr + j * C, sizeof(float) * C);
+                std::memcpy(o + (2 * j + 1) * C, xr + j * C, sizeof(float) * C);
+            }
+            std::memcpy(o + L, o, sizeof(float) * L);
+        }
+    });
+}
+
+void upsample2x_backward(const float* dout, int64_t B, int64_t H, int64_t W, int64_t C, float* dx) {
+    const int64_t L = 2 * W * C;
+    parallel_ranges(B * H, COPY_MIN / (2 * L + 1) + 1, [&](int64_t r0, int64_t r1, int) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* __restrict d0 = dout + 2 * r * L;
+            const float* __restrict d1 = d0 + L;
+            float* __restrict o = dx + r * W * C;
+            for (int64_t j = 0; j < W; ++j)
+#pragma omp simd
+                for (int64_t c = 0; c < C; ++c) {
+                    const int64_t a = 2 * j * C + c, b = a + C;
+                    o[j * C + c] = d0[a] + d0[b] + d1[a] + d1[b];
+                }
         }
     });
 }

@@ -147,6 +147,10 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 // ---- copies and sums (nn_cpu.cpp)
 // a (M, Ca), b (M, Cb) -> out (M, Ca + Cb)
 void concat_channels(const float* a, const float* b, int64_t M, int64_t Ca, int64_t Cb, float* out);
+// x (B, H, W, C) -> out (B, 2H, 2W, C), each pixel copied to its 2 x 2 block; and the adjoint, dout (B, 2H, 2W, C)
+// -> dx (B, H, W, C), each pixel the sum of its block
+void upsample2x(const float* x, int64_t B, int64_t H, int64_t W, int64_t C, float* out);
+void upsample2x_backward(const float* dout, int64_t B, int64_t H, int64_t W, int64_t C, float* dx);
 // x (B, P, C; rows ld >= C floats apart) -> (B, C) per image, or (C,)
 void pixel_sum(const float* x, int64_t ld, int64_t B, int64_t P, int64_t C, int per_image, float* out);
 

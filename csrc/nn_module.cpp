@@ -388,7 +388,7 @@ py::tuple py_attention_backward(py::handle q_, py::handle k_, py::handle v_, py:
     return py::make_tuple(dq, dk, dv);
 }
 
-// ---- copies and sums (layers.concat_channels, layers.pixel_sum), channels last
+// ---- copies and sums (layers.concat_channels, layers.upsample2x and its backward, layers.pixel_sum), channels last
 py::array py_concat_channels(py::handle a_, py::handle b_) {
     py::array a = arr(a_, "a", -1), b = arr(b_, "b", -1);
     if (a.ndim() < 1 || a.ndim() != b.ndim()) throw py::value_error("a and b must have the same dimensions");
@@ -408,6 +408,30 @@ py::array py_concat_channels(py::handle a_, py::handle b_) {
         md::concat_channels(ptr(a), ptr(b), M, Ca, Cb, out.mutable_data());
     }
     return out;
+}
+
+py::array py_upsample2x(py::handle x_) {
+    py::array x = arr(x_, "x", 4);
+    const py::ssize_t B = x.shape(0), H = x.shape(1), W = x.shape(2), C = x.shape(3);
+    py::array_t<float> out = empty({B, 2 * H, 2 * W, C});
+    if (out.size()) {
+        py::gil_scoped_release nogil;
+        md::upsample2x(ptr(x), B, H, W, C, out.mutable_data());
+    }
+    return out;
+}
+
+py::array py_upsample2x_backward(py::handle dout_) {
+    py::array dout = arr(dout_, "dout", 4);
+    const py::ssize_t B = dout.shape(0), H = dout.shape(1) / 2, W = dout.shape(2) / 2, C = dout.shape(3);
+    if (dout.shape(1) % 2 || dout.shape(2) % 2)
+        throw py::value_error("dout " + shape_str(dout) + " must have an even height and width (2H, 2W)");
+    py::array_t<float> dx = empty({B, H, W, C});
+    if (dx.size()) {
+        py::gil_scoped_release nogil;
+        md::upsample2x_backward(ptr(dout), B, H, W, C, dx.mutable_data());
+    }
+    return dx;
 }
 
 py::array py_pixel_sum(py::handle x_, bool per_image) {
@@ -510,6 +534,9 @@ void bind_nn(py::module_& m) {
     m.def("output_pages", &output_pages_stats,
           "bytes of the kernels' large outputs in use, idle (kept for the next ones) and fresh (ever mapped new)");
     m.def("concat_channels", &py_concat_channels, py::arg("a"), py::arg("b"), "[a, b] along the last axis");
+    m.def("upsample2x", &py_upsample2x, py::arg("x"), "x (B, H, W, C) -> (B, 2H, 2W, C), nearest neighbour");
+    m.def("upsample2x_backward", &py_upsample2x_backward, py::arg("dout"),
+          "dout (B, 2H, 2W, C) -> (B, H, W, C), each pixel the sum of its 2 x 2 block");
     m.def("pixel_sum", &py_pixel_sum, py::arg("x"), py::arg("per_image") = false,
           "x (B, ..., C) -> the sum over pixels and images (C,), or over pixels (B, C) per image");
     m.def("adam_update", &py_adam_update, py::arg("p"), py::arg("g"), py::arg("m"), py::arg("v"), py::arg("lr"),

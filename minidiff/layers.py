@@ -353,16 +353,25 @@ class Dropout(Layer):
 # ----------------------------------------------------------------------------------------------------
 # Nearest-neighbour 2x upsampling (NHWC): y[b, 2p + a, 2q + c] = x[b, p, q] for a, c in {0, 1}.
 
-class Upsample2x(Layer):
-    def forward(self, x):                       # x (B, H, W, C)
-        xp = array_module(x)
-        B, H, W, C = x.shape
-        return xp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+@fast.reference
+def upsample2x(x):                              # x (B, H, W, C) -> y (B, 2H, 2W, C)
+    xp = array_module(x)
+    B, H, W, C = x.shape
+    return xp.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
 
-    def backward(self, dout):                   # dout (B, 2H, 2W, C)
-        B, H2, W2, C = dout.shape
-        return dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))   # dx (B, H, W, C): each pixel sums its
-                                                                              # 2x2 copies
+
+@fast.reference
+def upsample2x_backward(dout):                  # dout (B, 2H, 2W, C) -> dx (B, H, W, C): each pixel sums its 2x2 copies
+    B, H2, W2, C = dout.shape
+    return dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))
+
+
+class Upsample2x(Layer):
+    def forward(self, x):
+        return upsample2x(x)
+
+    def backward(self, dout):
+        return upsample2x_backward(dout)
 
 
 # ----------------------------------------------------------------------------------------------------

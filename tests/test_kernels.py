@@ -168,12 +168,17 @@ def test_winograd_takes_the_convolutions_it_suits(isa):
 @pytest.mark.parametrize("shape,ca", [((2, 5, 7, 32), 8), ((3, 28, 28, 64), 32), ((1, 1, 1, 3), 1), ((4, 3, 2, 5), 0),
                                       ((2, 7, 7, 96), 96)])
 def test_copy_kernels_match_reference(shape, ca):
-    """The skips' concatenation (exactly the reference's values) and the pixel sums (in double, against NumPy's
-    float32)."""
+    """The skips' concatenation and the nearest upsampling with its adjoint (exactly the reference's values: the
+    adjoint adds each 2 x 2 block in NumPy's order), and the pixel sums (in double, against NumPy's float32)."""
     rng = np.random.default_rng(sum(shape) + ca)
     d = rand(rng, *shape)
     out, ref = both(layers.concat_channels, d[..., :ca].copy(), d[..., ca:].copy())
     assert out.shape == ref.shape and np.array_equal(out, ref) and np.array_equal(out, d)
+    up, ref = both(layers.upsample2x, d)
+    assert up.shape == ref.shape and np.array_equal(up, ref) and np.array_equal(up[:, 1::2, ::2], d)
+    dup = rand(rng, *up.shape)
+    out, ref = both(layers.upsample2x_backward, dup)
+    assert out.shape == d.shape and np.array_equal(out, ref)
     for per_image in (False, True):
         assert_close(*both(layers.pixel_sum, d, per_image), tol=1e-5)
         if ca < shape[-1]:                                                           # a slice of channels
@@ -427,6 +432,10 @@ def test_kernels_reject_bad_arrays_clearly():
         core.attention_backward(q, kv, kv, np.zeros((2, 5, 5), np.float32), q, 0.5)
     with pytest.raises(ValueError, match="dout has shape"):
         core.attention_backward(q, kv, kv, np.zeros((2, 5, 3), np.float32), kv, 0.5)
+    with pytest.raises(ValueError, match="even height and width"):
+        core.upsample2x_backward(np.zeros((2, 5, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="4 dimensions"):
+        core.upsample2x(np.zeros((5, 4, 3), np.float32))
     with pytest.raises(ValueError, match="not supported|unknown"):
         core.set_cpu_isa("sse9")
 
@@ -475,6 +484,7 @@ def test_kernels_write_every_element_of_reused_pages(isa):
     calls = [(layers.conv2d, x, w, b, 1, 1), (layers.conv2d_backward, x, w, d, 1, 1),
              (layers.conv2d_backward, x, w, d[:, ::2, ::2].copy(), 2, 1), (layers.silu_backward, x, d),
              (layers.group_norm, x, g, b, 8, 1e-5, True), (layers.concat_channels, x, d),
+             (layers.upsample2x, x[:, ::2, ::2].copy()), (layers.upsample2x_backward, layers.upsample2x(d)),
              (layers.linear, x.reshape(-1, 32), w[:, :, 0, 0], b),
              (layers.linear_backward, x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 32)),
              (unet.attention, q, k, v, 0.125), (unet.attention_backward, q, k, v, unet.attention(q, k, v, 0.125)[1],

@@ -129,6 +129,16 @@ def concat_channels(a, b):
     return core.concat_channels(_c(a), _c(b))
 
 
+def upsample2x(x):
+    return core.upsample2x(_c(x)) if _float32(x) and x.ndim == 4 else NotImplemented
+
+
+def upsample2x_backward(dout):
+    if not _float32(dout) or dout.ndim != 4 or dout.shape[1] % 2 or dout.shape[2] % 2:
+        return NotImplemented
+    return core.upsample2x_backward(_c(dout))
+
+
 def _host_float32(*scalars):
     """The scalars as float32 values, or None if one is not a host scalar (a 0-d array on a device, say)."""
     out = []
@@ -201,7 +211,8 @@ def table():
             "layers.silu": silu, "layers.silu_backward": silu_backward,
             "layers.group_norm": group_norm, "layers.group_norm_backward": group_norm_backward,
             "layers.conv2d": conv2d, "layers.conv2d_backward": conv2d_backward, "layers.pixel_sum": pixel_sum,
-            "layers.concat_channels": concat_channels,
+            "layers.concat_channels": concat_channels, "layers.upsample2x": upsample2x,
+            "layers.upsample2x_backward": upsample2x_backward,
             "unet.attention": attention, "unet.attention_backward": attention_backward,
             "optim.adam_update": adam_update, "optim.ema_update": ema_update,
             "step.step": step}
