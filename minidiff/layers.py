@@ -17,10 +17,9 @@ U-Net converts from and to the public NCHW layout at its boundary. Weights are s
 ((Cout, Cin, kh, kw) for convolutions, (out, in) for Linear) so checkpoints map one to one onto the PyTorch
 reference (tests/torch_unet.py).
 
-The math of the hot operations is written once as plain functions marked ``@fast.reference`` (linear, conv2d,
-group_norm, silu and their backward passes): the readable reference that the tests prove. minidiff/fast/
-registers faster implementations of the same numbers for them (C++ kernels for float32 NumPy arrays, fused CuPy
-kernels); MINIDIFF_REFERENCE=1 runs the references everywhere (docs/network.md).
+The math of the hot operations (linear, conv2d, group_norm, silu, upsample2x and their backward passes) is written
+once as plain functions marked ``@fast.reference``, the readable reference that the tests prove; minidiff/fast/
+registers faster versions of the same numbers (C++ kernels, fused CuPy kernels) for them (docs/network.md).
 No Python loops over pixels or batch items (col2im loops over the kh*kw kernel taps). Float32 in, float32 out:
 constants are Python floats (weak scalars under NumPy 2 promotion rules).
 """
@@ -349,12 +348,14 @@ class Dropout(Layer):
 
 @fast.reference
 def upsample2x(x):                              # x (B, H, W, C) -> y (B, 2H, 2W, C)
-    return x.repeat(2, axis=1).repeat(2, axis=2)
+    B, H, W, C = x.shape
+    return array_module(x).broadcast_to(x[:, :, None, :, None], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
 
 
 @fast.reference
 def upsample2x_backward(dout):                  # dout (B, 2H, 2W, C) -> dx (B, H, W, C): the sum of each pixel's copies
-    return dout[:, ::2, ::2] + dout[:, ::2, 1::2] + dout[:, 1::2, ::2] + dout[:, 1::2, 1::2]
+    B, H2, W2, C = dout.shape
+    return dout.reshape(B, H2 // 2, 2, W2 // 2, 2, C).sum(axis=(2, 4))
 
 
 class Upsample2x(Layer):
@@ -378,9 +379,8 @@ class Concat(Layer):
         self.save(a.shape[-1])
         return concat_channels(a, b)            # (B, H, W, Ca + Cb)
 
-    def backward(self, dout):
-        ca = self.cache
-        return dout[..., :ca], dout[..., ca:]   # da, db
+    def backward(self, dout):                   # -> da, db: dout split where a's channels end
+        return dout[..., :self.cache], dout[..., self.cache:]
 
 
 # ----------------------------------------------------------------------------------------------------
