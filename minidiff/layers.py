@@ -108,8 +108,7 @@ class Linear(Layer):
 
 # ----------------------------------------------------------------------------------------------------
 # Conv2d (NHWC):  y[b, p, q, o] = bias[o] + sum_{i, j, c} x_pad[b, s*p + i, s*q + j, c] * W[o, c, i, j]
-# computed as im2col(x) @ W_mat^T with W_mat[o, (i, j, c)] = W[o, c, i, j]: a convolution is a linear map of
-# each output pixel's kh x kw input patch.
+# computed as im2col(x) @ W_mat^T, W_mat[o, (i, j, c)] = W[o, c, i, j]: a linear map of each output pixel's patch.
 
 def im2col(x, kh, kw, stride, padding):
     """x (B, H, W, C) -> cols (B*Ho*Wo, kh*kw*C), column order (i, j, c): the kh x kw window of every output pixel,
@@ -118,7 +117,8 @@ def im2col(x, kh, kw, stride, padding):
     B, H, W, C = x.shape
     if kh == kw == 1 and stride == 1 and padding == 0:
         return x.reshape(B * H * W, C)
-    xpad = xp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    xpad = xp.zeros((B, H + 2 * padding, W + 2 * padding, C), dtype=x.dtype)
+    xpad[:, padding:padding + H, padding:padding + W, :] = x
     windows = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]
     Ho, Wo = windows.shape[1:3]                 # (B, Ho, Wo, C, kh, kw)
     return windows.transpose(0, 1, 2, 4, 5, 3).reshape(B * Ho * Wo, kh * kw * C)
