@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <list>
+#include <map>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -85,15 +87,17 @@ void vector_of(const py::array& a, const char* name, py::ssize_t n) {
 const float* ptr(const py::array& a) { return static_cast<const float*>(a.data()); }
 
 // ---- The outputs' memory
-// Fresh memory from the system is new pages, which the OS zeroes when they are first touched: ~10% of a forward pass
-// when every large output (256 KB or more: malloc maps those fresh and unmaps them when freed) is fresh. So the pages of freed outputs are kept, and a new output is made of them: the
-// idle block of its size if there is one, else idle pages moved into place (mremap moves page tables and copies
-// nothing). Fresh pages are mapped only when no idle ones are left, so the memory held, in use or idle, is the most
-// the outputs ever held at once: peak memory stays where it was. Linux only; elsewhere outputs come from NumPy.
+// Fresh memory from the system is new pages, which the OS zeroes when they are first touched: ~10% of a forward
+// pass when every large output (256 KB or more: malloc often maps those fresh and unmaps them when freed) is fresh.
+// So the pages of freed outputs are kept, and a new output is made of them: the idle block of its size if there is
+// one, else idle pages moved into place (mremap moves page tables and copies nothing). Fresh pages are mapped only
+// when no idle ones are left, so the memory held, in use or idle, is at most the most the outputs ever held at
+// once. Linux only; elsewhere the outputs come from NumPy.
 #ifdef __linux__
 class OutputPages {
   public:
     static constexpr size_t kMin = 256 << 10;           // smaller ones come from malloc's heap, which reuses them
+    static constexpr size_t kMaxPieces = 2048;          // mappings the kept pages may be cut into (Linux allows 65530)
 
     char* get(size_t bytes) {                           // bytes: a multiple of the page size
         std::lock_guard<std::mutex> lock(mutex_);
@@ -105,6 +109,7 @@ class OutputPages {
                 in_use_ += bytes;
                 return p;
             }
+        if (pieces_.size() > kMaxPieces) release_idle();               // cut too finely: those pages go
         void* fresh = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (fresh == MAP_FAILED) throw std::bad_alloc();
         char* p = static_cast<char*>(fresh);            // address space only: no page is touched yet
@@ -117,13 +122,13 @@ class OutputPages {
                                        : pick->second < need && it->second > pick->second)
                     pick = it;
             const size_t take = std::min(need, pick->second);
-            if (mremap(pick->first, take, take, MREMAP_MAYMOVE | MREMAP_FIXED, p + done) == MAP_FAILED)
-                throw std::bad_alloc();
+            move(pick->first, take, p + done);
             done += take;
             idle_bytes_ -= take;
             if (take == pick->second) idle_.erase(pick);
             else pick->first += take, pick->second -= take;        // the rest of it stays idle
         }
+        if (done < bytes) pieces_[p + done] = bytes - done;
         fresh_bytes_ += bytes - done;
         in_use_ += bytes;
         return p;
@@ -139,12 +144,39 @@ class OutputPages {
     py::dict stats() {
         std::lock_guard<std::mutex> lock(mutex_);
         return py::dict(py::arg("in_use") = in_use_, py::arg("idle") = idle_bytes_,
-                        py::arg("fresh") = fresh_bytes_);
+                        py::arg("fresh") = fresh_bytes_, py::arg("pieces") = pieces_.size());
     }
 
   private:
+    // Moves the pages of [from, from + n) to `to`, one mapping at a time: before Linux 6.17 mremap moves only
+    // within one mapping, and a block filled from several idle ones is several mappings.
+    void move(char* from, size_t n, char* to) {
+        auto it = std::prev(pieces_.upper_bound(from));                 // the mapping that holds `from`
+        while (n) {
+            char* const start = it->first;
+            const size_t len = it->second, off = from - start, part = std::min(n, len - off);
+            if (mremap(from, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, to) == MAP_FAILED) throw std::bad_alloc();
+            pieces_.erase(it);
+            if (off) pieces_[start] = off;
+            if (off + part < len) pieces_[from + part] = len - off - part;
+            pieces_[to] = part;
+            from += part, to += part, n -= part;
+            if (n && (it = pieces_.find(from)) == pieces_.end()) throw std::logic_error("OutputPages: lost a mapping");
+        }
+    }
+
+    void release_idle() {                               // unmaps the idle blocks (they begin and end on pieces)
+        for (const auto& [p, bytes] : idle_) {
+            munmap(p, bytes);
+            pieces_.erase(pieces_.lower_bound(p), pieces_.lower_bound(p + bytes));
+        }
+        idle_.clear();
+        idle_bytes_ = 0;
+    }
+
     std::mutex mutex_;
     std::list<std::pair<char*, size_t>> idle_;         // in the order they were freed
+    std::map<char*, size_t> pieces_;                   // the mappings that make up the blocks, by address
     size_t in_use_ = 0, idle_bytes_ = 0, fresh_bytes_ = 0;
 };
 
@@ -532,7 +564,8 @@ void bind_nn(py::module_& m) {
     m.def("conv3x3_backward", &py_conv3x3_backward, py::arg("x"), py::arg("weight"), py::arg("dout"),
           py::arg("stride") = 1, "-> (dx (B, H, W, Cin), dweight (Cout, Cin, 3, 3))");
     m.def("output_pages", &output_pages_stats,
-          "bytes of the kernels' large outputs in use, idle (kept for the next ones) and fresh (ever mapped new)");
+          "bytes of the kernels' large outputs in use, idle (kept for the next ones) and fresh (ever mapped new); "
+          "pieces: the mappings they are made of");
     m.def("concat_channels", &py_concat_channels, py::arg("a"), py::arg("b"), "[a, b] along the last axis");
     m.def("upsample2x", &py_upsample2x, py::arg("x"), "x (B, H, W, C) -> (B, 2H, 2W, C), nearest neighbour");
     m.def("upsample2x_backward", &py_upsample2x_backward, py::arg("dout"),

@@ -463,7 +463,7 @@ def test_outputs_are_made_of_the_pages_of_freed_ones():
         bytes_ = -(-4 * n // 4096) * 4096
         assert new == max(0, bytes_ - before["idle"]), (n, before, after)
         assert after["in_use"] - before["in_use"] == bytes_
-        assert after["in_use"] + after["idle"] == after["fresh"]
+        assert after["in_use"] + after["idle"] <= after["fresh"]
         assert np.array_equal(kept[-1], layers.silu(xs[n]))
         if len(kept) % 2:
             kept.pop(0)                                 # free some, keep others
@@ -472,6 +472,25 @@ def test_outputs_are_made_of_the_pages_of_freed_ones():
     for n in (800_000, 300_000, 500_000):               # the same again: no fresh page
         layers.silu(xs[n])
     assert _pages() == held
+
+
+@needs_pages
+def test_outputs_of_any_sizes_in_any_order_keep_their_values():
+    """Blocks filled from pieces of other blocks, freed and cut again: every output holds what its kernel wrote,
+    and the memory held never exceeds what was ever mapped."""
+    rng = np.random.default_rng(7)
+    x = rand(rng, 1_000_000)
+    with fast.use_reference():
+        ref = layers.silu(x)
+    alive = []
+    for i, n in enumerate(rng.integers(65_536, 1_000_000, 300)):
+        alive.append((n, layers.silu(x[:n])))
+        if len(alive) > 6:
+            alive.pop(int(rng.integers(len(alive))))
+        for m, out in alive if i % 50 == 0 else alive[-1:]:
+            assert np.allclose(out, ref[:m], rtol=1e-6, atol=1e-7)
+        pages = _pages()
+        assert pages["in_use"] + pages["idle"] <= pages["fresh"] and pages["pieces"] <= 2048 + 300
 
 
 @needs_pages
