@@ -461,7 +461,8 @@ def test_outputs_are_made_of_the_pages_of_freed_ones():
         after = _pages()
         new = after["fresh"] - before["fresh"]
         bytes_ = -(-4 * n // 4096) * 4096
-        assert new == max(0, bytes_ - before["idle"]), (n, before, after)
+        released = before["pieces"] > 2048             # then the idle pages go first (cut into too many mappings)
+        assert new == max(0, bytes_ - before["idle"]) or released and new == bytes_, (n, before, after)
         assert after["in_use"] - before["in_use"] == bytes_
         assert after["in_use"] + after["idle"] <= after["fresh"]
         assert np.array_equal(kept[-1], layers.silu(xs[n]))
