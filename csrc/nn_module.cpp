@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <list>
 #include <map>
 #include <mutex>

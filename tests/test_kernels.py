@@ -444,6 +444,9 @@ needs_pages = pytest.mark.skipif(not (STATUS["cpu_kernel"] and _native.core.outp
                                  reason="the kernels' outputs keep their pages on Linux only")
 
 
+PAGE = os.sysconf("SC_PAGESIZE")
+
+
 def _pages():
     return _native.core.output_pages()
 
@@ -460,7 +463,7 @@ def test_outputs_are_made_of_the_pages_of_freed_ones():
         kept.append(layers.silu(xs[n]))
         after = _pages()
         new = after["fresh"] - before["fresh"]
-        bytes_ = -(-4 * n // 4096) * 4096
+        bytes_ = -(-4 * n // PAGE) * PAGE
         released = before["pieces"] > 2048             # then the idle pages go first (cut into too many mappings)
         assert new == max(0, bytes_ - before["idle"]) or released and new == bytes_, (n, before, after)
         assert after["in_use"] - before["in_use"] == bytes_
@@ -509,8 +512,9 @@ def test_kernels_write_every_element_of_reused_pages(isa):
              (layers.linear_backward, x.reshape(-1, 32), w[:, :, 0, 0], d.reshape(-1, 32)),
              (unet.attention, q, k, v, 0.125), (unet.attention_backward, q, k, v, unet.attention(q, k, v, 0.125)[1],
                                                 q, 0.125)]
+    def big(out):                                       # the outputs that come from the kept pages
+        return [o for o in (out if isinstance(out, tuple) else (out,)) if o.nbytes >= 256 << 10]
     for fn, *args in calls:
-        big = lambda out: [o for o in (out if isinstance(out, tuple) else (out,)) if o.nbytes >= 256 << 10]
         old = big(fn(*args))
         poisoned = {o.ctypes.data for o in old if o.fill(np.nan) is None}
         del old                                         # their pages are idle, full of NaN
