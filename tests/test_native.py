@@ -1,5 +1,7 @@
 """The fused sampling step (step.step's fast paths: C++ now, CUDA with a GPU) against its readable reference and the
 samplers' paper forms, and the extension's loading and error handling."""
+import os
+import subprocess
 import sys
 import types
 
@@ -93,6 +95,21 @@ def test_missing_extension_is_reported_not_raised(monkeypatch):
     monkeypatch.delattr(sys.modules["minidiff"], "_core", raising=False)
     core, reason = _native._load()
     assert core is None and "pip install ." in reason and "not available" in reason
+
+
+@pytest.mark.parametrize("user, want", [
+    ({}, ("passive", "3000")),                                              # a short spin, then sleep
+    ({"OMP_WAIT_POLICY": "active"}, ("active", None)),                      # the user's policy, its own spin
+    ({"OMP_WAIT_POLICY": "passive"}, ("passive", None)),                    # sleep at once
+    ({"GOMP_SPINCOUNT": "50"}, ("passive", "50")),                          # the user's spin
+])
+def test_openmp_wait_defaults_leave_the_users_settings(user, want):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os, minidiff.utils.native; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **user}, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == [str(w) for w in want]
 
 
 def test_stale_extension_is_reported(monkeypatch):

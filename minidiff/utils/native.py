@@ -11,9 +11,12 @@ ABI_VERSION = 3
 
 _FIX = "build it with `pip install .` from the repository root"
 
-# The kernels' OpenMP threads sleep when they wait, instead of spinning (GNU OpenMP reads this when _core loads it):
-# a spinning thread waits for a core that another program holds (docs/performance.md). OMP_WAIT_POLICY=active spins.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# The kernels' OpenMP threads wait by spinning a little, then sleep (OpenMP reads these when _core loads it): waking
+# a sleeping thread for each kernel costs more than the short spin, but a long spin waits for a core that another
+# program holds (docs/performance.md). OMP_WAIT_POLICY=active spins, OMP_WAIT_POLICY=passive alone sleeps at once.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "passive"
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")   # GNU OpenMP: spins of the CPU's pause before sleeping
 
 
 def _load():
