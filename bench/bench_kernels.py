@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-try:                # before minidiff, which sets OMP_WAIT_POLICY=passive: PyTorch's threads start as they would alone
+try:                # before minidiff sets its OpenMP wait (utils/native.py): PyTorch's threads start as alone
     import torch
 except ImportError:
     torch = None

@@ -28,8 +28,8 @@ import sys
 import time
 from statistics import median
 
-# The environment as the user set it, before anything imports minidiff (which sets OMP_WAIT_POLICY=passive for its
-# own threads, minidiff/utils/native.py): PyTorch's workers get this one, so PyTorch runs as it would on its own.
+# The environment as the user set it, before anything imports minidiff (which sets OMP_WAIT_POLICY and GOMP_SPINCOUNT
+# for its own threads, minidiff/utils/native.py): PyTorch's workers get this one, so PyTorch runs as it would alone.
 USER_ENV = dict(os.environ)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
