@@ -102,9 +102,12 @@ def test_missing_extension_is_reported_not_raised(monkeypatch):
     ({"OMP_WAIT_POLICY": "active"}, ("active", None)),                      # the user's policy, its own spin
     ({"OMP_WAIT_POLICY": "passive"}, ("passive", None)),                    # sleep at once
     ({"GOMP_SPINCOUNT": "50"}, ("passive", "50")),                          # the user's spin
+    ({"PMI_SIZE": "2"}, ("passive", None)),                                 # mpiexec's processes share the cores
 ])
 def test_openmp_wait_defaults_leave_the_users_settings(user, want):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE",
+                        "SLURM_NTASKS")}
     code = ("import os, minidiff.utils.native; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env={**env, **user}, capture_output=True, text=True,

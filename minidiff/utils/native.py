@@ -6,17 +6,21 @@ or a build from older sources) the NumPy path works and ``native_status()`` says
 """
 import os
 
+from .distributed import launched_size
+
 # Must equal MINIDIFF_ABI_VERSION in csrc/kernels.h; bump both when a binding's signature changes.
 ABI_VERSION = 3
 
 _FIX = "build it with `pip install .` from the repository root"
 
 # The kernels' OpenMP threads wait by spinning a little, then sleep (OpenMP reads these when _core loads it): waking
-# a sleeping thread for each kernel costs more than the short spin, but a long spin waits for a core that another
-# program holds (docs/performance.md). OMP_WAIT_POLICY=active spins, OMP_WAIT_POLICY=passive alone sleeps at once.
+# a sleeping thread for each kernel costs more than the short spin, but a spin waits for a core that another program
+# holds (docs/performance.md), so the processes of mpiexec, which share the cores, sleep at once.
+# OMP_WAIT_POLICY=active spins, OMP_WAIT_POLICY=passive alone sleeps at once.
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "passive"
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")   # GNU OpenMP: spins of the CPU's pause before sleeping
+    if launched_size() == 1:
+        os.environ.setdefault("GOMP_SPINCOUNT", "3000")   # GNU OpenMP: spins of the CPU's pause before sleeping
 
 
 def _load():
