@@ -15,6 +15,7 @@ from minidiff.step import (StepCoefficients, StepParams, ddim_coefficients, ddim
                            dpmpp_2m_coefficients, dpmpp_2m_step, sampler_steps, step)
 from minidiff.utils import native as _native
 from minidiff.utils.backend import cupy_status
+from minidiff.utils.distributed import SIZE_VARIABLES
 from minidiff.utils.philox import philox_normal
 
 STATUS = _native.native_status()
@@ -105,9 +106,8 @@ def test_missing_extension_is_reported_not_raised(monkeypatch):
     ({"PMI_SIZE": "2"}, ("passive", None)),                                 # mpiexec's processes share the cores
 ])
 def test_openmp_wait_defaults_leave_the_users_settings(user, want):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE",
-                        "SLURM_NTASKS")}
+    unset = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") + SIZE_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     code = ("import os, minidiff.utils.native; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env={**env, **user}, capture_output=True, text=True,
