@@ -340,24 +340,32 @@ static int lane_group(int64_t N) {
     return round_up(N, vw / 2) < round_up(N, vw) ? 2 : 1;
 }
 
-// wp (T, KG / G, NC, G) from w: wp[t, kk, c, j] = w(c, kk G + j, t), zero past N and K (pack_row: one row (t, kk));
-// the rows split over the threads (a layer of 128 -> 64 channels packs 74k weights every call)
-template <class F>
-static void pack_row(int t, int64_t kk, int64_t K, int64_t N, int64_t NC, int G, F w, float* row) {
-    for (int64_t c = 0; c < NC; ++c)
-        for (int j = 0; j < G; ++j) {
-            const int64_t k = kk * G + j;
-            row[c * G + j] = c < N && k < K ? w(c, k, t) : 0.0f;
-        }
+// wp (T, KG / G, NC, G) from the weights w(c, k, t) = src[c sc + k sk + toff(t)]: wp[t, kk, c, j] = w(c, kk G + j, t),
+// zero past N and K (pack_row: one row (t, kk), s = src + toff(t)). Every layout here is such a strided view, so
+// the inner loop is one strided copy (a generic w(c, k, t) per element cost 4 cycles each: half of a 4 x 4 layer's
+// forward at batch 1). The rows split over the threads (a layer of 128 -> 64 channels packs 74k weights every call).
+static void pack_row(const float* s, int64_t sc, int64_t sk, int64_t kk, int64_t K, int64_t N, int64_t NC, int G,
+                     float* row) {
+    for (int j = 0; j < G; ++j) {
+        const int64_t k = kk * G + j;
+        int64_t c = 0;
+        if (k < K)
+            for (const float* sj = s + k * sk; c < N; ++c) row[c * G + j] = sj[c * sc];
+        for (; c < NC; ++c) row[c * G + j] = 0.0f;
+    }
 }
 
 template <class F>
-static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, F w, float* wp) {
+static void pack_weights(int T, int64_t K, int64_t KG, int64_t N, int64_t NC, int G, const float* src, int64_t sc,
+                         int64_t sk, F toff, float* wp) {
     const int64_t KK = KG / G;
     parallel_ranges(T * KK, std::max<int64_t>(1, 4096 / (NC * G)), [&](int64_t r0, int64_t r1, int) {
-        for (int64_t row = r0; row < r1; ++row) pack_row((int)(row / KK), row % KK, K, N, NC, G, w, wp + row * NC * G);
+        for (int64_t row = r0; row < r1; ++row)
+            pack_row(src + toff((int)(row / KK)), sc, sk, row % KK, K, N, NC, G, wp + row * NC * G);
     });
 }
+static int64_t no_taps(int) { return 0; }
+static int64_t tap_index(int t) { return t; }
 
 static ConvTask conv_task(const float* xbuf, int64_t ldx, int64_t KG, const float* wp, int64_t N, int G,
                           const float* bias, int64_t bias_stride, const float* residual, float* out) {
@@ -519,7 +527,7 @@ static void winograd_conv(int m, const float* x, int64_t xs, int64_t B, int64_t 
         for (int64_t i = i0; i < i1; ++i) wino_weight(m, [&](int t) { return w(i / K, i % K, t); }, u + E * i);
     });
     float* wp = scratch.get(scratch.wpack, (size_t)(E * KG * NC));
-    pack_weights(E, K, KG, N, NC, G, [&](int64_t n, int64_t k, int e) { return u[(n * K + k) * E + e]; }, wp);
+    pack_weights(E, K, KG, N, NC, G, u, K * E, E, tap_index, wp);
     // tiles in chunks: V and M (E rows a tile each) in about 512 KB, a whole number of row tiles; each chunk
     // transformed in, multiplied and transformed out while it stays in L2 (every output pixel is its own chunk's:
     // the result does not depend on the threads)
@@ -557,7 +565,7 @@ void conv3x3_forward(const float* x, const float* weight, const float* bias, int
     const int G = lane_group(N);
     const int64_t KG = round_up(K, G), NC = round_up(N, isa->vw / G);
     float* wp = scratch.get(scratch.wpack, (size_t)(9 * KG * NC));
-    pack_weights(9, K, KG, N, NC, G, [&](int64_t n, int64_t k, int t) { return weight[(n * K + k) * 9 + t]; }, wp);
+    pack_weights(9, K, KG, N, NC, G, weight, 9 * K, 9, tap_index, wp);
     for_image_groups(B, group_images(H, W, KG), [&](int64_t b, int64_t nb, bool parallel, int) {
         const Grid g(nb, H, W);
         float* xbuf = scratch.get(parallel ? scratch.xbuf : scratch.local_x, (size_t)(g.rows() * KG));
@@ -694,9 +702,7 @@ void conv3x3_backward(const float* x, const float* weight, const float* dout, in
     float* wp = scratch.get(scratch.wpack, (size_t)(9 * NG * KC));
     for (Part& pt : parts) {
         pt.wp = wp;
-        pack_weights(pt.T, N, NG, K, KC, G, [&](int64_t k, int64_t n, int t) {
-            return weight[(n * K + k) * 9 + pt.taps[t]];
-        }, wp);
+        pack_weights(pt.T, N, NG, K, KC, G, weight, 9, 9 * K, [&](int t) { return (int64_t)pt.taps[t]; }, wp);
         wp += pt.T * NG * KC;
     }
 
@@ -777,7 +783,7 @@ void linear_forward(const float* x, const float* weight, const float* bias, int6
     const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
     const int64_t NC = round_up(N, isa->vw / G);
     float* wp = scratch.get(scratch.wpack, (size_t)(K * NC));
-    pack_weights(1, K, K, N, NC, G, [&](int64_t n, int64_t k, int) { return weight[n * K + k]; }, wp);
+    pack_weights(1, K, K, N, NC, G, weight, K, 1, no_taps, wp);
     run_matmul(x, K, M, K, wp, N, G, bias, out);
 }
 
@@ -786,7 +792,7 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
     const int G = N % 2 == 0 ? lane_group(K) : 1;      // dx = dout @ weight
     const int64_t KC = round_up(K, isa->vw / G);
     float* wp = scratch.get(scratch.wpack, (size_t)(N * KC));
-    pack_weights(1, N, N, K, KC, G, [&](int64_t k, int64_t n, int) { return weight[n * K + k]; }, wp);
+    pack_weights(1, N, N, K, KC, G, weight, 1, K, no_taps, wp);
     run_matmul(dout, ldd, M, N, wp, K, G, nullptr, dx);
 
     // dweight[n, k] = sum_p dout[p, n] x[p, k]: rows split over threads into (K, NP) partial sums; the last row
@@ -822,15 +828,14 @@ void linear_backward(const float* x, const float* weight, const float* dout, int
 // unet.attention and unet.attention_backward image by image, each image's products on one thread (the images
 // split over the threads, so the result does not depend on them), on the same micro-kernels.
 
-// out (P, N) = x (P, K; rows ldx floats apart) @ W with W[k, n] = w(n, k), on this thread: W packed as the
+// out (P, N) = x (P, K; rows ldx floats apart) @ W with W[k, n] = w[n sn + k sk], on this thread: W packed as the
 // convolutions' weights (pack_weights' layout, T = 1), then run_matmul
-template <class F>
-static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int64_t N, F w, float* out) {
+static void thread_matmul(const float* x, int64_t ldx, int64_t P, int64_t K, int64_t N, const float* w, int64_t sn,
+                          int64_t sk, float* out) {
     const int G = K % 2 == 0 ? lane_group(N) : 1;      // x's rows are read in place: K must be a multiple of G
     const int64_t NC = round_up(N, isa->vw / G);
     float* wp = scratch.get(scratch.attn_w, (size_t)(K * NC));
-    for (int64_t kk = 0; kk < K / G; ++kk)
-        pack_row(0, kk, K, N, NC, G, [&](int64_t c, int64_t k, int) { return w(c, k); }, wp + kk * NC * G);
+    for (int64_t kk = 0; kk < K / G; ++kk) pack_row(w, sn, sk, kk, K, N, NC, G, wp + kk * NC * G);
     run_matmul(x, ldx, P, K, wp, N, G, nullptr, out, false);
 }
 
@@ -849,9 +854,9 @@ void attention_forward(const float* q, const float* k, const float* v, int64_t B
         for (int64_t b = b0; b < b1; ++b) {
             const float *qb = q + b * N * C, *kb = k + b * M * C, *vb = v + b * M * C;
             float* ab = a + b * N * M;
-            thread_matmul(qb, C, N, C, M, [&](int64_t j, int64_t c) { return kb[j * C + c]; }, ab);  // S = q k^T
+            thread_matmul(qb, C, N, C, M, kb, C, 1, ab);                   // S = q k^T
             isa->softmax_rows(ab, N, M, M, scale);                                                     // A
-            thread_matmul(ab, M, N, M, C, [&](int64_t c, int64_t j) { return vb[j * C + c]; }, o + b * N * C);
+            thread_matmul(ab, M, N, M, C, vb, 1, C, o + b * N * C);
         }
     });
 }
@@ -864,13 +869,13 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         for (int64_t b = b0; b < b1; ++b) {
             const float *qb = q + b * N * C, *kb = k + b * M * C, *vb = v + b * M * C, *ab = a + b * N * M;
             const float* db = dout + b * N * C;
-            thread_matmul(db, C, N, C, M, [&](int64_t j, int64_t c) { return vb[j * C + c]; }, ds);     // dA
+            thread_matmul(db, C, N, C, M, vb, C, 1, ds);                   // dA
             isa->softmax_backward_rows(ab, ds, N, M, M, scale);                                          // dS
-            thread_matmul(ds, M, N, M, C, [&](int64_t c, int64_t j) { return kb[j * C + c]; }, dq + b * N * C);
+            thread_matmul(ds, M, N, M, C, kb, 1, C, dq + b * N * C);
             transpose(ds, N, M, t);                                  // dk = dS^T q
-            thread_matmul(t, N, M, N, C, [&](int64_t c, int64_t i) { return qb[i * C + c]; }, dk + b * M * C);
+            thread_matmul(t, N, M, N, C, qb, 1, C, dk + b * M * C);
             transpose(ab, N, M, t);                                  // dv = A^T dout
-            thread_matmul(t, N, M, N, C, [&](int64_t c, int64_t i) { return db[i * C + c]; }, dv + b * M * C);
+            thread_matmul(t, N, M, N, C, db, 1, C, dv + b * M * C);
         }
     });
 }
