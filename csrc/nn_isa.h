@@ -643,46 +643,77 @@ static inline float lanes_sum(vf v) {
     return s;
 }
 
-void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
+// R rows at a time: each row's operations are those of the row alone, in the same order (the same result), and
+// the R rows' chains of dependent steps (the lane reductions, exp, the division) overlap: a row of 49 scores
+// alone waited on them for most of its time.
+template <int R>
+static void softmax_block(float* s, int64_t n, int64_t ld, float scale) {
     const int64_t nv = n / MD_VW * MD_VW;
     const int k = (int)(n - nv);
     const vi tail = iota() < k;                              // the ragged vector's real lanes
-    for (int64_t i = 0; i < rows; ++i) {
-        float* r = s + i * ld;
-        vf m = splat(-__builtin_inff());
-        for (int64_t j = 0; j < nv; j += MD_VW) m = vmax(m, load(r + j) * scale);
-        if (k) m = vmax(m, tail ? load_n(r + nv, k) * scale : splat(-__builtin_inff()));
-        const vf mx = splat(lanes_max(m));
-        vf sum = {};
-        for (int64_t j = 0; j < nv; j += MD_VW) {
-            const vf e = vexp(load(r + j) * scale - mx);
-            store(r + j, e);
-            sum += e;
-        }
-        if (k) {
-            const vf e = tail ? vexp(load_n(r + nv, k) * scale - mx) : (vf){};
-            store_n(r + nv, e, k);
-            sum += e;
-        }
-        const vf inv = splat(1.0f / lanes_sum(sum));          // a product per element, not a division
-        for (int64_t j = 0; j < nv; j += MD_VW) store(r + j, load(r + j) * inv);
-        if (k) store_n(r + nv, load_n(r + nv, k) * inv, k);
+    vf m[R], mx[R], sum[R], inv[R];
+    for (int g = 0; g < R; ++g) m[g] = splat(-__builtin_inff());
+    for (int64_t j = 0; j < nv; j += MD_VW)
+        for (int g = 0; g < R; ++g) m[g] = vmax(m[g], load(s + g * ld + j) * scale);
+    for (int g = 0; g < R; ++g) {
+        if (k) m[g] = vmax(m[g], tail ? load_n(s + g * ld + nv, k) * scale : splat(-__builtin_inff()));
+        mx[g] = splat(lanes_max(m[g]));
+        sum[g] = (vf){};
     }
+    for (int64_t j = 0; j < nv; j += MD_VW)
+        for (int g = 0; g < R; ++g) {
+            const vf e = vexp(load(s + g * ld + j) * scale - mx[g]);
+            store(s + g * ld + j, e);
+            sum[g] += e;
+        }
+    for (int g = 0; g < R; ++g) {
+        if (k) {
+            const vf e = tail ? vexp(load_n(s + g * ld + nv, k) * scale - mx[g]) : (vf){};
+            store_n(s + g * ld + nv, e, k);
+            sum[g] += e;
+        }
+        inv[g] = splat(1.0f / lanes_sum(sum[g]));            // a product per element, not a division
+    }
+    for (int64_t j = 0; j < nv; j += MD_VW)
+        for (int g = 0; g < R; ++g) store(s + g * ld + j, load(s + g * ld + j) * inv[g]);
+    if (k)
+        for (int g = 0; g < R; ++g) store_n(s + g * ld + nv, load_n(s + g * ld + nv, k) * inv[g], k);
+}
+
+void softmax_rows(float* s, int64_t rows, int64_t n, int64_t ld, float scale) {
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) softmax_block<4>(s + i * ld, n, ld, scale);
+    for (; i < rows; ++i) softmax_block<1>(s + i * ld, n, ld, scale);
+}
+
+template <int R>
+static void softmax_backward_block(const float* a, float* d, int64_t n, int64_t ld, float scale) {
+    const int64_t nv = n / MD_VW * MD_VW;
+    const int k = (int)(n - nv);
+    vf dot[R], rowsum[R];
+    for (int g = 0; g < R; ++g) dot[g] = (vf){};
+    for (int64_t j = 0; j < nv; j += MD_VW)
+        for (int g = 0; g < R; ++g) dot[g] += load(d + g * ld + j) * load(a + g * ld + j);
+    for (int g = 0; g < R; ++g) {
+        if (k) dot[g] += load_n(d + g * ld + nv, k) * load_n(a + g * ld + nv, k);   // the other lanes read 0
+        rowsum[g] = splat(lanes_sum(dot[g]));
+    }
+    for (int64_t j = 0; j < nv; j += MD_VW)
+        for (int g = 0; g < R; ++g) {
+            float* dr = d + g * ld + j;
+            store(dr, load(a + g * ld + j) * (load(dr) - rowsum[g]) * scale);
+        }
+    if (k)
+        for (int g = 0; g < R; ++g) {
+            float* dr = d + g * ld + nv;
+            store_n(dr, load_n(a + g * ld + nv, k) * (load_n(dr, k) - rowsum[g]) * scale, k);
+        }
 }
 
 void softmax_backward_rows(const float* a, float* d, int64_t rows, int64_t n, int64_t ld, float scale) {
-    const int64_t nv = n / MD_VW * MD_VW;
-    const int k = (int)(n - nv);
-    for (int64_t i = 0; i < rows; ++i) {
-        const float* ar = a + i * ld;
-        float* dr = d + i * ld;
-        vf dot = {};
-        for (int64_t j = 0; j < nv; j += MD_VW) dot += load(dr + j) * load(ar + j);
-        if (k) dot += load_n(dr + nv, k) * load_n(ar + nv, k);     // the other lanes read 0
-        const vf rowsum = splat(lanes_sum(dot));
-        for (int64_t j = 0; j < nv; j += MD_VW) store(dr + j, load(ar + j) * (load(dr + j) - rowsum) * scale);
-        if (k) store_n(dr + nv, load_n(ar + nv, k) * (load_n(dr + nv, k) - rowsum) * scale, k);
-    }
+    int64_t i = 0;
+    for (; i + 4 <= rows; i += 4) softmax_backward_block<4>(a + i * ld, d + i * ld, n, ld, scale);
+    for (; i < rows; ++i) softmax_backward_block<1>(a + i * ld, d + i * ld, n, ld, scale);
 }
 
 // ------------------------------------------------------------------------------------------------------------
