@@ -342,7 +342,7 @@ static int lane_group(int64_t N) {
 
 // wp (T, KG / G, NC, G) from the weights w(c, k, t) = src[c sc + k sk + toff(t)]: wp[t, kk, c, j] = w(c, kk G + j, t),
 // zero past N and K (pack_row: one row (t, kk), s = src + toff(t)). Every layout here is such a strided view, so
-// the inner loop is one strided copy (a generic w(c, k, t) per element cost 4 cycles each: half of a 4 x 4 layer's
+// the inner loop is one strided copy (a generic w(c, k, t) per element cost 4 cycles each: a third of a 4 x 4 layer's
 // forward at batch 1). The rows split over the threads (a layer of 128 -> 64 channels packs 74k weights every call).
 static void pack_row(const float* s, int64_t sc, int64_t sk, int64_t kk, int64_t K, int64_t N, int64_t NC, int G,
                      float* row) {
