@@ -114,7 +114,6 @@ def configure(a, data):
     channels = 1 if images.ndim == 3 else images.shape[1]
     kind = "mnist" if a.data in ("mnist", "fashion-mnist") else "cifar10"
     preset = PRESETS[kind, a.preset]
-    mcfg = UNetConfig(**dict(preset["model"], in_channels=channels, resolution=images.shape[-1]))
     tcfg = TrainConfig(**preset["train"])
     tcfg.dataset, tcfg.data_dir, tcfg.device, tcfg.seed = a.data, a.data_dir, a.device, a.seed
     tcfg.out_dir = a.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(a.data)).replace("-", "_"))
@@ -124,8 +123,12 @@ def configure(a, data):
     tcfg.cuda_graphs = not a.no_cuda_graphs
     if a.hflip is not None:
         tcfg.hflip = a.hflip
+    tcfg.check()                                                   # the options' values, before any is used
     if a.epochs is not None:
+        if not a.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {a.epochs}")
         tcfg.steps = max(1, round(a.epochs * len(images) / tcfg.batch_size))
+    mcfg = UNetConfig(**dict(preset["model"], in_channels=channels, resolution=images.shape[-1]))
     for field, value in (("num_res_blocks", a.res_blocks), ("prediction_type", a.prediction),
                          ("base_channels", a.channels)):
         if value is not None:

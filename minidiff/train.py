@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .optim import EMA, Adam, learning_rate
+from .optim import EMA, LR_SCHEDULES, Adam, learning_rate
 from .sample import sample
 from .schedule import NoiseSchedule
 from .train_step import TrainStep, loss_weights, training_noise
@@ -67,6 +67,25 @@ class TrainConfig:
     RUN_CONTROL = ("data_dir", "out_dir", "device", "cuda_graphs", "log_every", "sample_every", "ckpt_every",
                    "max_minutes", "num_sample_images")
 
+    def check(self):
+        """A ValueError naming every setting out of its range: on construction, and again in train() (the examples
+        change fields after it)."""
+        bad = [f"{k} = {getattr(self, k)!r} (must be {rule})" for k, ok, rule in (
+            ("steps", self.steps >= 1, ">= 1"), ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("lr_schedule", self.lr_schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+            ("grad_clip", self.grad_clip > 0, "> 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"), ("p_uncond", 0 <= self.p_uncond <= 1, "in [0, 1]"),
+            ("guide_step", self.guide_step is None or self.guide_step >= 1, "None or >= 1"),
+            ("snr_gamma", self.snr_gamma > 0, "> 0"), ("log_every", self.log_every >= 1, ">= 1"),
+            ("sample_every", self.sample_every >= 0, ">= 0 (0: never)"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
+            ("num_sample_images", self.num_sample_images >= 1, ">= 1"),
+            ("max_minutes", not self.max_minutes or self.max_minutes > 0, "None, 0 (no limit) or > 0")) if not ok]
+        if bad:
+            raise ValueError("training settings out of range: " + "; ".join(bad))
+
+    __post_init__ = check
+
     def schedule(self):
         return NoiseSchedule(self.num_train_timesteps, self.beta_schedule, self.beta_start, self.beta_end)
 
@@ -109,6 +128,7 @@ def train(tcfg, model, resume=False, progress=True, callback=None, group=None):
     called after every step (tests, logging). ``group``: the processes of a data-parallel run (utils/distributed.py:
     each trains on its share of every global batch; rank 0 alone writes files); None: this process alone."""
     group = group or Single()
+    tcfg.check()
     xp = get_xp(tcfg.device)
     if tcfg.device == "cuda":
         group.use_gpu()                                        # this process's GPU (and NCCL between them)

@@ -74,7 +74,7 @@ def test_no_import_circle_anywhere():
 
 def test_the_core_path_is_short_and_the_listing_shows_it():
     lines = {name: len((SRC / f"{name}.py").read_text(encoding="utf-8").splitlines()) for name in minidiff.CORE_PATH}
-    assert max(lines.values()) <= 410 and sum(lines.values()) <= 2250, lines
+    assert max(lines.values()) <= 410 and sum(lines.values()) <= 2275, lines
     listed = {p.stem if p.is_file() else p.name for p in SRC.iterdir()
               if not p.name.startswith((".", "__pycache__")) and (p.suffix == ".py" or p.is_dir())}
     assert listed == set(minidiff.CORE_PATH) | SUBPACKAGES | {"__init__"}, listed

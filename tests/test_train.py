@@ -382,6 +382,30 @@ def test_time_budget_stops_and_saves(toy_data, tmp_path):
     assert _train(cfg, UNetConfig(**TINY), resume=True, progress=False)[2] == 3
 
 
+@pytest.mark.parametrize("field, value", [("steps", 0), ("batch_size", 0), ("lr", -1e-3), ("lr", float("nan")),
+                                          ("ema_decay", 1.0), ("lr_schedule", "linear"), ("max_minutes", -1.0)])
+def test_settings_out_of_range_fail_by_name_before_any_work(toy_data, tmp_path, field, value):
+    """A setting out of its range is a ValueError naming it: when TrainConfig is built, and in train() when the field
+    was changed after (as the examples do), before a file is written; examples/train.py prints it as its error."""
+    with pytest.raises(ValueError, match=f"{field} = "):
+        TrainConfig(**{field: value})
+    cfg = _cfg(toy_data, tmp_path / "run", 2)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=f"{field} = "):
+        _train(cfg, UNetConfig(**TINY), progress=False)
+    assert not (tmp_path / "run").exists()
+    option = {"steps": ["--steps", "0"], "batch_size": ["--batch-size", "0", "--epochs", "1"], "lr": ["--lr", "-1"],
+              "max_minutes": ["--max-minutes", "-1"]}.get(field)
+    if option:
+        with pytest.raises(SystemExit, match=f"error: training settings out of range: {field} = "):
+            _example("train").main(["--data", "toy", "--data-dir", toy_data, "--out-dir", str(tmp_path / "cli"),
+                                    "--no-progress"] + option)
+        assert not (tmp_path / "cli").exists()
+    if field == "steps":                                           # --epochs sets the steps
+        with pytest.raises(SystemExit, match="error: --epochs must be > 0, got -1.0"):
+            _example("train").main(["--data", "toy", "--data-dir", toy_data, "--epochs", "-1", "--no-progress"])
+
+
 def test_final_grid_is_silent_with_no_progress(toy_data, tmp_path, capsys):
     """examples/train.py (and mnist_train.py) --no-progress: no progress bar from the final grid's sampler."""
     from types import SimpleNamespace
