@@ -34,12 +34,12 @@ def main(argv=None):
     p.add_argument("checkpoint")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpmsolver++"], default="ddpm")
-    p.add_argument("--steps", type=int, default=50, help="DDIM / DPM-Solver++ steps S (DDPM always uses all T)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--spacing", choices=["linspace", "logsnr"], default="linspace",
-                   help="DDIM / DPM-Solver++ timesteps: even in t, or even in log-SNR")
-    p.add_argument("--variance", choices=["fixed_small", "fixed_large"], default="fixed_small",
-                   help="DDPM sigma_t^2: beta-tilde_t (fixed_small) or beta_t (fixed_large)")
+    p.add_argument("--steps", type=int, help="DDIM / DPM-Solver++ steps S, default 50 (DDPM always uses all T)")
+    p.add_argument("--eta", type=float, help="DDIM stochasticity: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--spacing", choices=["linspace", "logsnr"],
+                   help="DDIM / DPM-Solver++ timesteps: even in t (default), or even in log-SNR")
+    p.add_argument("--variance", choices=["fixed_small", "fixed_large"],
+                   help="DDPM sigma_t^2: beta-tilde_t (fixed_small, default) or beta_t (fixed_large)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     p.add_argument("-n", "--num-images", type=int, default=None, help="images (default 64), or per prompt (default 8)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -48,7 +48,7 @@ def main(argv=None):
                                                          "its name: a folder's class names are in the checkpoint)")
     p.add_argument("--prompt", action="append", default=None,
                    help="text-conditional models: what to draw (English or Chinese); repeat for more rows")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance weight w")
+    p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance weight w (default 3)")
     p.add_argument("--autoguidance", type=float, default=None,
                    help="guide by the checkpoint's early EMA weights with this weight w (autoguidance; replaces "
                         "classifier-free guidance)")
@@ -58,6 +58,16 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.num_images is not None and a.num_images < 1:
         p.error(f"-n/--num-images must be at least 1, got {a.num_images}")
+    # an option that would do nothing is an error, not silently dropped (--steps 20 without --sampler: 1,000 steps)
+    for flag, value, samplers, default in (("--steps", a.steps, ("ddim", "dpmsolver++"), 50),
+                                           ("--eta", a.eta, ("ddim",), 0.0),
+                                           ("--spacing", a.spacing, ("ddim", "dpmsolver++"), "linspace"),
+                                           ("--variance", a.variance, ("ddpm",), "fixed_small")):
+        if value is not None and a.sampler not in samplers:
+            p.error(f"{flag} is for --sampler {' or '.join(samplers)}, not {a.sampler}")
+        setattr(a, flag[2:], default if value is None else value)
+    if a.guidance is not None and a.autoguidance is not None:
+        p.error("--autoguidance replaces classifier-free guidance: give --guidance or --autoguidance, not both")
     group = process_group()                     # under mpiexec: each process draws its share of the batches
     try:
         if a.device == "cuda":
@@ -73,6 +83,10 @@ def main(argv=None):
             y, a.num_images, nrow = np.repeat(ids, per, axis=0), per * len(a.prompt), per
         a.num_images = 64 if a.num_images is None else a.num_images
         num_classes = getattr(getattr(model, "cond", None), "num_classes", None)
+        if a.guidance is not None and getattr(model, "cond", None) is None:
+            raise ValueError("--guidance is classifier-free guidance, for conditional models; this checkpoint is "
+                             "unconditional (--autoguidance W guides it by its early EMA weights)")
+        a.guidance = 3.0 if a.guidance is None else a.guidance
         if a.class_label is not None:
             y = np.full(a.num_images, class_index(model, meta, a.class_label))
         elif num_classes:                       # no class named: the first ten classes in turn, one per column

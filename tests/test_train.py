@@ -248,6 +248,20 @@ def test_sample_example_writes_png_and_npy(toy_data, tmp_path):
         mod.main([str(tmp_path / "checkpoint.npz"), "--class-label", "3", "-n", "2"])
     with pytest.raises(SystemExit, match="no guide weights"):      # trained without guide_step
         mod.main([str(tmp_path / "checkpoint.npz"), "--autoguidance", "2", "-n", "2"])
+    with pytest.raises(SystemExit, match="for conditional models"):   # classifier-free guidance needs a condition
+        mod.main([str(tmp_path / "checkpoint.npz"), "--guidance", "2", "-n", "2"])
+
+
+@pytest.mark.parametrize("args, message", [(["--steps", "20"], "--steps is for --sampler ddim or dpmsolver++"),
+                                           (["--sampler", "ddim", "--variance", "fixed_large"], "--variance is for"),
+                                           (["--sampler", "dpmsolver++", "--eta", "1"], "--eta is for --sampler ddim"),
+                                           (["--guidance", "2", "--autoguidance", "2"], "not both")])
+def test_sample_example_rejects_options_that_would_do_nothing(tmp_path, capsys, args, message):
+    """mnist_sample.py: an option its sampler ignores is an error before any checkpoint is read (--steps 20 with the
+    default DDPM sampler would silently take all 1,000 steps)."""
+    with pytest.raises(SystemExit):
+        _example("mnist_sample").main([str(tmp_path / "missing.npz")] + args)
+    assert message in capsys.readouterr().err
 
 
 def test_class_conditional_training_and_guided_sampling(toy_data, tmp_path):
