@@ -78,7 +78,7 @@ def main(argv=None):
     p.add_argument("--samplers", default="ddim50", help="comma-separated: ddpm, ddim10, ddim50, dpmsolver++20, ...")
     p.add_argument("-n", "--num-images", type=int, default=1000,
                    help="samples per sampler (and guidance weight); compare samplers at 1000, not at 100")
-    p.add_argument("--guidance", default="3", help="conditional models: comma-separated weights w")
+    p.add_argument("--guidance", default=None, help="conditional models: comma-separated weights w (default 3)")
     p.add_argument("--autoguidance", default=None,
                    help="comma-separated weights w of autoguidance by the checkpoint's early EMA weights (1: none; "
                         "replaces classifier-free guidance)")
@@ -97,6 +97,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if (a.source is None) == (not a.calibrate):
         p.error("give either a source (checkpoint or .npy of samples) or --calibrate")
+    if a.guidance is not None and a.autoguidance is not None:
+        p.error("--autoguidance replaces classifier-free guidance: give --guidance or --autoguidance, not both")
     out_dir = a.out_dir or (os.path.join(os.path.dirname(os.path.abspath(a.source)), "eval") if a.source
                             else os.path.join("runs", "calibration"))
     os.makedirs(out_dir, exist_ok=True)
@@ -150,11 +152,14 @@ def main(argv=None):
                 results["bound"] = b
             cond = getattr(model, "cond", None)
             conditional = cond is not None
+            if a.guidance is not None and not conditional:
+                raise ValueError("--guidance is classifier-free guidance, for conditional models; this checkpoint is "
+                                 "unconditional (--autoguidance W guides it by its early EMA weights)")
             for name in a.samplers.split(","):
                 sampler, steps = parse_sampler(name)
                 for split in (a.prompts.split(",") if conditional and cond.text_cond else ["-"]):
                     weights = ([float(g) for g in a.autoguidance.split(",")] if guide is not None else
-                               [float(g) for g in a.guidance.split(",")] if conditional else [None])
+                               [float(g) for g in (a.guidance or "3").split(",")] if conditional else [None])
                     for w in weights:
                         labels, y = conditions(model, meta, split, a.num_images) if conditional else (None, None)
                         t0 = time.perf_counter()

@@ -122,6 +122,16 @@ def test_eval_command_parses_dpmsolver_names():
     for bad in ("dpmsolver++", "dpmsolver++0", "dpmsolver20", "dpmsolver++-3", "ddim", "ddim++20"):
         with pytest.raises(ValueError, match="dpmsolver\\+\\+S"):
             mod.parse_sampler(bad)
+    with pytest.raises(SystemExit, match="2"):                     # argparse's error: --guidance beside --autoguidance
+        mod.main(["missing.npz", "--guidance", "2", "--autoguidance", "2"])
+
+
+def test_bound_rejects_negative_image_counts():
+    """bound(): a negative count is an error, not x0[:-1] (nearly all the test set, hours of the exact bound)."""
+    from minidiff.evaluation.evaluate import bound
+    for kw in (dict(exact_images=-1), dict(mc_images=-2), dict(exact_images=2.5)):
+        with pytest.raises(ValueError, match="must be an integer >= 0"):
+            bound(None, SCHEDULE, np.zeros((3, 1, 4, 4), np.float32), **kw)   # checked before the model is used
 
 
 def test_logsnr_spacing_is_even_in_lambda_and_helps_the_second_order_solver():

@@ -235,6 +235,12 @@ def test_eval_command_on_a_checkpoint_and_on_samples(toy_split, toy_prompts, tmp
     with pytest.raises(SystemExit, match="unknown sampler"):
         mod.main([str(tmp_path / "uncond" / "checkpoint.npz"), "--samplers", "ddim", "--bpd-mc", "0",
                   "--bpd-exact", "0"] + common)
+    with pytest.raises(SystemExit, match="for conditional models"):     # not silently ignored
+        mod.main([str(tmp_path / "uncond" / "checkpoint.npz"), "--samplers", "ddim2", "--guidance", "2",
+                  "--bpd-mc", "0", "--bpd-exact", "0"] + common)
+    with pytest.raises(SystemExit, match="bpd_exact|exact_images must be an integer >= 0"):
+        mod.main([str(tmp_path / "uncond" / "checkpoint.npz"), "--samplers", "ddim2", "--bpd-exact", "-1",
+                  "--bpd-mc", "0"] + common)
 
 
 def predict_labels(clf, x_uint8):

@@ -40,6 +40,9 @@ def bound(model, schedule, x0, exact_images=4, mc_images=1000, seed=0, batch_siz
     """Bits per dimension of the bound on real images x0 (N, C, H, W) in [-1, 1]: the exact sum over all T terms
     for the first ``exact_images`` images and a Monte Carlo estimate over the first ``mc_images``; ``group``: shared
     by the processes of a parallel run (utils/distributed.py), the same numbers."""
+    for name, n in (("exact_images", exact_images), ("mc_images", mc_images)):
+        if not (isinstance(n, (int, np.integer)) and n >= 0):      # x0[:-1] would be nearly all of them
+            raise ValueError(f"{name} must be an integer >= 0 (0: skip), got {n!r}")
     eps_fn = eps_function(model, schedule, batch_size=batch_size)
     out = {}
     if exact_images:
