@@ -60,6 +60,11 @@ PRESETS = {
 OPTIONS = ("batch_size", "lr", "steps", "lr_schedule", "warmup_steps", "ema_decay", "loss_weighting", "max_minutes")
 
 
+def channel_multipliers(text):
+    """--ch-mult 1,2,4 -> (1, 2, 4)."""
+    return tuple(int(m) for m in text.split(","))
+
+
 def parser(default_data=None, description=None):
     p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
     if default_data is None:
@@ -76,6 +81,8 @@ def parser(default_data=None, description=None):
     p.add_argument("--epochs", type=float, help="alternative to --steps: passes over the training set")
     p.add_argument("--batch-size", type=int, help="the global batch (shared by the processes under mpiexec)")
     p.add_argument("--channels", type=int, help="U-Net base channels C")
+    p.add_argument("--ch-mult", type=channel_multipliers,
+                   help="channels C * m at each level, comma-separated: 1,2,4 (ch_mult; the level count too)")
     p.add_argument("--res-blocks", type=int, help="ResBlocks per level on the way down (num_res_blocks)")
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up: constant or cosine to 0")
@@ -128,12 +135,10 @@ def configure(a, data):
         if not a.epochs > 0:
             raise ValueError(f"--epochs must be > 0, got {a.epochs}")
         tcfg.steps = max(1, round(a.epochs * len(images) / tcfg.batch_size))
-    mcfg = UNetConfig(**dict(preset["model"], in_channels=channels, resolution=images.shape[-1]))
-    for field, value in (("num_res_blocks", a.res_blocks), ("prediction_type", a.prediction),
-                         ("base_channels", a.channels)):
-        if value is not None:
-            setattr(mcfg, field, value)
-    mcfg = UNetConfig.from_dict(mcfg.asdict())                     # validated again after the changes
+    changes = {field: value for field, value in (("num_res_blocks", a.res_blocks), ("prediction_type", a.prediction),
+                                                 ("base_channels", a.channels), ("ch_mult", a.ch_mult))
+               if value is not None}
+    mcfg = UNetConfig(**dict(preset["model"], in_channels=channels, resolution=images.shape[-1], **changes))
     cond = None
     if a.class_conditional:
         cond = ConditionConfig(num_classes=len(data.class_names or set(data[1].tolist())))

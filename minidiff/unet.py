@@ -58,6 +58,8 @@ class UNetConfig:
         if self.base_channels % NUM_GROUPS or self.base_channels < NUM_GROUPS:
             raise ValueError(f"base_channels must be a positive multiple of {NUM_GROUPS} (GroupNorm groups), "
                              f"got {self.base_channels}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be one or more positive channel multipliers, got {self.ch_mult}")
         if self.resolution % (2 ** (len(self.ch_mult) - 1)):
             raise ValueError(f"resolution {self.resolution} must be divisible by 2^(levels - 1) = "
                              f"{2 ** (len(self.ch_mult) - 1)} for ch_mult {self.ch_mult}")

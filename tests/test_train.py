@@ -433,3 +433,19 @@ def test_final_grid_is_silent_with_no_progress(toy_data, tmp_path, capsys):
         mod.final_grid(args, tcfg, 2)
         assert ("img-step" in capsys.readouterr().err) is not quiet
     assert (tmp_path / "final_dpmsolver++.png").stat().st_size > 100
+
+
+def test_network_options_reach_the_network(toy_data, tmp_path, capsys):
+    """examples/train.py --channels, --ch-mult and --res-blocks set the U-Net's layout; a --ch-mult that is not a
+    list of integers is a usage error, and one with a level of no channels an error naming ch_mult, before any work."""
+    mod = _example("train")
+    a = mod.parser().parse_args(["--data", "toy", "--channels", "16", "--ch-mult", "1,2", "--res-blocks", "2"])
+    mcfg, _, _ = mod.configure(a, data.load_dataset("toy", "train", data_dir=toy_data, progress=False))
+    assert (mcfg.base_channels, mcfg.ch_mult, mcfg.num_res_blocks) == (16, (1, 2), 2)
+    with pytest.raises(SystemExit):
+        mod.parser().parse_args(["--data", "toy", "--ch-mult", "1,x"])
+    assert "argument --ch-mult: invalid channel_multipliers value: '1,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="error: ch_mult must be one or more positive channel multipliers"):
+        mod.main(["--data", "toy", "--data-dir", toy_data, "--ch-mult", "1,0", "--out-dir", str(tmp_path / "cli"),
+                  "--no-progress"])
+    assert not (tmp_path / "cli").exists()

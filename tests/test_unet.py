@@ -62,6 +62,9 @@ def test_config_round_trips_through_json():
         UNetConfig.from_dict({"base_chanels": 32})
     with pytest.raises(ValueError, match="multiple of 8"):
         UNetConfig(base_channels=12)
+    for ch_mult in ((), (1, 0, 2), (1, -2)):                       # a level of no channels, or no levels
+        with pytest.raises(ValueError, match="ch_mult must be one or more positive"):
+            UNetConfig(ch_mult=ch_mult)
 
 
 def test_bad_inputs_raise_clear_errors():
