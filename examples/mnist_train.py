@@ -1,7 +1,7 @@
 """Train a DDPM on MNIST (or Fashion-MNIST) with minidiff: the main job.
 
     pip install .
-    python examples/mnist_train.py                                             # the default: 20-25 min on 2 CPU cores
+    python examples/mnist_train.py                                             # the default: 20-28 min on 2 CPU cores
     python examples/mnist_train.py --data-dir DIR                              # MNIST from a folder (offline)
     python examples/mnist_train.py --resume                                    # continue an interrupted run exactly
     python examples/mnist_train.py --text --out-dir runs/text                  # text-to-image (conditioning/prompts.py)
